@@ -1,0 +1,29 @@
+"""lightdist: a warm pool of distributed training workers behind a PyTorch Lightning ``Trainer``.
+
+Start N worker processes once, each with a torch.distributed process group (NCCL on GPU, gloo on
+CPU) and a signed ZMQ command channel, then run any number of calls on them::
+
+    from lightdist import DistributedRunner, DistributedWorker
+
+    class Echo(DistributedWorker):
+        def __call__(self, text: str, streaming: bool = False) -> str:
+            return f"rank {self.rank} of {self.world_size}: {text}"
+
+    with DistributedRunner(Echo, world_size=2) as runner:
+        print(runner.invoke_sync({"text": "hello"}))
+"""
+
+from lightdist.errors import PoolClosedError, TextEventError, WorkerDiedError, WorkerError
+from lightdist.runner import DistributedRunner
+from lightdist.worker import DistributedWorker
+
+__all__ = [
+    "DistributedRunner",
+    "DistributedWorker",
+    "PoolClosedError",
+    "TextEventError",
+    "WorkerDiedError",
+    "WorkerError",
+]
+
+__version__ = "0.1.0"

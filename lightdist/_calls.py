@@ -1,0 +1,102 @@
+"""``PendingCall``: one call (or the pool's start-up) as the driver tracks it.
+
+The pool's I/O thread is the only producer: it pushes events (stream items, the result, an error)
+as frames arrive. One consumer reads them, either a blocking thread (:meth:`PendingCall.next`) or a
+coroutine on any event loop (:meth:`PendingCall.anext`). Events are buffered without bound, so a
+slow consumer delays nothing and loses nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from lightdist.transport import remaining
+
+__all__ = ["Event", "PendingCall"]
+
+# Event kinds seen by the consumer. ``item``, ``ready`` carry data; the others end the call.
+ITEM = "item"
+READY = "ready"
+RESULT = "result"
+ERROR = "error"
+TERMINAL = frozenset({RESULT, ERROR})
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    kind: str
+    value: Any = None
+    rank: int = 0
+
+
+@dataclass(eq=False)
+class PendingCall:
+    id: int
+    streaming: bool = False
+    frames: list[bytes] = field(default_factory=list)  # the signed-once CALL payload
+    internal: bool = False  # keepalive: nobody consumes it
+    # I/O-thread state
+    pending: set[int] = field(default_factory=set)  # ranks that have not replied yet
+    result_frames: tuple[bytes, ...] | None = None
+    failed: bool = False  # a terminal error was already delivered
+    cancelled: bool = False
+    dispatched_at: float | None = None
+    first_error_at: float | None = None
+
+    def __post_init__(self) -> None:
+        self._events: collections.deque[Event] = collections.deque()
+        self._cond = threading.Condition(threading.Lock())
+        self._waiter: tuple[asyncio.AbstractEventLoop, asyncio.Future[None]] | None = None
+        self.finished = threading.Event()  # every rank accounted for; the pool moved on
+
+    def push(self, event: Event) -> None:
+        with self._cond:
+            self._events.append(event)
+            self._cond.notify()
+            waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            loop, fut = waiter
+            try:
+                loop.call_soon_threadsafe(_wake, fut)
+            except RuntimeError:
+                pass  # that loop is closed; nobody is waiting any more
+
+    def next(self, deadline: float | None) -> Event:
+        """The next event; blocks (interruptible by Ctrl-C) until ``deadline``, then TimeoutError."""
+        with self._cond:
+            while not self._events:
+                left = remaining(deadline)
+                if left == 0:
+                    raise TimeoutError
+                self._cond.wait(left)
+            return self._events.popleft()
+
+    async def anext(self, deadline: float | None) -> Event:
+        """Like :meth:`next` without blocking the running event loop."""
+        loop = asyncio.get_running_loop()
+        while True:
+            with self._cond:
+                if self._events:
+                    return self._events.popleft()
+                fut: asyncio.Future[None] = loop.create_future()
+                self._waiter = (loop, fut)
+            try:
+                left = remaining(deadline)
+                if left == 0:
+                    raise TimeoutError
+                await asyncio.wait_for(fut, left)
+            except asyncio.TimeoutError:  # a distinct class before Python 3.11
+                raise TimeoutError from None
+            finally:
+                with self._cond:
+                    if self._waiter is not None and self._waiter[1] is fut:
+                        self._waiter = None
+
+
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)

@@ -1,0 +1,367 @@
+"""The driver's live pool: rank processes, the ROUTER channel, the I/O thread and the call queue.
+
+Threads and what they own (the rule that keeps this free of races):
+
+* the **I/O thread** owns the ROUTER socket, the call queue and every ``PendingCall``'s bookkeeping.
+  Other threads never touch those; they :meth:`Pool._post` a closure and wake it.
+* **caller threads / coroutines** create calls, then wait on the call's own event buffer.
+* the **monitor** and **output** threads belong to :class:`~lightdist._procs.TemplateProcess`; the
+  monitor posts rank exits here.
+
+No sleep-polling: the I/O thread blocks in ``zmq.Poller.poll`` on the socket and a waker, with a
+timeout only when a timer (keepalive) is due.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from lightdist import protocol
+from lightdist._calls import ERROR, ITEM, READY, RESULT, Event, PendingCall
+from lightdist._procs import RankExit, TemplateProcess
+from lightdist.errors import PoolClosedError, WorkerDiedError, WorkerError
+from lightdist.protocol import Kind, Message, Session
+from lightdist.transport import Channel, Waker, private_ipc_dir, remove_ipc_dir
+
+__all__ = ["Pool", "PoolConfig"]
+
+log = logging.getLogger("lightdist")
+DRIVER_SENDER = "driver"
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    world_size: int
+    worker_cls: bytes  # cloudpickled class, unpickled only inside the ranks
+    setup_kwargs: bytes
+    imports: tuple[str, ...]
+    cwd: str | None
+    sys_path: tuple[str, ...]
+    pg_timeout: float
+    accelerator: str
+    backend: str | None
+    master_addr: str
+    master_port: int | None
+    worker_address: str | None  # tcp://host:port, or None for a private ipc socket
+    keepalive_payload: dict[str, Any]
+    keepalive_interval: float | None
+
+
+class Pool:
+    """One started pool. Created by ``DistributedRunner.start``; dead after :meth:`close`."""
+
+    def __init__(self, config: PoolConfig) -> None:
+        self.config = config
+        self.world_size = config.world_size
+        self.key = protocol.new_key()
+        self.state = "starting"  # -> ready | broken -> stopping -> closed
+        self.broken: BaseException | None = None
+        self._ipc_dir: str | None = None
+        self._context = zmq.Context()
+        self.session = Session(self.key, sender=DRIVER_SENDER, rank=protocol.DRIVER_RANK)
+        self.session.peers = set()
+        address = config.worker_address
+        if address is None:
+            self._ipc_dir = private_ipc_dir()
+            address = f"ipc://{self._ipc_dir}/pool.sock"
+        self.channel, self.address = Channel.bind_router(self._context, address, self.session)
+        self._senders: dict[int, str] = {}  # rank -> sender name (= ZMQ identity) of its live process
+        self._incarnation = collections.Counter[int]()
+        self._ids = itertools.count(1)
+        self._commands: collections.deque[Callable[[], None]] = collections.deque()
+        self._waker = Waker()
+        self._queue: collections.deque[PendingCall] = collections.deque()
+        self.current: PendingCall | None = None
+        self.startup = PendingCall(id=0, pending=set(range(self.world_size)))
+        self.template: TemplateProcess | None = None
+        self._store: Any = None
+        self._store_prefix = "pg0"
+        self._last_activity = time.monotonic()
+        self._io_stop = False
+        self._thread = threading.Thread(target=self._run, name="lightdist-io", daemon=True)
+        self._thread.start()
+
+    # --- start -----------------------------------------------------------------------------------
+    def launch(self) -> None:
+        """Spawn the template, host the store and fork every rank; READY/FAILED arrive on ``startup``."""
+        cfg = self.config
+        self.template = TemplateProcess(list(cfg.imports), cfg.cwd, self._rank_exited, self._template_lost)
+        import torch.distributed as dist  # after the template started: both import in parallel
+
+        self._store = dist.TCPStore(
+            cfg.master_addr, cfg.master_port or 0, None, True, wait_for_workers=False, use_libuv=True
+        )
+        for rank in range(self.world_size):
+            self._spawn(rank)
+
+    def _spawn(self, rank: int) -> None:
+        assert self.template is not None
+        self._incarnation[rank] += 1
+        sender = f"r{rank}.{self._incarnation[rank]}"
+        cfg = self.config
+        boot = {
+            "rank": rank,
+            "world_size": cfg.world_size,
+            "local_rank": rank,
+            "local_world_size": cfg.world_size,
+            "sender": sender,
+            "driver_sender": DRIVER_SENDER,
+            "driver_seq": self.session.seq,
+            "key": self.key,
+            "address": self.address,
+            "store_host": cfg.master_addr,
+            "store_port": self._store.port,
+            "store_prefix": self._store_prefix,
+            "start_timeout": 1800.0,
+            "pg_timeout": cfg.pg_timeout,
+            "accelerator": cfg.accelerator,
+            "backend": cfg.backend,
+            "worker_cls": cfg.worker_cls,
+            "setup_kwargs": cfg.setup_kwargs,
+            "cwd": cfg.cwd,
+            "sys_path": list(cfg.sys_path),
+        }
+        # Accept the new sender before it can possibly send: commands run before socket reads.
+        self._post(lambda: self._accept(rank, sender))
+        self.template.spawn(rank, boot)
+
+    def _accept(self, rank: int, sender: str) -> None:
+        old = self._senders.get(rank)
+        if old is not None:
+            self.session.forget(old)
+        self._senders[rank] = sender
+        self.session.accept_from(sender)
+
+    def mark_ready(self) -> None:
+        self._post(self._become_ready)
+
+    def _become_ready(self) -> None:
+        if self.state == "starting":
+            self.state = "ready"
+            self._last_activity = time.monotonic()
+
+    # --- calls (any thread) ----------------------------------------------------------------------
+    def submit(self, payload: bytes, streaming: bool, internal: bool = False) -> PendingCall:
+        call = PendingCall(id=next(self._ids), streaming=streaming, frames=[payload], internal=internal)
+        self._post(lambda: self._enqueue(call))
+        return call
+
+    def cancel(self, call: PendingCall) -> None:
+        """The caller gave up on ``call`` (timeout, task cancelled, Ctrl-C, stream closed)."""
+        self._post(lambda: self._cancel(call))
+
+    def _post(self, fn: Callable[[], None]) -> None:
+        self._commands.append(fn)
+        self._waker.wake()
+
+    # --- I/O thread ------------------------------------------------------------------------------
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.channel.socket, zmq.POLLIN)
+        poller.register(self._waker.fd, zmq.POLLIN)
+        while not self._io_stop:
+            events = dict(poller.poll(self._poll_timeout_ms()))
+            if self._waker.fd in events:
+                self._waker.clear()
+            while self._commands:  # before reading the socket: see _spawn
+                self._commands.popleft()()
+            if self.channel.socket in events:
+                while (got := self.channel.recv_nowait()) is not None:
+                    self._on_message(got[1])
+            self._dispatch()
+            self._maybe_keepalive()
+
+    def _poll_timeout_ms(self) -> int | None:
+        interval = self.config.keepalive_interval
+        if interval is None or self.state != "ready" or self.current is not None or self._queue:
+            return None
+        due = self._last_activity + interval - time.monotonic()
+        return max(0, int(due * 1000) + 1)
+
+    def _enqueue(self, call: PendingCall) -> None:
+        if self.state == "ready":
+            self._queue.append(call)
+        else:
+            call.push(Event(ERROR, self._not_ready_error()))
+            call.finished.set()
+
+    def _not_ready_error(self) -> BaseException:
+        if self.state == "broken" and self.broken is not None:
+            return self.broken
+        return PoolClosedError(f"the pool is {self.state}; call start() first")
+
+    def _dispatch(self) -> None:
+        while self.current is None and self._queue and self.state == "ready":
+            call = self._queue.popleft()
+            if call.cancelled:  # gave up while queued: never ran
+                call.finished.set()
+                continue
+            self.current = call
+            call.pending = set(range(self.world_size))
+            call.dispatched_at = time.monotonic()
+            self._send_all(Kind.CALL, call.id, call.frames)
+
+    def _send_all(self, kind: Kind, call: int, payload: list[bytes], ranks: set[int] | None = None) -> None:
+        # Signed once, the same bytes to every rank (a large payload is hashed once, not N times).
+        frames = self.session.pack(kind, call, payload)
+        for rank in sorted(ranks if ranks is not None else self._senders):
+            try:
+                self.channel.socket.send_multipart([self._senders[rank].encode(), *frames], copy=False)
+            except zmq.ZMQError:
+                pass  # the rank is gone; the monitor reports it
+
+    def _on_message(self, msg: Message) -> None:
+        h = msg.header
+        if self._senders.get(h.rank) != h.sender:
+            return  # a previous life of this rank
+        kind, call = h.kind, self.current
+        if kind is Kind.STREAM_ITEM:
+            if call is not None and call.id == h.call and h.rank == 0 and not call.failed:
+                call.push(Event(ITEM, msg.payload[0]))
+        elif kind in (Kind.RESULT, Kind.ERROR):
+            if call is not None and call.id == h.call:
+                self._on_reply(call, h.rank, kind, msg.payload)
+        elif kind is Kind.READY:
+            self.startup.push(Event(READY, rank=h.rank))
+        elif kind is Kind.FAILED:
+            self.startup.push(Event(ERROR, _worker_error(h.rank, msg.payload[0]), rank=h.rank))
+
+    def _on_reply(self, call: PendingCall, rank: int, kind: Kind, payload: tuple[bytes, ...]) -> None:
+        call.pending.discard(rank)
+        if kind is Kind.ERROR and not call.failed:
+            # The first error fails the call now, even while other ranks still wait in a collective.
+            call.failed = True
+            call.first_error_at = time.monotonic()
+            err = _worker_error(rank, payload[0])
+            if call.internal:
+                log.warning("keepalive call failed: %s", err)
+            call.push(Event(ERROR, err, rank=rank))
+            self._send_all(Kind.CANCEL, call.id, [], call.pending)
+        elif kind is Kind.RESULT and rank == 0:
+            call.result_frames = payload
+        if not call.pending:
+            self._finish(call)
+
+    def _finish(self, call: PendingCall) -> None:
+        if not call.failed and not call.cancelled:
+            call.push(Event(RESULT, call.result_frames[0] if call.result_frames else None))
+        call.finished.set()
+        self.current = None
+        self._last_activity = time.monotonic()
+
+    def _cancel(self, call: PendingCall) -> None:
+        if call.finished.is_set() or call.cancelled:
+            return
+        call.cancelled = True
+        if call is self.current:
+            self._send_all(Kind.CANCEL, call.id, [], call.pending)
+        elif call in self._queue:
+            self._queue.remove(call)
+            call.finished.set()
+
+    def _maybe_keepalive(self) -> None:
+        interval = self.config.keepalive_interval
+        if interval is None or self.state != "ready" or self.current is not None or self._queue:
+            return
+        if time.monotonic() - self._last_activity >= interval:
+            payload = protocol.dumps(dict(self.config.keepalive_payload))
+            self._queue.append(PendingCall(id=next(self._ids), frames=[payload], internal=True))
+            self._last_activity = time.monotonic()
+
+    # --- failures --------------------------------------------------------------------------------
+    def _rank_exited(self, info: RankExit) -> None:  # monitor thread
+        self._post(lambda: self._on_rank_exit(info))
+
+    def _template_lost(self, detail: str) -> None:  # monitor thread
+        self._post(lambda: self._on_broken(RuntimeError(f"the pool's template process is gone: {detail}")))
+
+    def _on_rank_exit(self, info: RankExit) -> None:
+        if self.state in ("stopping", "closed"):
+            return
+        if self.template is None or self._senders.get(info.rank) is None:
+            return
+        err = WorkerDiedError(info.rank, info.exitcode, info.signal)
+        self._on_broken(err)
+
+    def _on_broken(self, err: BaseException) -> None:
+        if self.state in ("stopping", "closed"):
+            return
+        if self.state == "starting":
+            self.startup.push(Event(ERROR, err))
+        self.state = "broken"
+        self.broken = err
+        for call in [*([self.current] if self.current else []), *self._queue]:
+            if not call.failed:
+                call.failed = True
+                call.push(Event(ERROR, err))
+            call.finished.set()
+        self.current = None
+        self._queue.clear()
+
+    # --- stop ------------------------------------------------------------------------------------
+    def close(self, timeout: float) -> None:
+        """EXIT → ``timeout`` → SIGTERM → grace → SIGKILL; then release sockets, store and files."""
+        done = threading.Event()
+
+        def begin() -> None:
+            was_ready = self.state == "ready"
+            self.state = "stopping"
+            closed = PoolClosedError("the pool was stopped")
+            for call in [*([self.current] if self.current else []), *self._queue]:
+                if not call.failed:
+                    call.failed = True
+                    call.push(Event(ERROR, closed))
+                if call is self.current:
+                    self._send_all(Kind.CANCEL, call.id, [], call.pending)
+                call.finished.set()
+            self._queue.clear()
+            self.current = None
+            if was_ready or self._senders:
+                self._send_all(Kind.EXIT, 0, [])
+            done.set()
+
+        if self._thread.is_alive():
+            self._post(begin)
+            done.wait(5)
+        template = self.template
+        if template is not None:
+            if not template.wait_ranks_gone(timeout):
+                template.signal_ranks(signal.SIGTERM)
+                if not template.wait_ranks_gone(min(2.0, max(timeout, 0.5))):
+                    template.signal_ranks(signal.SIGKILL)
+                    template.wait_ranks_gone(5.0)
+            template.close()
+        self._io_stop = True
+        self._waker.wake()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=5)
+        self.channel.close()
+        self._context.term()
+        self._waker.close()
+        self._store = None
+        remove_ipc_dir(self._ipc_dir)
+        self.state = "closed"
+
+    def kill(self) -> None:
+        """Immediate teardown (failed start, interpreter exit): no EXIT, no grace."""
+        if self.template is not None:
+            self.template.signal_ranks(signal.SIGKILL)
+        self.close(timeout=0.0)
+
+    def rank_pids(self) -> dict[int, int]:
+        return dict(self.template.pids) if self.template is not None else {}
+
+
+def _worker_error(rank: int, report: bytes) -> WorkerError:
+    data = protocol.loads(report)
+    return WorkerError(rank, data["exc_type"], data["message"], data["traceback"])

@@ -1,0 +1,204 @@
+"""Driver-side handle on the template process and the ranks it forks.
+
+Two daemon threads per pool: the *monitor* reads the template's control pipe (rank spawned / exited,
+reported the moment ``waitpid`` returns) and the *output* thread copies the ranks' prefixed output to
+the driver's ``sys.stdout``/``sys.stderr`` (so notebooks and pytest capture see it). The template's
+stdin is the death pipe: when the driver dies, the kernel closes it and the template kills the ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import selectors
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["RankExit", "TemplateProcess"]
+
+_LEN = struct.Struct("!I")
+
+
+@dataclass(frozen=True)
+class RankExit:
+    rank: int
+    pid: int
+    exitcode: int | None
+    signal: int | None
+
+
+class TemplateProcess:
+    """Starts ``python -m lightdist._template`` and forks ranks through it."""
+
+    def __init__(
+        self,
+        imports: list[str],
+        cwd: str | None,
+        on_exit: Callable[[RankExit], None],
+        on_template_lost: Callable[[str], None],
+    ) -> None:
+        self._on_exit = on_exit
+        self._on_template_lost = on_template_lost
+        self._lock = threading.Lock()
+        self.pids: dict[int, int] = {}  # rank -> pid of the live process
+        self._spawned = threading.Condition(self._lock)
+        self.import_seconds: float | None = None
+        self.error: str | None = None
+        self._closing = False
+        control_r, control_w = os.pipe()
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-u", "-m", "lightdist._template"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                pass_fds=(control_w,),
+                cwd=cwd,
+                # Own session: a Ctrl-C in the terminal reaches the driver only, which cancels calls
+                # on every rank together instead of killing some ranks mid-collective.
+                start_new_session=True,
+            )
+        finally:
+            os.close(control_w)
+        self._control = os.fdopen(control_r, "rb")
+        self._send({"control_fd": control_w, "imports": imports, "sys_path": _importable_sys_path()})
+        self._monitor = threading.Thread(target=self._watch, name="lightdist-monitor", daemon=True)
+        self._output = threading.Thread(target=self._forward_output, name="lightdist-output", daemon=True)
+        self._monitor.start()
+        self._output.start()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def _send(self, command: dict[str, Any]) -> None:
+        data = pickle.dumps(command, protocol=5)
+        with self._lock:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write(_LEN.pack(len(data)) + data)
+            self.proc.stdin.flush()
+
+    def spawn(self, rank: int, boot: dict[str, Any]) -> None:
+        """Ask the template to fork ``rank``; returns at once (READY comes over ZMQ)."""
+        self._send({"op": "spawn", "rank": rank, "boot": boot})
+
+    def wait_spawned(self, ranks: list[int], timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        with self._spawned:
+            while not all(r in self.pids for r in ranks):
+                left = deadline - time.monotonic()
+                if left <= 0 or self.proc.poll() is not None:
+                    return False
+                self._spawned.wait(min(left, 0.5))
+        return True
+
+    def signal_ranks(self, sig: int, ranks: list[int] | None = None) -> None:
+        with self._lock:
+            targets = [pid for r, pid in self.pids.items() if ranks is None or r in ranks]
+        for pid in targets:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def live_ranks(self) -> list[int]:
+        with self._lock:
+            return sorted(self.pids)
+
+    def wait_ranks_gone(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        with self._spawned:
+            while self.pids:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._spawned.wait(left)
+        return True
+
+    def close(self, grace: float = 2.0) -> None:
+        """Close the death pipe (the template kills what is left) and reap the template."""
+        self._closing = True
+        try:
+            if self.proc.stdin is not None:
+                self.proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+        self._monitor.join(timeout=5)
+        self._output.join(timeout=5)
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
+        self._control.close()
+
+    # --- threads ---------------------------------------------------------------------------------
+    def _watch(self) -> None:
+        for line in self._control:
+            event = json.loads(line)
+            kind = event["ev"]
+            if kind == "spawned":
+                with self._spawned:
+                    self.pids[event["rank"]] = event["pid"]
+                    self._spawned.notify_all()
+            elif kind == "exit":
+                with self._spawned:
+                    if self.pids.get(event["rank"]) == event["pid"]:
+                        del self.pids[event["rank"]]
+                    self._spawned.notify_all()
+                self._on_exit(RankExit(event["rank"], event["pid"], event["code"], event["signal"]))
+            elif kind == "imported":
+                self.import_seconds = event["seconds"]
+            elif kind == "error":
+                self.error = event["traceback"]
+        # EOF: the template exited. Its ranks die with it (PDEATHSIG).
+        code = self.proc.wait()
+        with self._spawned:
+            lost = dict(self.pids)
+            self.pids.clear()
+            self._spawned.notify_all()
+        for rank, pid in lost.items():
+            self._on_exit(RankExit(rank, pid, None, signal.SIGKILL))
+        if not self._closing:
+            detail = self.error or f"the template process exited with code {code}"
+            self._on_template_lost(detail)
+
+    def _forward_output(self) -> None:
+        sel = selectors.DefaultSelector()
+        targets = {}
+        for stream, name in ((self.proc.stdout, "stdout"), (self.proc.stderr, "stderr")):
+            assert stream is not None
+            sel.register(stream, selectors.EVENT_READ)
+            targets[stream] = name
+        while targets:
+            for key, _ in sel.select():
+                stream = key.fileobj
+                data = os.read(stream.fileno(), 1 << 16)  # type: ignore[union-attr]
+                if not data:
+                    sel.unregister(stream)
+                    del targets[stream]
+                    continue
+                out = getattr(sys, targets[stream])
+                try:
+                    out.write(data.decode(errors="replace"))
+                    out.flush()
+                except (OSError, ValueError):
+                    pass  # a closed driver stream must not stop us draining the pipe
+        sel.close()
+
+
+def _importable_sys_path() -> list[str]:
+    # The driver's import path, so the template can import what the driver can (a src/ layout,
+    # a sys.path.insert in the user's script). Entries that are not directories are kept too (zips).
+    return [p if p else os.getcwd() for p in sys.path]

@@ -1,0 +1,233 @@
+"""The template process: imports torch once, then forks every rank from that warm state.
+
+Started by the driver as ``python -u -m lightdist._template``. Importing torch (and lightning) costs
+seconds of CPU; paying it once and forking ranks keeps pool start flat in ``world_size``. Forking is
+safe because this process stays single-threaded and never touches CUDA or user code: the worker class
+arrives as bytes and is only unpickled inside a rank, after the fork.
+
+Channels with the driver (all private pipes, so they carry trusted data):
+
+* stdin: length-prefixed pickled commands (``init``, ``spawn``). EOF means the driver is gone: every
+  rank is killed and this process exits. This is the death pipe.
+* control fd (passed by the driver): JSON lines of events (``imported``, ``spawned``, ``exit``).
+* stdout/stderr: each rank's output, line by line, prefixed with ``[rank N]``.
+
+One ``select`` loop serves all of it; a one-second tick checks that the driver is still our parent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import select
+import signal
+import struct
+import sys
+import time
+import traceback
+from typing import Any
+
+_LEN = struct.Struct("!I")
+_MAX_PARTIAL_LINE = 1 << 16
+
+
+class _Rank:
+    def __init__(self, rank: int, pid: int, pidfd: int, out_fd: int, err_fd: int) -> None:
+        self.rank = rank
+        self.pid = pid
+        self.pidfd = pidfd
+        self.partial = {out_fd: b"", err_fd: b""}
+        self.target = {out_fd: 1, err_fd: 2}
+        self.prefix = f"[rank {rank}] ".encode()
+
+
+class Template:
+    def __init__(self, control_fd: int) -> None:
+        self.control_fd = control_fd
+        self.parent = os.getppid()
+        self.ranks: dict[int, _Rank] = {}  # by pid
+        self.stdin_buf = b""
+
+    # --- driver channels -------------------------------------------------------------------------
+    def emit(self, **event: Any) -> None:
+        os.write(self.control_fd, json.dumps(event).encode() + b"\n")
+
+    def read_commands(self) -> list[dict[str, Any]] | None:
+        chunk = os.read(0, 1 << 20)
+        if not chunk:
+            return None  # EOF: the driver closed the pipe or died
+        self.stdin_buf += chunk
+        commands = []
+        while len(self.stdin_buf) >= _LEN.size:
+            (size,) = _LEN.unpack_from(self.stdin_buf)
+            if len(self.stdin_buf) < _LEN.size + size:
+                break
+            commands.append(pickle.loads(self.stdin_buf[_LEN.size : _LEN.size + size]))
+            self.stdin_buf = self.stdin_buf[_LEN.size + size :]
+        return commands
+
+    # --- ranks -----------------------------------------------------------------------------------
+    def spawn(self, rank: int, boot: dict[str, Any]) -> None:
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the rank
+            try:
+                os.dup2(out_w, 1)
+                os.dup2(err_w, 2)
+                devnull = os.open(os.devnull, os.O_RDONLY)
+                os.dup2(devnull, 0)
+                # Drop every fd of the template's: the driver's pipes must close when the template
+                # exits, and another rank's output pipe must not stay open in this one.
+                for fd in [devnull, out_r, out_w, err_r, err_w, self.control_fd, *self._fds()]:
+                    _close(fd)
+                from lightdist.worker import rank_main
+
+                code = rank_main(boot, template_pid=os.getppid())
+            except BaseException:  # noqa: BLE001 - a forked child must never return into the loop
+                traceback.print_exc()
+                code = 70
+            _flush_and_exit(code)
+        os.close(out_w)
+        os.close(err_w)
+        self.ranks[pid] = _Rank(rank, pid, os.pidfd_open(pid), out_r, err_r)
+        self.emit(ev="spawned", rank=rank, pid=pid)
+
+    def _fds(self) -> list[int]:
+        fds = []
+        for r in self.ranks.values():
+            fds += [r.pidfd, *r.partial]
+        return fds
+
+    def forward(self, rank: _Rank, fd: int) -> bool:
+        """Copy what ``fd`` holds to our output, prefixed; False at EOF."""
+        data = os.read(fd, 1 << 16)
+        buf = rank.partial[fd] + data
+        if not data:  # the rank closed it (exited): flush what is left
+            if buf:
+                self._write(rank.target[fd], rank.prefix + buf + b"\n")
+            rank.partial[fd] = b""
+            return False
+        *lines, rest = buf.split(b"\n")
+        if len(rest) > _MAX_PARTIAL_LINE:
+            lines.append(rest)
+            rest = b""
+        if lines:
+            self._write(rank.target[fd], b"".join(rank.prefix + line + b"\n" for line in lines))
+        rank.partial[fd] = rest
+        return True
+
+    def _write(self, fd: int, data: bytes) -> None:
+        try:
+            while data:
+                data = data[os.write(fd, data) :]
+        except OSError:
+            pass  # the driver stopped reading; output is best effort, control is not
+
+    def reap(self, rank: _Rank) -> None:
+        for fd in list(rank.partial):
+            # Drain what the rank wrote before it died, but never block: a child of the rank (a
+            # DataLoader worker, say) may still hold the pipe open.
+            while select.select([fd], [], [], 0)[0] and self.forward(rank, fd):
+                pass
+            if rank.partial[fd]:
+                self._write(rank.target[fd], rank.prefix + rank.partial[fd] + b"\n")
+            _close(fd)
+        _, status = os.waitpid(rank.pid, 0)
+        _close(rank.pidfd)
+        del self.ranks[rank.pid]
+        sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
+        code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
+        self.emit(ev="exit", rank=rank.rank, pid=rank.pid, code=code, signal=sig)
+
+    def kill_all(self) -> None:
+        for pid in list(self.ranks):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for rank in list(self.ranks.values()):
+            try:
+                self.reap(rank)
+            except OSError:
+                pass
+
+    # --- main loop -------------------------------------------------------------------------------
+    def serve(self) -> None:
+        while True:
+            watched = [0, *self._fds()]
+            readable, _, _ = select.select(watched, [], [], 1.0)
+            if os.getppid() != self.parent:  # the driver died without closing the pipe
+                break
+            by_fd = {fd: r for r in self.ranks.values() for fd in [r.pidfd, *r.partial]}
+            for fd in readable:
+                if fd == 0:
+                    commands = self.read_commands()
+                    if commands is None:
+                        self.kill_all()
+                        return
+                    for cmd in commands:
+                        if cmd["op"] == "spawn":
+                            self.spawn(cmd["rank"], cmd["boot"])
+                    continue
+                rank = by_fd.get(fd)
+                if rank is None or rank.pid not in self.ranks:
+                    continue
+                if fd == rank.pidfd:
+                    self.reap(rank)
+                else:
+                    self.forward(rank, fd)
+        self.kill_all()
+
+
+def _close(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def _flush_and_exit(code: int) -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001
+            pass
+    os._exit(code)
+
+
+def main() -> None:
+    # Output of the template itself goes to the driver unprefixed; the ranks' is prefixed.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the driver owns Ctrl-C and sends CANCEL
+    (size,) = _LEN.unpack(_read_exact(0, _LEN.size))
+    init = pickle.loads(_read_exact(0, size))
+    control_fd = init["control_fd"]
+    template = Template(control_fd)
+    try:
+        os.environ.update(init.get("env", {}))
+        for path in reversed(init.get("sys_path", [])):
+            if path not in sys.path:
+                sys.path.insert(0, path)
+        started = time.perf_counter()
+        for module in init["imports"]:
+            __import__(module)
+        template.emit(ev="imported", seconds=time.perf_counter() - started)
+    except BaseException:  # noqa: BLE001
+        template.emit(ev="error", traceback=traceback.format_exc())
+        sys.exit(1)
+    template.serve()
+
+
+def _read_exact(fd: int, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = os.read(fd, n - len(buf))
+        if not chunk:
+            sys.exit(0)  # the driver went away before sending the bootstrap
+        buf += chunk
+    return buf
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""Exception types raised in the driver.
+
+Worker failures come back over the wire as plain data (type name, message, formatted traceback),
+never as pickled exception objects: the driver may not be able to import the worker's exception
+class, and an error report must always be readable.
+"""
+
+from __future__ import annotations
+
+import signal
+
+__all__ = ["PoolClosedError", "ProtocolError", "TextEventError", "WorkerDiedError", "WorkerError"]
+
+
+class WorkerError(RuntimeError):
+    """A rank raised an exception while running ``setup`` or ``__call__``.
+
+    Attributes:
+        rank: the rank that raised.
+        exc_type: qualified name of the exception class on the worker, e.g. ``"ValueError"``.
+        message: ``str()`` of the remote exception.
+        remote_traceback: the traceback formatted on the worker.
+    """
+
+    def __init__(self, rank: int, exc_type: str, message: str, remote_traceback: str) -> None:
+        self.rank = rank
+        self.exc_type = exc_type
+        self.message = message
+        self.remote_traceback = remote_traceback
+        super().__init__(
+            f"rank {rank} raised {exc_type}: {message}\n\n"
+            f"--- remote traceback (rank {rank}) ---\n{remote_traceback.rstrip()}"
+        )
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (type(self), (self.rank, self.exc_type, self.message, self.remote_traceback))
+
+
+class WorkerDiedError(RuntimeError):
+    """A rank process exited while the pool needed it.
+
+    Attributes:
+        rank: the rank whose process exited.
+        exitcode: the process exit status, or ``None`` if it was killed by a signal.
+        signal: the signal number that killed it, or ``None``.
+    """
+
+    def __init__(self, rank: int, exitcode: int | None, signal_number: int | None, detail: str = "") -> None:
+        self.rank = rank
+        self.exitcode = exitcode
+        self.signal = signal_number
+        if signal_number is not None:
+            try:
+                how = f"was killed by {signal.Signals(signal_number).name}"
+            except ValueError:
+                how = f"was killed by signal {signal_number}"
+        else:
+            how = f"exited with code {exitcode}"
+        text = f"rank {rank} {how}"
+        if detail:
+            text += f": {detail}"
+        super().__init__(text)
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (type(self), (self.rank, self.exitcode, self.signal))
+
+
+class PoolClosedError(RuntimeError):
+    """The pool is not running: call ``start()`` first, or it was stopped."""
+
+
+class ProtocolError(Exception):
+    """A frame failed verification (bad signature, replay, or malformed). Never unpickled."""
+
+
+class TextEventError(TypeError):
+    """A streamed value cannot be encoded as a server-sent event."""

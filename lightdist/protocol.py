@@ -1,0 +1,233 @@
+"""The wire format: message kinds, signing, replay protection, (de)serialisation, SSE encoding.
+
+Pure functions of bytes and keys: this module owns no socket and imports neither zmq nor torch, so it
+tests in milliseconds. The format is specified in ``docs/protocol.md``; keep the two in step.
+
+A message is a list of frames::
+
+    [signature, header, payload_0, payload_1, ...]
+
+``header`` is compact JSON ``{"k": kind, "c": call_id, "r": rank, "s": seq, "n": sender}``.
+``signature`` is HMAC-SHA256 with the pool's key over a domain tag and every later frame, each
+prefixed by its length (so bytes cannot be shifted between frames). A receiver checks the signature
+with :func:`hmac.compare_digest` and the sequence number *before* it parses anything else; payload
+frames are only unpickled by the code that asked for them, after that.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import enum
+import hashlib
+import hmac
+import io
+import json
+import math
+import os
+import struct
+from collections.abc import Sequence
+from typing import Any
+
+import cloudpickle
+
+from lightdist.errors import ProtocolError, TextEventError
+
+__all__ = [
+    "DRIVER_RANK",
+    "Header",
+    "Kind",
+    "Message",
+    "Session",
+    "dumps",
+    "encode_text_event",
+    "loads",
+    "new_key",
+    "to_jsonable",
+]
+
+VERSION_TAG = b"lightdist-v1"
+DRIVER_RANK = -1
+_SIG_LEN = hashlib.sha256().digest_size
+_LEN = struct.Struct("!Q")
+
+
+class Kind(str, enum.Enum):
+    """Message kinds. Driver → worker: CALL, CANCEL, PING, EXIT. Worker → driver: the rest."""
+
+    READY = "READY"  # setup finished on this rank
+    FAILED = "FAILED"  # setup raised on this rank; payload: error report
+    CALL = "CALL"  # run __call__; payload: the call (payload dict, streaming flag, sys.path, cwd)
+    STREAM_ITEM = "STREAM_ITEM"  # one add_streaming_result item of the call
+    RESULT = "RESULT"  # __call__ returned; payload: the value (rank 0 only)
+    ERROR = "ERROR"  # __call__ raised; payload: error report
+    CANCEL = "CANCEL"  # set worker.cancelled for the call
+    PING = "PING"
+    PONG = "PONG"
+    EXIT = "EXIT"  # driver: run teardown and exit; worker: reply once teardown has run
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Header:
+    kind: Kind
+    call: int
+    rank: int
+    seq: int
+    sender: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Message:
+    header: Header
+    payload: tuple[bytes, ...]
+
+    @property
+    def kind(self) -> Kind:
+        return self.header.kind
+
+
+def new_key() -> bytes:
+    """A fresh random 256-bit signing key (one per pool)."""
+    return os.urandom(32)
+
+
+class Session:
+    """Signs outgoing messages and verifies incoming ones for one endpoint.
+
+    Each endpoint signs with its own ``sender`` name and a sequence number that only grows. Incoming
+    messages are accepted only from senders in :attr:`peers` (the caller keeps it current: a respawned
+    rank gets a new sender name, so frames of its previous life are stale), with a valid signature and
+    a sequence number above the last one accepted from that sender (replays are rejected).
+    """
+
+    def __init__(self, key: bytes, sender: str, rank: int, first_seq: int = 0) -> None:
+        if len(key) < 16:
+            raise ValueError("the signing key must be at least 16 bytes")
+        self._key = key
+        self.sender = sender
+        self.rank = rank
+        self._seq = first_seq
+        self._last_seen: dict[str, int] = {}
+        self.peers: set[str] | None = None  # None: any sender that signs with the key
+
+    @property
+    def seq(self) -> int:
+        """The sequence number of the last message packed."""
+        return self._seq
+
+    def sign(self, frames: Sequence[bytes]) -> bytes:
+        mac = hmac.new(self._key, VERSION_TAG, hashlib.sha256)
+        for frame in frames:
+            mac.update(_LEN.pack(len(frame)))
+            mac.update(frame)
+        return mac.digest()
+
+    def pack(self, kind: Kind, call: int = 0, payload: Sequence[bytes] = ()) -> list[bytes]:
+        """Build the signed frames of one message."""
+        self._seq += 1
+        header = json.dumps(
+            {"k": kind.value, "c": call, "r": self.rank, "s": self._seq, "n": self.sender},
+            separators=(",", ":"),
+        ).encode()
+        body = [header, *payload]
+        return [self.sign(body), *body]
+
+    def accept_from(self, sender: str, after_seq: int = 0) -> None:
+        """Allow ``sender``; its next message must carry a sequence number above ``after_seq``."""
+        if self.peers is None:
+            self.peers = set()
+        self.peers.add(sender)
+        self._last_seen[sender] = max(self._last_seen.get(sender, 0), after_seq)
+
+    def forget(self, sender: str) -> None:
+        """Stop accepting ``sender`` (its process is gone); its sequence floor is kept."""
+        if self.peers is not None:
+            self.peers.discard(sender)
+
+    def unpack(self, frames: Sequence[bytes]) -> Message:
+        """Verify and parse ``frames``; raise :class:`ProtocolError` on any doubt.
+
+        Order matters: the signature is checked over the raw bytes before the header is parsed,
+        and nothing here unpickles.
+        """
+        if len(frames) < 2:
+            raise ProtocolError(f"expected at least 2 frames, got {len(frames)}")
+        signature, body = bytes(frames[0]), [bytes(f) for f in frames[1:]]
+        if len(signature) != _SIG_LEN or not hmac.compare_digest(signature, self.sign(body)):
+            raise ProtocolError("bad signature")
+        try:
+            raw = json.loads(body[0])
+            header = Header(Kind(raw["k"]), int(raw["c"]), int(raw["r"]), int(raw["s"]), str(raw["n"]))
+        except (ValueError, KeyError, TypeError) as exc:  # signed but malformed: a bug, not an attack
+            raise ProtocolError(f"malformed header: {exc}") from None
+        if self.peers is not None and header.sender not in self.peers:
+            raise ProtocolError(f"stale or unknown sender {header.sender!r}")
+        last = self._last_seen.get(header.sender, 0)
+        if header.seq <= last:
+            raise ProtocolError(f"replayed frame from {header.sender!r}: seq {header.seq} <= {last}")
+        self._last_seen[header.sender] = header.seq
+        return Message(header, tuple(body[1:]))
+
+
+def dumps(obj: Any) -> bytes:
+    """Serialise by value where needed (classes from ``__main__``, notebooks and closures)."""
+    return cloudpickle.dumps(obj, protocol=5)
+
+
+def loads(data: bytes) -> Any:
+    """Only ever called on payload frames of a message that :meth:`Session.unpack` accepted."""
+    return cloudpickle.loads(data)
+
+
+# --- server-sent events ---------------------------------------------------------------------------
+
+_JSON_SCALARS = (str, int, bool, type(None))
+
+
+def to_jsonable(value: Any, image_format: str = "jpeg", _path: str = "item") -> Any:
+    """Turn ``value`` into plain JSON data.
+
+    Tensors and numpy arrays become (nested) lists, numpy/tensor scalars numbers, PIL images
+    ``data:`` URLs in ``image_format``, dataclasses dicts; non-finite floats become ``null`` (JSON has
+    no NaN). Anything else raises :class:`TextEventError` naming where in ``value`` it sits.
+    """
+    if isinstance(value, _JSON_SCALARS):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v, image_format, f"{_path}[{k!r}]") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v, image_format, f"{_path}[{i}]") for i, v in enumerate(value)]
+    module = type(value).__module__.split(".")[0]
+    if module in ("torch", "numpy") and hasattr(value, "tolist"):
+        if module == "torch":
+            value = value.detach().cpu()
+        return to_jsonable(value.tolist(), image_format, _path)
+    if module == "PIL" and hasattr(value, "save"):
+        return _image_data_url(value, image_format)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return to_jsonable(dataclasses.asdict(value), image_format, _path)
+    raise TextEventError(
+        f"{_path} is a {type(value).__module__}.{type(value).__qualname__}, which has no JSON form; "
+        "stream dicts, lists, strings, numbers, tensors, numpy arrays or PIL images, "
+        "or call stream(..., as_text_events=False) to receive Python objects"
+    )
+
+
+def _image_data_url(image: Any, image_format: str) -> str:
+    fmt = image_format.lower()
+    if fmt not in ("jpeg", "jpg", "png"):
+        raise TextEventError(f"image_format must be 'jpeg' or 'png', got {image_format!r}")
+    fmt = "jpeg" if fmt == "jpg" else fmt
+    if fmt == "jpeg" and image.mode not in ("RGB", "L"):
+        image = image.convert("RGB")  # JPEG has no alpha channel
+    buf = io.BytesIO()
+    image.save(buf, format=fmt.upper())
+    return f"data:image/{fmt};base64,{base64.b64encode(buf.getvalue()).decode()}"
+
+
+def encode_text_event(value: Any, image_format: str = "jpeg") -> bytes:
+    """One server-sent event: ``b"data: <json>\\n\\n"``."""
+    data = json.dumps(to_jsonable(value, image_format), separators=(",", ":"), allow_nan=False)
+    return b"data: " + data.encode() + b"\n\n"

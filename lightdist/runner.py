@@ -1,0 +1,459 @@
+"""``DistributedRunner``: the driver-side handle on a warm pool of ranks.
+
+The API is ``fal.distributed``'s (same names, parameters and defaults) plus blocking twins
+(``start_sync``, ``invoke_sync``, ``stream_sync``, ``stop_sync``, ``with runner:``). Both families sit
+on the same thread-based core (:mod:`lightdist._pool`), which never depends on the caller's event
+loop: the async methods await it from any loop, the blocking ones work in plain scripts and inside a
+running loop (a notebook cell, a server thread) alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import os
+import sys
+import threading
+import warnings
+import weakref
+from collections.abc import AsyncIterator, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from lightdist import protocol
+from lightdist._calls import ERROR, ITEM, READY, RESULT, Event, PendingCall
+from lightdist._pool import Pool, PoolConfig
+from lightdist.errors import PoolClosedError, TextEventError
+from lightdist.transport import deadline_after, remaining
+from lightdist.worker import DistributedWorker
+
+__all__ = ["DistributedRunner"]
+
+_live_runners: weakref.WeakSet[DistributedRunner] = weakref.WeakSet()
+
+
+class DistributedRunner:
+    """Starts ``world_size`` ranks of ``worker_cls`` once and runs any number of calls on them.
+
+    Example::
+
+        runner = DistributedRunner(MyWorker, world_size=2)
+        await runner.start(model_path="...")          # every rank runs setup(model_path=...)
+        out = await runner.invoke({"prompt": "hi"})   # every rank runs __call__; rank 0's value
+        async for item in runner.stream({"prompt": "hi"}):
+            ...                                        # rank 0's add_streaming_result items, then the result
+        await runner.stop()
+
+    Args:
+        worker_cls: a :class:`DistributedWorker` subclass; it travels by value, so classes defined in
+            ``__main__``, a notebook cell or a function work.
+        world_size: number of ranks (one per GPU on a GPU machine).
+        master_addr: address the rendezvous store listens on.
+        master_port: its port; None picks a free one (no fixed ports).
+        worker_addr: address of the command socket when ``worker_port`` is given.
+        worker_port: TCP port for the command socket; None uses a private ``ipc://`` socket.
+        timeout: the process group's collective timeout, in seconds.
+        keepalive_payload: what ``invoke`` sends after ``keepalive_interval`` idle seconds.
+        keepalive_interval: idle seconds before a keepalive call; None disables it.
+        cwd: working directory of the ranks; None follows the driver's at each call.
+        set_device: deprecated and ignored, as in ``fal.distributed``.
+        accelerator: ``"auto"`` (a GPU per rank when there are enough), ``"cuda"`` or ``"cpu"``.
+        backend: torch.distributed backend; None picks NCCL on GPU and gloo on CPU.
+        preload: modules the template imports before forking ranks (torch always); e.g.
+            ``("lightning",)`` so every rank starts with Lightning already imported.
+    """
+
+    def __init__(
+        self,
+        worker_cls: type[DistributedWorker] = DistributedWorker,
+        world_size: int = 1,
+        master_addr: str = "127.0.0.1",
+        master_port: int | None = None,
+        worker_addr: str = "127.0.0.1",
+        worker_port: int | None = None,
+        timeout: int = 86400,
+        keepalive_payload: dict[str, Any] = {},  # noqa: B006 - the seed API's default, never mutated
+        keepalive_interval: int | float | None = None,
+        cwd: str | Path | None = None,
+        set_device: bool | None = None,
+        *,
+        accelerator: str = "auto",
+        backend: str | None = None,
+        preload: tuple[str, ...] = (),
+    ) -> None:
+        _check_worker_cls(worker_cls)
+        _check_world_size(world_size)
+        if not isinstance(timeout, (int, float)) or timeout <= 0:
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        if keepalive_interval is not None and (
+            not isinstance(keepalive_interval, (int, float)) or keepalive_interval <= 0
+        ):
+            raise ValueError(f"keepalive_interval must be a positive number or None, got {keepalive_interval!r}")
+        if not isinstance(keepalive_payload, Mapping):
+            raise TypeError(f"keepalive_payload must be a dict, got {type(keepalive_payload).__name__}")
+        if accelerator not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"accelerator must be 'auto', 'cpu' or 'cuda', got {accelerator!r}")
+        if set_device is not None:
+            warnings.warn("set_device is deprecated and ignored", DeprecationWarning, stacklevel=2)
+        self.worker_cls = worker_cls
+        self.world_size = world_size
+        self.master_addr = master_addr
+        self.master_port = master_port
+        self.worker_addr = worker_addr
+        self.worker_port = worker_port
+        self.timeout = timeout
+        self.keepalive_payload = dict(keepalive_payload)
+        self.keepalive_interval = keepalive_interval
+        self.cwd = str(cwd) if cwd is not None else None
+        self.accelerator = accelerator
+        self.backend = backend
+        self.preload = tuple(preload)
+        self._pool: Pool | None = None
+        self._lifecycle = threading.Lock()  # start/stop never overlap
+
+    # --- state -----------------------------------------------------------------------------------
+    def is_alive(self) -> bool:
+        """True while the pool is started and healthy."""
+        return self._pool is not None and self._pool.state == "ready"
+
+    @property
+    def pids(self) -> dict[int, int]:
+        """``{rank: pid}`` of the live rank processes."""
+        return self._pool.rank_pids() if self._pool is not None else {}
+
+    def __repr__(self) -> str:
+        state = self._pool.state if self._pool is not None else "not started"
+        return f"DistributedRunner({self.worker_cls.__qualname__}, world_size={self.world_size}, {state})"
+
+    # --- start -----------------------------------------------------------------------------------
+    async def start(self, timeout: int | float = 1800, **kwargs: Any) -> None:
+        """Start every rank and run ``setup(**kwargs)`` on each; all-or-nothing.
+
+        Raises:
+            RuntimeError: the pool is already running.
+            WorkerError: ``setup`` raised on a rank (its traceback is attached); nothing is left running.
+            WorkerDiedError: a rank process died during start.
+            TimeoutError: not every rank was ready within ``timeout`` seconds.
+        """
+        deadline = deadline_after(timeout)
+        pool = await asyncio.to_thread(self._launch, kwargs)
+        try:
+            while not _started(pool, await pool.startup.anext(deadline)):
+                pass
+        except BaseException as exc:
+            await asyncio.to_thread(self._abort_start, pool)
+            _raise_start_error(exc, timeout, pool)
+        pool.mark_ready()
+
+    def start_sync(self, timeout: int | float = 1800, **kwargs: Any) -> None:
+        """Blocking twin of :meth:`start`."""
+        deadline = deadline_after(timeout)
+        pool = self._launch(kwargs)
+        try:
+            while not _started(pool, pool.startup.next(deadline)):
+                pass
+        except BaseException as exc:
+            self._abort_start(pool)
+            _raise_start_error(exc, timeout, pool)
+        pool.mark_ready()
+
+    def _launch(self, kwargs: dict[str, Any]) -> Pool:
+        with self._lifecycle:
+            if self._pool is not None:
+                if self._pool.state in ("starting", "ready"):
+                    raise RuntimeError(f"{self!r} is already running; stop() it first")
+                self._pool.kill()  # a broken pool: reap what is left before replacing it
+                self._pool = None
+            config = PoolConfig(
+                world_size=self.world_size,
+                worker_cls=_dumps_or_raise(self.worker_cls, "worker_cls"),
+                setup_kwargs=_dumps_kwargs(kwargs, "start() keyword argument"),
+                imports=("torch", *self.preload),
+                cwd=self.cwd,
+                sys_path=tuple(_sys_path()),
+                pg_timeout=float(self.timeout),
+                accelerator=self.accelerator,
+                backend=self.backend,
+                master_addr=self.master_addr,
+                master_port=self.master_port,
+                worker_address=None if self.worker_port is None else f"tcp://{self.worker_addr}:{self.worker_port}",
+                keepalive_payload=self.keepalive_payload,
+                keepalive_interval=self.keepalive_interval,
+            )
+            pool = Pool(config)
+            self._pool = pool
+            _live_runners.add(self)
+            try:
+                pool.launch()
+            except BaseException:
+                pool.kill()
+                self._pool = None
+                raise
+            return pool
+
+    def _abort_start(self, pool: Pool) -> None:
+        with self._lifecycle:
+            pool.kill()
+            if self._pool is pool:
+                self._pool = None
+
+    # --- calls -----------------------------------------------------------------------------------
+    async def invoke(self, payload: dict[str, Any] = {}, timeout: int | float | None = None) -> Any:  # noqa: B006
+        """Run ``__call__(streaming=False, **payload)`` on every rank; return rank 0's value.
+
+        Raises:
+            WorkerError: a rank raised (the first to do so; its traceback is attached).
+            WorkerDiedError: a rank process died.
+            TimeoutError: no result within ``timeout`` seconds; the call is cancelled on every rank.
+        """
+        call = self._submit(payload, streaming=False)
+        deadline = deadline_after(timeout)
+        try:
+            while True:
+                event = await call.anext(deadline)
+                if event.kind in (RESULT, ERROR):
+                    return _final_value(event)
+        except TimeoutError:
+            self._cancel(call)
+            raise TimeoutError(f"invoke() got no result within {timeout} s; the call was cancelled") from None
+        except BaseException:
+            self._cancel(call)
+            raise
+
+    def invoke_sync(self, payload: dict[str, Any] = {}, timeout: int | float | None = None) -> Any:  # noqa: B006
+        """Blocking twin of :meth:`invoke`; Ctrl-C cancels the call on every rank."""
+        call = self._submit(payload, streaming=False)
+        deadline = deadline_after(timeout)
+        try:
+            while True:
+                event = call.next(deadline)
+                if event.kind in (RESULT, ERROR):
+                    return _final_value(event)
+        except TimeoutError:
+            self._cancel(call)
+            raise TimeoutError(f"invoke() got no result within {timeout} s; the call was cancelled") from None
+        except BaseException:
+            self._cancel(call)
+            raise
+
+    async def stream(
+        self,
+        payload: dict[str, Any] = {},  # noqa: B006
+        timeout: int | float | None = None,
+        streaming_timeout: int | float | None = None,
+        as_text_events: bool = False,
+    ) -> AsyncIterator[Any]:
+        """Run ``__call__(streaming=True, **payload)``; yield rank 0's items in order, then the result.
+
+        Every ``add_streaming_result`` item of rank 0 is yielded, none dropped, however slowly the
+        consumer reads. With ``as_text_events`` each item is ``bytes`` of ``data: <json>\\n\\n``.
+        Leaving the loop early cancels the call on every rank.
+
+        Raises:
+            WorkerError / WorkerDiedError: as for :meth:`invoke`.
+            TimeoutError: ``timeout`` passed, or ``streaming_timeout`` seconds without an item.
+            TextEventError: an item has no JSON form (the pool keeps serving).
+        """
+        call = self._submit(payload, streaming=True)
+        reader = _StreamReader(call, timeout, streaming_timeout, as_text_events, payload)
+        try:
+            while True:
+                event = await call.anext(reader.deadline())
+                value, last = reader.decode(event)
+                yield value
+                if last:
+                    return
+        except TimeoutError:
+            reader.raise_timeout()
+        finally:
+            if not call.finished.is_set():
+                self._cancel(call)
+
+    def stream_sync(
+        self,
+        payload: dict[str, Any] = {},  # noqa: B006
+        timeout: int | float | None = None,
+        streaming_timeout: int | float | None = None,
+        as_text_events: bool = False,
+    ) -> Iterator[Any]:
+        """Blocking twin of :meth:`stream` (a plain iterator)."""
+        call = self._submit(payload, streaming=True)
+        reader = _StreamReader(call, timeout, streaming_timeout, as_text_events, payload)
+        try:
+            while True:
+                value, last = reader.decode(call.next(reader.deadline()))
+                yield value
+                if last:
+                    return
+        except TimeoutError:
+            reader.raise_timeout()
+        finally:
+            if not call.finished.is_set():
+                self._cancel(call)
+
+    def _submit(self, payload: Mapping[str, Any], streaming: bool) -> PendingCall:
+        if not isinstance(payload, Mapping):
+            raise TypeError(f"payload must be a dict of __call__ keyword arguments, got {type(payload).__name__}")
+        if "streaming" in payload:
+            raise ValueError("'streaming' is set by the runner (invoke: False, stream: True); remove it from payload")
+        pool = self._pool
+        if pool is None:
+            raise PoolClosedError(f"{self!r}: call start() before invoke()/stream()")
+        body = {
+            "payload": dict(payload),
+            "streaming": streaming,
+            "sys_path": _sys_path(),
+            "cwd": self.cwd or os.getcwd(),
+        }
+        try:
+            data = protocol.dumps(body)
+        except Exception:
+            data = _dumps_kwargs(payload, "payload key")  # raises, naming the culprit
+        return pool.submit(data, streaming)
+
+    def _cancel(self, call: PendingCall) -> None:
+        if self._pool is not None:
+            self._pool.cancel(call)
+
+    # --- stop ------------------------------------------------------------------------------------
+    async def stop(self, timeout: int | float = 10) -> None:
+        """Stop every rank: EXIT (runs ``teardown``) → ``timeout`` → SIGTERM → SIGKILL. Idempotent."""
+        await asyncio.to_thread(self.stop_sync, timeout)
+
+    def stop_sync(self, timeout: int | float = 10) -> None:
+        """Blocking twin of :meth:`stop`; safe to call twice and at interpreter exit."""
+        with self._lifecycle:
+            pool, self._pool = self._pool, None
+            if pool is not None:
+                pool.close(timeout)
+            _live_runners.discard(self)
+
+    async def __aenter__(self) -> DistributedRunner:
+        if self._pool is None:
+            await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def __enter__(self) -> DistributedRunner:
+        if self._pool is None:
+            self.start_sync()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_sync()
+
+
+class _StreamReader:
+    """Deadlines and decoding shared by ``stream`` and ``stream_sync``."""
+
+    def __init__(
+        self,
+        call: PendingCall,
+        timeout: float | None,
+        streaming_timeout: float | None,
+        as_text_events: bool,
+        payload: Mapping[str, Any],
+    ) -> None:
+        self.timeout = timeout
+        self.streaming_timeout = streaming_timeout
+        self.as_text_events = as_text_events
+        self.image_format = str(payload.get("image_format", "jpeg"))
+        self._total = deadline_after(timeout)
+        self._gap: float | None = None
+        self._items = 0
+
+    def deadline(self) -> float | None:
+        self._gap = deadline_after(self.streaming_timeout)
+        if self._total is None or self._gap is None:
+            return self._total if self._gap is None else self._gap
+        return min(self._total, self._gap)
+
+    def decode(self, event: Event) -> tuple[Any, bool]:
+        if event.kind == ITEM:
+            value, image_format = protocol.loads(event.value)
+            self._items += 1
+            return self._encode(value, image_format, f"stream item {self._items}"), False
+        return self._encode(_final_value(event), self.image_format, "the final result"), True
+
+    def _encode(self, value: Any, image_format: str, what: str) -> Any:
+        if not self.as_text_events:
+            return value
+        try:
+            return protocol.encode_text_event(value, image_format)
+        except TextEventError as exc:
+            raise TextEventError(f"{what} cannot be sent as a text event: {exc}") from None
+
+    def raise_timeout(self) -> None:
+        if self._total is not None and remaining(self._total) == 0:
+            raise TimeoutError(f"stream() did not finish within {self.timeout} s; the call was cancelled") from None
+        raise TimeoutError(
+            f"stream() got no item for {self.streaming_timeout} s (streaming_timeout); the call was cancelled"
+        ) from None
+
+
+def _final_value(event: Event) -> Any:
+    if event.kind == ERROR:
+        raise event.value
+    return None if event.value is None else protocol.loads(event.value)
+
+
+def _started(pool: Pool, event: Event) -> bool:
+    """Consume one start-up event; True once every rank is READY."""
+    if event.kind == ERROR:
+        raise event.value
+    if event.kind == READY:
+        pool.startup.pending.discard(event.rank)
+    return not pool.startup.pending
+
+
+def _raise_start_error(exc: BaseException, timeout: float, pool: Pool) -> None:
+    if isinstance(exc, TimeoutError):
+        waiting = sorted(pool.startup.pending)
+        raise TimeoutError(
+            f"ranks {waiting} were not ready within {timeout} s (setup still running, or stuck); "
+            "every worker process was stopped. Raise start(timeout=...) if setup is slow"
+        ) from None
+    raise exc
+
+
+def _check_worker_cls(worker_cls: Any) -> None:
+    if not (isinstance(worker_cls, type) and issubclass(worker_cls, DistributedWorker)):
+        raise TypeError(f"worker_cls must be a subclass of lightdist.DistributedWorker, got {worker_cls!r}")
+
+
+def _check_world_size(world_size: Any) -> None:
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be a positive int (one rank per GPU on a GPU machine), got {world_size!r}")
+
+
+def _sys_path() -> list[str]:
+    return [p if p else os.getcwd() for p in sys.path]
+
+
+def _dumps_or_raise(obj: Any, what: str) -> bytes:
+    try:
+        return protocol.dumps(obj)
+    except Exception as exc:
+        raise TypeError(f"{what} cannot be serialized for the workers: {exc}") from exc
+
+
+def _dumps_kwargs(kwargs: Mapping[str, Any], what: str) -> bytes:
+    for key, value in kwargs.items():
+        try:
+            protocol.dumps(value)
+        except Exception as exc:
+            raise TypeError(
+                f"{what} {key!r} ({type(value).__qualname__}) cannot be serialized for the workers: {exc}"
+            ) from exc
+    return protocol.dumps(dict(kwargs))
+
+
+@atexit.register
+def _stop_all_at_exit() -> None:
+    for runner in list(_live_runners):
+        try:
+            runner.stop_sync(timeout=2)
+        except Exception:  # noqa: BLE001 - best effort at interpreter exit
+            pass

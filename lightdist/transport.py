@@ -1,0 +1,164 @@
+"""ZMQ channels with deadlines: the driver's ROUTER, each rank's DEALER, and a waker for I/O threads.
+
+A :class:`Channel` is one socket plus the :class:`~lightdist.protocol.Session` that signs and checks
+its frames. Like every ZMQ socket it belongs to exactly one thread (the I/O thread of its process);
+other threads hand it work through a queue and :class:`Waker`. Sockets close with linger 0 and
+:meth:`Channel.close` is safe to call twice.
+
+Frames that fail verification are dropped and counted, never raised into the I/O loop: a rogue
+local client must not be able to stop the pool by sending garbage.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+
+import zmq
+
+from lightdist.errors import ProtocolError
+from lightdist.protocol import Kind, Message, Session
+
+__all__ = ["Channel", "Waker", "deadline_after", "private_ipc_dir", "remaining"]
+
+
+def deadline_after(timeout: float | None) -> float | None:
+    """Absolute ``time.monotonic()`` deadline for ``timeout`` seconds from now (None: no deadline)."""
+    return None if timeout is None else time.monotonic() + max(0.0, timeout)
+
+
+def remaining(deadline: float | None) -> float | None:
+    """Seconds left until ``deadline``; 0 once expired (never negative), None without deadline."""
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+def private_ipc_dir() -> str:
+    """A fresh ``0700`` directory for the pool's ``ipc://`` socket: other users cannot connect."""
+    path = tempfile.mkdtemp(prefix="lightdist-")
+    os.chmod(path, 0o700)
+    return path
+
+
+def remove_ipc_dir(path: str | None) -> None:
+    if path:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+class Waker:
+    """Wakes a thread blocked in ``zmq.Poller.poll`` from any other thread (an eventfd or a pipe)."""
+
+    def __init__(self) -> None:
+        if hasattr(os, "eventfd"):
+            self._r = self._w = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        else:  # pragma: no cover - non-Linux
+            self._r, self._w = os.pipe()
+            os.set_blocking(self._r, False)
+        self.fd = self._r
+        self._closed = False
+
+    def wake(self) -> None:
+        try:
+            if self._r == self._w:
+                os.eventfd_write(self._w, 1)
+            else:  # pragma: no cover
+                os.write(self._w, b"x")
+        except (OSError, ValueError):
+            pass  # closed or full: the reader is awake (or gone) either way
+
+    def clear(self) -> None:
+        try:
+            if self._r == self._w:
+                os.eventfd_read(self._r)
+            else:  # pragma: no cover
+                while os.read(self._r, 4096):
+                    pass
+        except (BlockingIOError, OSError):
+            pass
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for fd in {self._r, self._w}:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+class Channel:
+    """A socket and its session. ``send`` signs; ``recv`` verifies before returning anything."""
+
+    def __init__(self, socket: zmq.Socket, session: Session, routed: bool) -> None:
+        self.socket = socket
+        self.session = session
+        self.routed = routed  # ROUTER: frames carry the peer's identity first
+        self.rejected = 0  # frames dropped by verification
+        self.last_rejection = ""
+
+    @classmethod
+    def bind_router(cls, context: zmq.Context, address: str, session: Session) -> tuple[Channel, str]:
+        sock = context.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an unroutable send raises instead of vanishing
+        sock.setsockopt(zmq.RCVHWM, 0)  # the driver drains continuously; never drop stream items
+        sock.setsockopt(zmq.SNDHWM, 0)
+        if address.startswith("tcp://") and address.rsplit(":", 1)[-1] in ("0", "*"):
+            port = sock.bind_to_random_port(address.rsplit(":", 1)[0])
+            address = f"{address.rsplit(':', 1)[0]}:{port}"
+        else:
+            sock.bind(address)
+        return cls(sock, session, routed=True), address
+
+    @classmethod
+    def connect_dealer(cls, context: zmq.Context, address: str, identity: bytes, session: Session) -> Channel:
+        sock = context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IDENTITY, identity)
+        sock.setsockopt(zmq.SNDHWM, 0)  # stream items queue here rather than block the I/O thread
+        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.connect(address)
+        return cls(sock, session, routed=False)
+
+    def send(self, kind: Kind, call: int = 0, payload: Sequence[bytes] = (), to: bytes | None = None) -> None:
+        frames = self.session.pack(kind, call, payload)
+        if self.routed:
+            if to is None:
+                raise ValueError("a ROUTER send needs the peer identity")
+            frames = [to, *frames]
+        self.socket.send_multipart(frames, copy=len(frames) < 4)
+
+    def recv_nowait(self) -> tuple[bytes | None, Message] | None:
+        """One verified message if one is waiting, else None. Rejected frames are skipped."""
+        while True:
+            try:
+                frames = self.socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return None
+            ident = frames[0] if self.routed else None
+            try:
+                return ident, self.session.unpack(frames[1:] if self.routed else frames)
+            except ProtocolError as exc:
+                self.rejected += 1
+                self.last_rejection = str(exc)
+
+    def recv(self, timeout: float | None) -> tuple[bytes | None, Message]:
+        """Block until a verified message arrives; ``TimeoutError`` after ``timeout`` seconds."""
+        deadline = deadline_after(timeout)
+        while True:
+            got = self.recv_nowait()
+            if got is not None:
+                return got
+            left = remaining(deadline)
+            if left == 0:
+                raise TimeoutError(f"no message within {timeout} s")
+            if not self.socket.poll(None if left is None else int(left * 1000) + 1, zmq.POLLIN):
+                if left is not None and remaining(deadline) == 0:
+                    raise TimeoutError(f"no message within {timeout} s")
+
+    def close(self) -> None:
+        if not self.socket.closed:
+            self.socket.close(linger=0)

@@ -1,15 +1,18 @@
 """The driver's live pool: rank processes, the ROUTER channel, the I/O thread and the call queue.
 
-Threads and what they own (the rule that keeps this free of races):
+Threads and the rule that keeps them apart: all pool state (state, call queue, current call, each
+call's bookkeeping) is guarded by ``Pool._lock``; sends go through the channel's own lock, always
+taken *inside* ``Pool._lock`` (never the other way round: deadlocks if re-ordered).
 
-* the **I/O thread** owns the ROUTER socket, the call queue and every ``PendingCall``'s bookkeeping.
-  Other threads never touch those; they :meth:`Pool._post` a closure and wake it.
-* **caller threads / coroutines** create calls, then wait on the call's own event buffer.
+* **caller threads / coroutines** enqueue a call and, when the pool is idle, send its CALL
+  themselves (no hand-off on the way out); then they wait on the call's own event buffer.
+* the **I/O thread** is the only receiver: it routes replies and stream items into calls, dispatches
+  the next queued call, and runs the keepalive timer.
 * the **monitor** and **output** threads belong to :class:`~lightdist._procs.TemplateProcess`; the
-  monitor posts rank exits here.
+  monitor reports rank exits here.
 
-No sleep-polling: the I/O thread blocks in ``zmq.Poller.poll`` on the socket and a waker, with a
-timeout only when a timer (keepalive) is due.
+No sleep-polling: the I/O thread blocks in ``select`` on the socket's fd and a waker, with a timeout
+only when a timer (keepalive) is due.
 """
 
 from __future__ import annotations
@@ -17,10 +20,12 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
+import os
 import signal
+import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,9 +36,9 @@ from lightdist._calls import ERROR, ITEM, READY, RESULT, Event, PendingCall
 from lightdist._procs import RankExit, TemplateProcess
 from lightdist.errors import PoolClosedError, WorkerDiedError, WorkerError
 from lightdist.protocol import Kind, Message, Session
-from lightdist.transport import Channel, Waker, private_ipc_dir, remove_ipc_dir
+from lightdist.transport import Channel, private_ipc_dir, remove_ipc_dir
 
-__all__ = ["Pool", "PoolConfig"]
+__all__ = ["Pool", "PoolConfig", "encode_call"]
 
 log = logging.getLogger("lightdist")
 DRIVER_SENDER = "driver"
@@ -78,8 +83,7 @@ class Pool:
         self._senders: dict[int, str] = {}  # rank -> sender name (= ZMQ identity) of its live process
         self._incarnation = collections.Counter[int]()
         self._ids = itertools.count(1)
-        self._commands: collections.deque[Callable[[], None]] = collections.deque()
-        self._waker = Waker()
+        self._lock = threading.RLock()
         self._queue: collections.deque[PendingCall] = collections.deque()
         self.current: PendingCall | None = None
         self.startup = PendingCall(id=0, pending=set(range(self.world_size)))
@@ -131,73 +135,77 @@ class Pool:
             "cwd": cfg.cwd,
             "sys_path": list(cfg.sys_path),
         }
-        # Accept the new sender before it can possibly send: commands run before socket reads.
-        self._post(lambda: self._accept(rank, sender))
+        with self._lock:  # accept the new sender before it can possibly send
+            old = self._senders.get(rank)
+            if old is not None:
+                self.channel.forget(old)
+            self._senders[rank] = sender
+            self.channel.accept_from(sender)
         self.template.spawn(rank, boot)
 
-    def _accept(self, rank: int, sender: str) -> None:
-        old = self._senders.get(rank)
-        if old is not None:
-            self.session.forget(old)
-        self._senders[rank] = sender
-        self.session.accept_from(sender)
-
     def mark_ready(self) -> None:
-        self._post(self._become_ready)
-
-    def _become_ready(self) -> None:
-        if self.state == "starting":
-            self.state = "ready"
-            self._last_activity = time.monotonic()
+        with self._lock:
+            if self.state == "starting":
+                self.state = "ready"
+                self._last_activity = time.monotonic()
+        self.channel.waker.wake()  # re-arm the keepalive timer
 
     # --- calls (any thread) ----------------------------------------------------------------------
     def submit(self, payload: bytes, streaming: bool, internal: bool = False) -> PendingCall:
+        """Queue a call; if the pool is idle its CALL leaves from this thread right away."""
         call = PendingCall(id=next(self._ids), streaming=streaming, frames=[payload], internal=internal)
-        self._post(lambda: self._enqueue(call))
+        with self._lock:
+            if self.state == "ready":
+                self._queue.append(call)
+                self._dispatch()
+            else:
+                call.push(Event(ERROR, self._not_ready_error()))
+                call.finished.set()
         return call
 
     def cancel(self, call: PendingCall) -> None:
         """The caller gave up on ``call`` (timeout, task cancelled, Ctrl-C, stream closed)."""
-        self._post(lambda: self._cancel(call))
-
-    def _post(self, fn: Callable[[], None]) -> None:
-        self._commands.append(fn)
-        self._waker.wake()
+        with self._lock:
+            if call.finished.is_set() or call.cancelled:
+                return
+            call.cancelled = True
+            if call is self.current:
+                self._send_to(Kind.CANCEL, call.id, [], call.pending)
+            elif call in self._queue:
+                self._queue.remove(call)
+                call.finished.set()
 
     # --- I/O thread ------------------------------------------------------------------------------
     def _run(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self.channel.socket, zmq.POLLIN)
-        poller.register(self._waker.fd, zmq.POLLIN)
-        while not self._io_stop:
-            events = dict(poller.poll(self._poll_timeout_ms()))
-            if self._waker.fd in events:
-                self._waker.clear()
-            while self._commands:  # before reading the socket: see _spawn
-                self._commands.popleft()()
-            if self.channel.socket in events:
-                while (got := self.channel.recv_nowait()) is not None:
-                    self._on_message(got[1])
-            self._dispatch()
-            self._maybe_keepalive()
+        try:
+            self._serve()
+        except BaseException as exc:  # a bug here must fail calls loudly, not hang them
+            log.exception("lightdist I/O thread crashed")
+            with self._lock:
+                self._on_broken(RuntimeError(f"the pool's I/O thread crashed: {exc!r}"))
 
-    def _poll_timeout_ms(self) -> int | None:
+    def _serve(self) -> None:
+        while not self._io_stop:
+            messages = self.channel.drain()
+            with self._lock:
+                for _, msg in messages:
+                    self._on_message(msg)
+                self._maybe_keepalive()
+                timeout = self._keepalive_due()
+            if not messages:
+                self.channel.wait(timeout)
+
+    def _keepalive_due(self) -> float | None:
         interval = self.config.keepalive_interval
         if interval is None or self.state != "ready" or self.current is not None or self._queue:
             return None
-        due = self._last_activity + interval - time.monotonic()
-        return max(0, int(due * 1000) + 1)
-
-    def _enqueue(self, call: PendingCall) -> None:
-        if self.state == "ready":
-            self._queue.append(call)
-        else:
-            call.push(Event(ERROR, self._not_ready_error()))
-            call.finished.set()
+        return max(0.0, self._last_activity + interval - time.monotonic())
 
     def _not_ready_error(self) -> BaseException:
         if self.state == "broken" and self.broken is not None:
             return self.broken
+        if self.state == "starting":
+            return PoolClosedError("the pool is still starting; call it once start() has returned")
         return PoolClosedError(f"the pool is {self.state}; call start() first")
 
     def _dispatch(self) -> None:
@@ -209,16 +217,12 @@ class Pool:
             self.current = call
             call.pending = set(range(self.world_size))
             call.dispatched_at = time.monotonic()
-            self._send_all(Kind.CALL, call.id, call.frames)
+            self._send_to(Kind.CALL, call.id, call.frames)
 
-    def _send_all(self, kind: Kind, call: int, payload: list[bytes], ranks: set[int] | None = None) -> None:
+    def _send_to(self, kind: Kind, call: int, payload: list[bytes], ranks: set[int] | None = None) -> None:
         # Signed once, the same bytes to every rank (a large payload is hashed once, not N times).
-        frames = self.session.pack(kind, call, payload)
-        for rank in sorted(ranks if ranks is not None else self._senders):
-            try:
-                self.channel.socket.send_multipart([self._senders[rank].encode(), *frames], copy=False)
-            except zmq.ZMQError:
-                pass  # the rank is gone; the monitor reports it
+        targets = sorted(ranks if ranks is not None else self._senders)
+        self.channel.send(kind, call, payload, to=[self._senders[r].encode() for r in targets])
 
     def _on_message(self, msg: Message) -> None:
         h = msg.header
@@ -246,7 +250,7 @@ class Pool:
             if call.internal:
                 log.warning("keepalive call failed: %s", err)
             call.push(Event(ERROR, err, rank=rank))
-            self._send_all(Kind.CANCEL, call.id, [], call.pending)
+            self._send_to(Kind.CANCEL, call.id, [], call.pending)
         elif kind is Kind.RESULT and rank == 0:
             call.result_frames = payload
         if not call.pending:
@@ -258,40 +262,28 @@ class Pool:
         call.finished.set()
         self.current = None
         self._last_activity = time.monotonic()
-
-    def _cancel(self, call: PendingCall) -> None:
-        if call.finished.is_set() or call.cancelled:
-            return
-        call.cancelled = True
-        if call is self.current:
-            self._send_all(Kind.CANCEL, call.id, [], call.pending)
-        elif call in self._queue:
-            self._queue.remove(call)
-            call.finished.set()
+        self._dispatch()
 
     def _maybe_keepalive(self) -> None:
         interval = self.config.keepalive_interval
         if interval is None or self.state != "ready" or self.current is not None or self._queue:
             return
         if time.monotonic() - self._last_activity >= interval:
-            payload = protocol.dumps(dict(self.config.keepalive_payload))
+            payload = encode_call(self.config.keepalive_payload, False, self.config.cwd)
             self._queue.append(PendingCall(id=next(self._ids), frames=[payload], internal=True))
             self._last_activity = time.monotonic()
+            self._dispatch()
 
     # --- failures --------------------------------------------------------------------------------
     def _rank_exited(self, info: RankExit) -> None:  # monitor thread
-        self._post(lambda: self._on_rank_exit(info))
+        with self._lock:
+            if self.state in ("stopping", "closed") or self._senders.get(info.rank) is None:
+                return
+            self._on_broken(WorkerDiedError(info.rank, info.exitcode, info.signal))
 
     def _template_lost(self, detail: str) -> None:  # monitor thread
-        self._post(lambda: self._on_broken(RuntimeError(f"the pool's template process is gone: {detail}")))
-
-    def _on_rank_exit(self, info: RankExit) -> None:
-        if self.state in ("stopping", "closed"):
-            return
-        if self.template is None or self._senders.get(info.rank) is None:
-            return
-        err = WorkerDiedError(info.rank, info.exitcode, info.signal)
-        self._on_broken(err)
+        with self._lock:
+            self._on_broken(RuntimeError(f"the pool's template process is gone: {detail}"))
 
     def _on_broken(self, err: BaseException) -> None:
         if self.state in ("stopping", "closed"):
@@ -311,9 +303,7 @@ class Pool:
     # --- stop ------------------------------------------------------------------------------------
     def close(self, timeout: float) -> None:
         """EXIT → ``timeout`` → SIGTERM → grace → SIGKILL; then release sockets, store and files."""
-        done = threading.Event()
-
-        def begin() -> None:
+        with self._lock:
             was_ready = self.state == "ready"
             self.state = "stopping"
             closed = PoolClosedError("the pool was stopped")
@@ -322,17 +312,12 @@ class Pool:
                     call.failed = True
                     call.push(Event(ERROR, closed))
                 if call is self.current:
-                    self._send_all(Kind.CANCEL, call.id, [], call.pending)
+                    self._send_to(Kind.CANCEL, call.id, [], call.pending)
                 call.finished.set()
             self._queue.clear()
             self.current = None
             if was_ready or self._senders:
-                self._send_all(Kind.EXIT, 0, [])
-            done.set()
-
-        if self._thread.is_alive():
-            self._post(begin)
-            done.wait(5)
+                self._send_to(Kind.EXIT, 0, [])
         template = self.template
         if template is not None:
             if not template.wait_ranks_gone(timeout):
@@ -342,12 +327,11 @@ class Pool:
                     template.wait_ranks_gone(5.0)
             template.close()
         self._io_stop = True
-        self._waker.wake()
+        self.channel.waker.wake()
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout=5)
         self.channel.close()
         self._context.term()
-        self._waker.close()
         self._store = None
         remove_ipc_dir(self._ipc_dir)
         self.state = "closed"
@@ -360,6 +344,17 @@ class Pool:
 
     def rank_pids(self) -> dict[int, int]:
         return dict(self.template.pids) if self.template is not None else {}
+
+
+def encode_call(payload: Mapping[str, Any], streaming: bool, cwd: str | None) -> bytes:
+    """The CALL body every rank receives: keyword arguments plus the driver's sys.path and cwd."""
+    body = {
+        "payload": dict(payload),
+        "streaming": streaming,
+        "sys_path": [p if p else os.getcwd() for p in sys.path],
+        "cwd": cwd or os.getcwd(),
+    }
+    return protocol.dumps(body)
 
 
 def _worker_error(rank: int, report: bytes) -> WorkerError:

@@ -25,6 +25,8 @@ from typing import Any
 __all__ = ["RankExit", "TemplateProcess"]
 
 _LEN = struct.Struct("!I")
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_TEMPLATE_BOOT = "import sys; sys.path.insert(0, {root!r}); from lightdist._template import main; main()"
 
 
 @dataclass(frozen=True)
@@ -36,7 +38,7 @@ class RankExit:
 
 
 class TemplateProcess:
-    """Starts ``python -m lightdist._template`` and forks ranks through it."""
+    """Starts the template process (:mod:`lightdist._template`) and forks ranks through it."""
 
     def __init__(
         self,
@@ -56,7 +58,9 @@ class TemplateProcess:
         control_r, control_w = os.pipe()
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-u", "-m", "lightdist._template"],
+                # Not `-m lightdist._template`: lightdist must import even when it is not installed
+                # and `cwd` is elsewhere, so the package's own parent directory goes on the path.
+                [sys.executable, "-u", "-c", _TEMPLATE_BOOT.format(root=_PACKAGE_ROOT)],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,

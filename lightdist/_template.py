@@ -1,6 +1,6 @@
 """The template process: imports torch once, then forks every rank from that warm state.
 
-Started by the driver as ``python -u -m lightdist._template``. Importing torch (and lightning) costs
+Started by the driver as ``python -u -c "...; lightdist._template.main()"``. Importing torch (and lightning) costs
 seconds of CPU; paying it once and forking ranks keeps pool start flat in ``world_size``. Forking is
 safe because this process stays single-threaded and never touches CUDA or user code: the worker class
 arrives as bytes and is only unpickled inside a rank, after the fork.

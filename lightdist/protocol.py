@@ -7,7 +7,8 @@ A message is a list of frames::
 
     [signature, header, payload_0, payload_1, ...]
 
-``header`` is compact JSON ``{"k": kind, "c": call_id, "r": rank, "s": seq, "n": sender}``.
+``header`` is a fixed binary struct (version, kind, call id, rank, sequence number) followed by the
+sender's name.
 ``signature`` is HMAC-SHA256 with the pool's key over a domain tag and every later frame, each
 prefixed by its length (so bytes cannot be shifted between frames). A receiver checks the signature
 with :func:`hmac.compare_digest` and the sequence number *before* it parses anything else; payload
@@ -39,6 +40,8 @@ __all__ = [
     "Kind",
     "Message",
     "Session",
+    "pack_header",
+    "parse_header",
     "dumps",
     "encode_text_event",
     "loads",
@@ -46,25 +49,31 @@ __all__ = [
     "to_jsonable",
 ]
 
+VERSION = 1
 VERSION_TAG = b"lightdist-v1"
 DRIVER_RANK = -1
 _SIG_LEN = hashlib.sha256().digest_size
 _LEN = struct.Struct("!Q")
+# version, kind, call id, rank, sequence number; the sender name (UTF-8) follows.
+_HEADER = struct.Struct("!BBQiQ")
 
 
-class Kind(str, enum.Enum):
+class Kind(enum.IntEnum):
     """Message kinds. Driver → worker: CALL, CANCEL, PING, EXIT. Worker → driver: the rest."""
 
-    READY = "READY"  # setup finished on this rank
-    FAILED = "FAILED"  # setup raised on this rank; payload: error report
-    CALL = "CALL"  # run __call__; payload: the call (payload dict, streaming flag, sys.path, cwd)
-    STREAM_ITEM = "STREAM_ITEM"  # one add_streaming_result item of the call
-    RESULT = "RESULT"  # __call__ returned; payload: the value (rank 0 only)
-    ERROR = "ERROR"  # __call__ raised; payload: error report
-    CANCEL = "CANCEL"  # set worker.cancelled for the call
-    PING = "PING"
-    PONG = "PONG"
-    EXIT = "EXIT"  # driver: run teardown and exit; worker: reply once teardown has run
+    READY = 1  # setup finished on this rank
+    FAILED = 2  # setup raised on this rank; payload: error report
+    CALL = 3  # run __call__; payload: the call (payload dict, streaming flag, sys.path, cwd)
+    STREAM_ITEM = 4  # one add_streaming_result item of the call
+    RESULT = 5  # __call__ returned; payload: the value (rank 0 only)
+    ERROR = 6  # __call__ raised; payload: error report
+    CANCEL = 7  # set worker.cancelled for the call
+    PING = 8
+    PONG = 9
+    EXIT = 10  # driver: run teardown and exit; worker: reply once teardown has run
+
+
+_KINDS = {int(k): k for k in Kind}
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -91,6 +100,25 @@ def new_key() -> bytes:
     return os.urandom(32)
 
 
+def pack_header(kind: Kind, call: int, rank: int, seq: int, sender: str) -> bytes:
+    return _HEADER.pack(VERSION, kind, call, rank, seq) + sender.encode()
+
+
+def parse_header(raw: bytes) -> Header:
+    if len(raw) < _HEADER.size:
+        raise ProtocolError(f"header of {len(raw)} bytes is too short")
+    version, kind, call, rank, seq = _HEADER.unpack_from(raw)
+    if version != VERSION:
+        raise ProtocolError(f"protocol version {version}, expected {VERSION}")
+    if kind not in _KINDS:
+        raise ProtocolError(f"unknown message kind {kind}")
+    try:
+        sender = raw[_HEADER.size :].decode()
+    except UnicodeDecodeError:
+        raise ProtocolError("sender name is not UTF-8") from None
+    return Header(_KINDS[kind], call, rank, seq, sender)
+
+
 class Session:
     """Signs outgoing messages and verifies incoming ones for one endpoint.
 
@@ -98,12 +126,16 @@ class Session:
     messages are accepted only from senders in :attr:`peers` (the caller keeps it current: a respawned
     rank gets a new sender name, so frames of its previous life are stale), with a valid signature and
     a sequence number above the last one accepted from that sender (replays are rejected).
+
+    Not thread-safe: the transport serialises :meth:`pack` (so sequence order is send order) and
+    calls :meth:`unpack` from one thread.
     """
 
     def __init__(self, key: bytes, sender: str, rank: int, first_seq: int = 0) -> None:
         if len(key) < 16:
             raise ValueError("the signing key must be at least 16 bytes")
-        self._key = key
+        # Keyed once; each message copies this state instead of re-deriving the HMAC pads.
+        self._mac = hmac.new(key, VERSION_TAG, "sha256")
         self.sender = sender
         self.rank = rank
         self._seq = first_seq
@@ -116,7 +148,7 @@ class Session:
         return self._seq
 
     def sign(self, frames: Sequence[bytes]) -> bytes:
-        mac = hmac.new(self._key, VERSION_TAG, hashlib.sha256)
+        mac = self._mac.copy()
         for frame in frames:
             mac.update(_LEN.pack(len(frame)))
             mac.update(frame)
@@ -125,11 +157,7 @@ class Session:
     def pack(self, kind: Kind, call: int = 0, payload: Sequence[bytes] = ()) -> list[bytes]:
         """Build the signed frames of one message."""
         self._seq += 1
-        header = json.dumps(
-            {"k": kind.value, "c": call, "r": self.rank, "s": self._seq, "n": self.sender},
-            separators=(",", ":"),
-        ).encode()
-        body = [header, *payload]
+        body = [pack_header(kind, call, self.rank, self._seq, self.sender), *payload]
         return [self.sign(body), *body]
 
     def accept_from(self, sender: str, after_seq: int = 0) -> None:
@@ -155,11 +183,7 @@ class Session:
         signature, body = bytes(frames[0]), [bytes(f) for f in frames[1:]]
         if len(signature) != _SIG_LEN or not hmac.compare_digest(signature, self.sign(body)):
             raise ProtocolError("bad signature")
-        try:
-            raw = json.loads(body[0])
-            header = Header(Kind(raw["k"]), int(raw["c"]), int(raw["r"]), int(raw["s"]), str(raw["n"]))
-        except (ValueError, KeyError, TypeError) as exc:  # signed but malformed: a bug, not an attack
-            raise ProtocolError(f"malformed header: {exc}") from None
+        header = parse_header(body[0])  # signed but malformed: a bug, not an attack
         if self.peers is not None and header.sender not in self.peers:
             raise ProtocolError(f"stale or unknown sender {header.sender!r}")
         last = self._last_seen.get(header.sender, 0)

@@ -22,7 +22,7 @@ from typing import Any
 
 from lightdist import protocol
 from lightdist._calls import ERROR, ITEM, READY, RESULT, Event, PendingCall
-from lightdist._pool import Pool, PoolConfig
+from lightdist._pool import Pool, PoolConfig, encode_call
 from lightdist.errors import PoolClosedError, TextEventError
 from lightdist.transport import deadline_after, remaining
 from lightdist.worker import DistributedWorker
@@ -136,7 +136,13 @@ class DistributedRunner:
             TimeoutError: not every rank was ready within ``timeout`` seconds.
         """
         deadline = deadline_after(timeout)
-        pool = await asyncio.to_thread(self._launch, kwargs)
+        launch = asyncio.ensure_future(asyncio.to_thread(self._launch, kwargs))
+        try:
+            pool = await asyncio.shield(launch)
+        except asyncio.CancelledError:
+            # The launch thread cannot be interrupted: reap whatever it starts once it is done.
+            launch.add_done_callback(self._abort_launched)
+            raise
         try:
             while not _started(pool, await pool.startup.anext(deadline)):
                 pass
@@ -190,6 +196,10 @@ class DistributedRunner:
                 self._pool = None
                 raise
             return pool
+
+    def _abort_launched(self, launch: asyncio.Future[Pool]) -> None:
+        if not launch.cancelled() and launch.exception() is None:
+            threading.Thread(target=self._abort_start, args=(launch.result(),), name="lightdist-abort").start()
 
     def _abort_start(self, pool: Pool) -> None:
         with self._lifecycle:
@@ -299,14 +309,8 @@ class DistributedRunner:
         pool = self._pool
         if pool is None:
             raise PoolClosedError(f"{self!r}: call start() before invoke()/stream()")
-        body = {
-            "payload": dict(payload),
-            "streaming": streaming,
-            "sys_path": _sys_path(),
-            "cwd": self.cwd or os.getcwd(),
-        }
         try:
-            data = protocol.dumps(body)
+            data = encode_call(payload, streaming, self.cwd)
         except Exception:
             data = _dumps_kwargs(payload, "payload key")  # raises, naming the culprit
         return pool.submit(data, streaming)

@@ -12,8 +12,10 @@ local client must not be able to stop the pool by sending garbage.
 from __future__ import annotations
 
 import os
+import select
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 
@@ -90,14 +92,25 @@ class Waker:
 
 
 class Channel:
-    """A socket and its session. ``send`` signs; ``recv`` verifies before returning anything."""
+    """A socket and its session, shared by threads with one rule: any thread may send, one receives.
+
+    Sends are serialised by a lock (which also keeps sequence numbers in send order), so a caller
+    thread sends its CALL, or a rank's main thread its RESULT, without handing off to another thread.
+    The receiving thread waits on :attr:`fd` (the socket's edge-triggered ``ZMQ_FD``) and calls
+    :meth:`drain`. Edge-triggered means a send may consume the readiness signal of a message that
+    arrived meanwhile; so after every send we look at ``ZMQ_EVENTS`` and wake the receiver (through
+    :attr:`waker`) if input is waiting. ``recv`` is a blocking helper for single-threaded use (tests).
+    """
 
     def __init__(self, socket: zmq.Socket, session: Session, routed: bool) -> None:
         self.socket = socket
         self.session = session
         self.routed = routed  # ROUTER: frames carry the peer's identity first
+        self.fd: int = socket.getsockopt(zmq.FD)
+        self.waker = Waker()
         self.rejected = 0  # frames dropped by verification
         self.last_rejection = ""
+        self._lock = threading.Lock()
 
     @classmethod
     def bind_router(cls, context: zmq.Context, address: str, session: Session) -> tuple[Channel, str]:
@@ -118,47 +131,74 @@ class Channel:
         sock = context.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IDENTITY, identity)
-        sock.setsockopt(zmq.SNDHWM, 0)  # stream items queue here rather than block the I/O thread
+        sock.setsockopt(zmq.SNDHWM, 0)  # stream items queue in the socket rather than block a sender
         sock.setsockopt(zmq.RCVHWM, 0)
         sock.connect(address)
         return cls(sock, session, routed=False)
 
-    def send(self, kind: Kind, call: int = 0, payload: Sequence[bytes] = (), to: bytes | None = None) -> None:
-        frames = self.session.pack(kind, call, payload)
-        if self.routed:
-            if to is None:
-                raise ValueError("a ROUTER send needs the peer identity")
-            frames = [to, *frames]
-        self.socket.send_multipart(frames, copy=len(frames) < 4)
+    def accept_from(self, sender: str) -> None:
+        with self._lock:
+            self.session.accept_from(sender)
 
-    def recv_nowait(self) -> tuple[bytes | None, Message] | None:
-        """One verified message if one is waiting, else None. Rejected frames are skipped."""
-        while True:
-            try:
-                frames = self.socket.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return None
-            ident = frames[0] if self.routed else None
-            try:
-                return ident, self.session.unpack(frames[1:] if self.routed else frames)
-            except ProtocolError as exc:
-                self.rejected += 1
-                self.last_rejection = str(exc)
+    def forget(self, sender: str) -> None:
+        with self._lock:
+            self.session.forget(sender)
+
+    def send(self, kind: Kind, call: int = 0, payload: Sequence[bytes] = (), to: Sequence[bytes] = ()) -> None:
+        """Sign once and send; on a ROUTER, to each identity in ``to``. Any thread.
+
+        A peer that is gone raises ``zmq.ZMQError`` (EHOSTUNREACH) from a ROUTER; it is skipped here,
+        since the process monitor reports the death with its exit status.
+        """
+        with self._lock:
+            frames = self.session.pack(kind, call, payload)
+            if not self.routed:
+                self.socket.send_multipart(frames, copy=False)
+            for ident in to:
+                try:
+                    self.socket.send_multipart([ident, *frames], copy=False)
+                except zmq.ZMQError:
+                    pass
+            if self.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                self.waker.wake()  # we may have eaten the receiver's edge
+
+    def drain(self) -> list[tuple[bytes | None, Message]]:
+        """Every verified message waiting now (receiving thread only). Rejected frames are counted."""
+        out = []
+        with self._lock:
+            while self.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=True)
+                ident = frames[0] if self.routed else None
+                try:
+                    out.append((ident, self.session.unpack(frames[1:] if self.routed else frames)))
+                except ProtocolError as exc:
+                    self.rejected += 1
+                    self.last_rejection = str(exc)
+        return out
+
+    def wait(self, timeout: float | None, extra: Sequence[int] = ()) -> None:
+        """Block until input may be waiting, the waker fires, an ``extra`` fd is readable, or timeout."""
+        select.select([self.fd, self.waker.fd, *extra], [], [], timeout)
+        self.waker.clear()
 
     def recv(self, timeout: float | None) -> tuple[bytes | None, Message]:
-        """Block until a verified message arrives; ``TimeoutError`` after ``timeout`` seconds."""
+        """Block until one verified message arrives; ``TimeoutError`` after ``timeout`` seconds."""
         deadline = deadline_after(timeout)
-        while True:
-            got = self.recv_nowait()
-            if got is not None:
-                return got
+        buffered = getattr(self, "_buffered", [])
+        while not buffered:
+            buffered.extend(self.drain())
+            if buffered:
+                break
             left = remaining(deadline)
             if left == 0:
                 raise TimeoutError(f"no message within {timeout} s")
-            if not self.socket.poll(None if left is None else int(left * 1000) + 1, zmq.POLLIN):
-                if left is not None and remaining(deadline) == 0:
-                    raise TimeoutError(f"no message within {timeout} s")
+            self.wait(left)
+        self._buffered = buffered
+        return buffered.pop(0)
 
-    def close(self) -> None:
-        if not self.socket.closed:
-            self.socket.close(linger=0)
+    def close(self, linger_ms: int = 0) -> None:
+        """Close the socket (safe twice). ``linger_ms`` > 0 lets queued frames leave first."""
+        with self._lock:
+            if not self.socket.closed:
+                self.socket.close(linger=linger_ms)
+        self.waker.close()

@@ -9,7 +9,6 @@ at once. Nothing is ever sent from the main thread directly (ZMQ sockets are sin
 
 from __future__ import annotations
 
-import collections
 import ctypes
 import datetime
 import os
@@ -24,7 +23,7 @@ import zmq
 
 from lightdist import protocol
 from lightdist.protocol import Kind, Message, Session
-from lightdist.transport import Channel, Waker
+from lightdist.transport import Channel
 
 if TYPE_CHECKING:
     import torch
@@ -136,7 +135,12 @@ class DistributedWorker:
 
 
 class _Link:
-    """The rank's side of the channel: a thread that owns the socket and serves every other thread."""
+    """The rank's side of the channel.
+
+    Any thread sends directly (the channel serialises sends, so items and the result leave in the
+    order they were made). The link thread only receives: it sets ``cancel_event`` and answers PING
+    at once, even while ``__call__`` is busy, and queues CALL/EXIT for the main thread.
+    """
 
     def __init__(self, channel: Channel) -> None:
         self.channel = channel
@@ -144,8 +148,6 @@ class _Link:
         self.cancel_event = threading.Event()
         self.current_call = 0
         self.streaming = False
-        self._outbox: collections.deque[tuple[Kind, int, list[bytes]]] = collections.deque()
-        self._waker = Waker()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="lightdist-link", daemon=True)
 
@@ -153,9 +155,8 @@ class _Link:
         self._thread.start()
 
     def send(self, kind: Kind, call: int = 0, payload: list[bytes] | None = None) -> None:
-        """Queue a message; any thread. The link thread signs and sends in queue order."""
-        self._outbox.append((kind, call, payload or []))
-        self._waker.wake()
+        """Sign and send now; any thread."""
+        self.channel.send(kind, call, payload or ())
 
     def begin_call(self, call: int, streaming: bool) -> None:
         self.cancel_event.clear()
@@ -166,33 +167,20 @@ class _Link:
         self.current_call = 0
 
     def close(self) -> None:
-        """Send what is queued, then close the socket (with a short linger for the last reply)."""
+        """Stop receiving and close the socket, with a short linger so the last reply leaves."""
         self._stopping = True
-        self._waker.wake()
+        self.channel.waker.wake()
         self._thread.join(timeout=10)
-        self.channel.socket.close(linger=_FINAL_LINGER_MS)
-        self._waker.close()
+        self.channel.close(linger_ms=_FINAL_LINGER_MS)
 
     def _run(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self.channel.socket, zmq.POLLIN)
-        poller.register(self._waker.fd, zmq.POLLIN)
         try:
-            while True:
-                events = dict(poller.poll())
-                if self._waker.fd in events:
-                    self._waker.clear()  # clear before draining: a later append wakes us again
-                while self._outbox:
-                    kind, call, payload = self._outbox.popleft()
-                    self.channel.send(kind, call, payload)
-                if self._stopping:
-                    return
-                if self.channel.socket in events:
-                    while (got := self.channel.recv_nowait()) is not None:
-                        self._handle(got[1])
-        except zmq.ZMQError:
-            # The socket is gone: the rank cannot talk to the driver any more; unblock main.
-            self.inbox.put(None)
+            while not self._stopping:
+                for _, msg in self.channel.drain():
+                    self._handle(msg)
+                self.channel.wait(None)
+        except (zmq.ZMQError, OSError, ValueError):
+            self.inbox.put(None)  # the socket is gone: unblock the main thread
 
     def _handle(self, msg: Message) -> None:
         kind = msg.kind

@@ -1,0 +1,120 @@
+"""Shared fixtures. Every test is checked for leaks: child processes, lightdist threads, environment
+variables and a torch.distributed group in the test process must be gone when it ends."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from lightdist import DistributedRunner, DistributedWorker
+
+LEAK_GRACE_S = 5.0
+
+
+def descendants(pid: int | None = None) -> set[int]:
+    """PIDs of every live descendant of ``pid`` (default: this process), read from /proc."""
+    root = pid or os.getpid()
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # the command name may contain spaces and parentheses: split after the last ')'
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if fields[0] == "Z":
+            continue  # a zombie is dead; its parent reaps it
+        children.setdefault(int(fields[1]), []).append(int(entry.name))
+    out: set[int] = set()
+    stack = [root]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            out.add(child)
+            stack.append(child)
+    return out
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.02) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+def _lightdist_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name.startswith("lightdist-") and t.is_alive()}
+
+
+@pytest.fixture(autouse=True)
+def no_leaks() -> Iterator[None]:
+    procs_before = descendants()
+    threads_before = _lightdist_threads()
+    env_before = dict(os.environ)
+    yield
+    ok = wait_until(lambda: not (descendants() - procs_before), LEAK_GRACE_S)
+    leaked = descendants() - procs_before
+    threads = _lightdist_threads() - threads_before
+    wait_until(lambda: not (_lightdist_threads() - threads_before), 2.0)
+    threads = _lightdist_threads() - threads_before
+    env_changed = {k for k in set(env_before) | set(os.environ) if env_before.get(k) != os.environ.get(k)}
+    env_changed -= {"PYTEST_CURRENT_TEST"}
+    problems = []
+    if not ok and leaked:
+        problems.append(f"child processes left running: {sorted(leaked)}")
+    if threads:
+        problems.append(f"lightdist threads left running: {sorted(t.name for t in threads)}")
+    if env_changed:
+        problems.append(f"environment variables changed: {sorted(env_changed)}")
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            problems.append("a torch.distributed process group is still initialised in the test process")
+            dist.destroy_process_group()
+    except ImportError:
+        pass
+    for pid in leaked:
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+    if problems:
+        pytest.fail("test leaked: " + "; ".join(problems))
+
+
+class Echo(DistributedWorker):
+    """Returns what it was called with, plus where it ran."""
+
+    def setup(self, tag: str = "none", **kwargs: object) -> None:
+        self.tag = tag
+        self.calls = 0
+
+    def __call__(self, streaming: bool = False, **payload: object) -> dict[str, object]:
+        self.calls += 1
+        return {"rank": self.rank, "tag": self.tag, "calls": self.calls, "payload": payload, "pid": os.getpid()}
+
+
+@pytest.fixture(scope="module")
+def echo_pool() -> Iterator[DistributedRunner]:
+    """A 2-rank pool shared by a module's tests (start costs seconds; calls cost microseconds)."""
+    runner = DistributedRunner(Echo, world_size=2)
+    runner.start_sync(timeout=120, tag="shared")
+    yield runner
+    runner.stop_sync()

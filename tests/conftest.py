@@ -4,6 +4,7 @@ variables and a torch.distributed group in the test process must be gone when it
 from __future__ import annotations
 
 import os
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -56,6 +57,13 @@ def wait_until(predicate, timeout: float, interval: float = 0.02) -> bool:  # ty
             return True
         time.sleep(interval)
     return predicate()
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def _lightdist_threads() -> set[threading.Thread]:

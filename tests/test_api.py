@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
-import socket
 import time
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import torch.distributed as dist
 
 from lightdist import DistributedRunner, DistributedWorker, WorkerError
 from lightdist._pool import encode_call
-from tests.conftest import Echo, descendants, wait_until
+from tests.conftest import Echo, descendants, free_port, wait_until
 
 
 class Introspect(DistributedWorker):
@@ -174,9 +173,7 @@ def test_timeout_is_the_process_group_timeout() -> None:
 
 def test_explicit_master_port_hosts_the_store_there() -> None:
     """master_port= is honoured; by default the driver picks a free port for its store."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     runner = DistributedRunner(Echo, world_size=1, master_port=port)
     runner.start_sync(timeout=120)
     try:
@@ -188,9 +185,7 @@ def test_explicit_master_port_hosts_the_store_there() -> None:
 
 def test_worker_port_uses_tcp() -> None:
     """worker_port= puts the command channel on TCP at worker_addr instead of a private ipc socket."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     runner = DistributedRunner(Echo, world_size=2, worker_port=port)
     runner.start_sync(timeout=120)
     try:

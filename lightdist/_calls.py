@@ -1,8 +1,9 @@
 """``PendingCall``: one call (or the pool's start-up) as the driver tracks it.
 
-The pool's I/O thread is the only producer: it pushes events (stream items, the result, an error)
-as frames arrive. One consumer reads them, either a blocking thread (:meth:`PendingCall.next`) or a
-coroutine on any event loop (:meth:`PendingCall.anext`). Events are buffered without bound, so a
+Whichever thread is receiving for the pool (the I/O thread, or a blocking caller that leads, see
+``Pool.wait_event``) pushes events (stream items, the result, an error) as frames arrive. One
+consumer reads them: a blocking thread (:meth:`PendingCall.next`, or ``Pool.wait_event`` with
+:attr:`PendingCall.waker`) or a coroutine on any event loop (:meth:`PendingCall.anext`). Events are buffered without bound, so a
 slow consumer delays nothing and loses nothing.
 """
 
@@ -14,7 +15,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from lightdist.transport import remaining
+from lightdist.transport import Waker, remaining
 
 __all__ = ["Event", "PendingCall"]
 
@@ -52,18 +53,26 @@ class PendingCall:
         self._cond = threading.Condition(threading.Lock())
         self._waiter: tuple[asyncio.AbstractEventLoop, asyncio.Future[None]] | None = None
         self.finished = threading.Event()  # every rank accounted for; the pool moved on
+        self.waker: Waker | None = None  # set while a blocking consumer waits in select()
 
     def push(self, event: Event) -> None:
         with self._cond:
             self._events.append(event)
             self._cond.notify()
             waiter, self._waiter = self._waiter, None
+        waker = self.waker
+        if waker is not None:
+            waker.wake()
         if waiter is not None:
             loop, fut = waiter
             try:
                 loop.call_soon_threadsafe(_wake, fut)
             except RuntimeError:
                 pass  # that loop is closed; nobody is waiting any more
+
+    def pop_nowait(self) -> Event | None:
+        with self._cond:
+            return self._events.popleft() if self._events else None
 
     def next(self, deadline: float | None) -> Event:
         """The next event; blocks (interruptible by Ctrl-C) until ``deadline``, then TimeoutError."""

@@ -6,8 +6,10 @@ taken *inside* ``Pool._lock`` (never the other way round: deadlocks if re-ordere
 
 * **caller threads / coroutines** enqueue a call and, when the pool is idle, send its CALL
   themselves (no hand-off on the way out); then they wait on the call's own event buffer.
-* the **I/O thread** is the only receiver: it routes replies and stream items into calls, dispatches
-  the next queued call, and runs the keepalive timer.
+* one thread at a time **receives**: a blocking caller waiting for its own call leads (it drains
+  the socket and routes whatever arrives, so its reply needs no hand-off; see :meth:`Pool.wait_event`);
+  otherwise the **I/O thread** does, which also dispatches the next queued call and runs the
+  keepalive timer. While a caller leads, the I/O thread stands by on its own waker.
 * the **monitor** and **output** threads belong to :class:`~lightdist._procs.TemplateProcess`; the
   monitor reports rank exits here.
 
@@ -21,6 +23,9 @@ import collections
 import itertools
 import logging
 import os
+import pickle
+import secrets
+import select
 import signal
 import sys
 import threading
@@ -36,7 +41,7 @@ from lightdist._calls import ERROR, ITEM, READY, RESULT, Event, PendingCall
 from lightdist._procs import RankExit, TemplateProcess
 from lightdist.errors import PoolClosedError, WorkerDiedError, WorkerError
 from lightdist.protocol import Kind, Message, Session
-from lightdist.transport import Channel, private_ipc_dir, remove_ipc_dir
+from lightdist.transport import Channel, Waker, private_ipc_dir, remaining, remove_ipc_dir, thread_waker
 
 __all__ = ["Pool", "PoolConfig", "encode_call"]
 
@@ -92,6 +97,8 @@ class Pool:
         self._store_prefix = "pg0"
         self._last_activity = time.monotonic()
         self._io_stop = False
+        self._leader: int | None = None  # ident of the blocking caller receiving for the pool
+        self._io_waker = Waker()  # wakes the I/O thread out of standby
         self._thread = threading.Thread(target=self._run, name="lightdist-io", daemon=True)
         self._thread.start()
 
@@ -111,7 +118,9 @@ class Pool:
     def _spawn(self, rank: int) -> None:
         assert self.template is not None
         self._incarnation[rank] += 1
-        sender = f"r{rank}.{self._incarnation[rank]}"
+        # The sender name is also the ZMQ identity: a random part keeps a local client from taking
+        # the name first (a ROUTER ignores a second peer with an identity already in use).
+        sender = f"r{rank}.{self._incarnation[rank]}.{secrets.token_hex(8)}"
         cfg = self.config
         boot = {
             "rank": rank,
@@ -151,9 +160,9 @@ class Pool:
         self.channel.waker.wake()  # re-arm the keepalive timer
 
     # --- calls (any thread) ----------------------------------------------------------------------
-    def submit(self, payload: bytes, streaming: bool, internal: bool = False) -> PendingCall:
+    def submit(self, frames: list[bytes], streaming: bool, internal: bool = False) -> PendingCall:
         """Queue a call; if the pool is idle its CALL leaves from this thread right away."""
-        call = PendingCall(id=next(self._ids), streaming=streaming, frames=[payload], internal=internal)
+        call = PendingCall(id=next(self._ids), streaming=streaming, frames=frames, internal=internal)
         with self._lock:
             if self.state == "ready":
                 self._queue.append(call)
@@ -186,14 +195,63 @@ class Pool:
 
     def _serve(self) -> None:
         while not self._io_stop:
-            messages = self.channel.drain()
-            with self._lock:
-                for _, msg in messages:
-                    self._on_message(msg)
+            if self._leader is not None:  # a blocking caller receives; stand by until it leaves
+                select.select([self._io_waker.fd], [], [])
+                self._io_waker.clear()
+                continue
+            with self._lock:  # drain and route as one step: see _receive
+                messages = self._receive()
                 self._maybe_keepalive()
                 timeout = self._keepalive_due()
             if not messages:
-                self.channel.wait(timeout)
+                self.channel.wait(timeout, extra=[self._io_waker.fd])
+                self._io_waker.clear()
+
+    def wait_event(self, call: PendingCall, deadline: float | None) -> Event:
+        """The next event of ``call`` for a blocking caller (interruptible by Ctrl-C).
+
+        Leader/follower: if nobody else is receiving, this thread becomes the receiver and routes
+        every arriving message (its own reply included) itself; the I/O thread resumes when it
+        leaves. Otherwise it waits for whoever receives to push its events and wake it.
+        """
+        event = call.pop_nowait()
+        if event is not None:
+            return event
+        me = threading.get_ident()
+        waker = thread_waker()
+        call.waker = waker
+        try:
+            while True:
+                event = call.pop_nowait()
+                if event is not None:
+                    return event
+                with self._lock:
+                    if self._leader is None and not self._io_stop:
+                        self._leader = me
+                    leading = self._leader == me
+                fds = [waker.fd]
+                if leading:
+                    with self._lock:
+                        received = self._receive()
+                    if received:
+                        continue
+                    # channel.waker: a send by another thread may have eaten our edge
+                    fds += [self.channel.fd, self.channel.waker.fd]
+                left = remaining(deadline)
+                if left == 0:
+                    raise TimeoutError
+                select.select(fds, [], [], left)
+                waker.clear()
+                if leading:
+                    self.channel.waker.clear()
+        finally:
+            call.waker = None
+            with self._lock:
+                released = self._leader == me
+                if released:
+                    self._leader = None
+            if released:
+                self._io_waker.wake()
 
     def _keepalive_due(self) -> float | None:
         interval = self.config.keepalive_interval
@@ -224,7 +282,27 @@ class Pool:
         targets = sorted(ranks if ranks is not None else self._senders)
         self.channel.send(kind, call, payload, to=[self._senders[r].encode() for r in targets])
 
+    def _receive(self) -> int:
+        """Drain the socket and route every message; caller holds ``_lock``.
+
+        Draining and routing must be one step under the pool lock: when the receiving role passes
+        between the I/O thread and a leading caller, two batches drained back to back would
+        otherwise be routed in either order, and stream items would arrive out of order.
+        """
+        messages = self.channel.drain()
+        for _, msg in messages:
+            self._on_message(msg)
+        return len(messages)
+
     def _on_message(self, msg: Message) -> None:
+        try:
+            self._route(msg)
+        except (IndexError, ValueError, TypeError, KeyError, EOFError, AttributeError, ImportError) as exc:
+            # Signed, so from one of our processes, but not what its kind promises: a bug to report,
+            # never a reason to stop serving.
+            log.warning("dropped a malformed %s from %s: %r", msg.kind.name, msg.header.sender, exc)
+
+    def _route(self, msg: Message) -> None:
         h = msg.header
         if self._senders.get(h.rank) != h.sender:
             return  # a previous life of this rank
@@ -269,8 +347,8 @@ class Pool:
         if interval is None or self.state != "ready" or self.current is not None or self._queue:
             return
         if time.monotonic() - self._last_activity >= interval:
-            payload = encode_call(self.config.keepalive_payload, False, self.config.cwd)
-            self._queue.append(PendingCall(id=next(self._ids), frames=[payload], internal=True))
+            frames = encode_call(self.config.keepalive_payload, False, self.config.cwd)
+            self._queue.append(PendingCall(id=next(self._ids), frames=frames, internal=True))
             self._last_activity = time.monotonic()
             self._dispatch()
 
@@ -327,10 +405,11 @@ class Pool:
                     template.wait_ranks_gone(5.0)
             template.close()
         self._io_stop = True
-        self.channel.waker.wake()
+        self._io_waker.wake()
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout=5)
         self.channel.close()
+        self._io_waker.close()
         self._context.term()
         self._store = None
         remove_ipc_dir(self._ipc_dir)
@@ -346,15 +425,15 @@ class Pool:
         return dict(self.template.pids) if self.template is not None else {}
 
 
-def encode_call(payload: Mapping[str, Any], streaming: bool, cwd: str | None) -> bytes:
-    """The CALL body every rank receives: keyword arguments plus the driver's sys.path and cwd."""
-    body = {
-        "payload": dict(payload),
+def encode_call(payload: Mapping[str, Any], streaming: bool, cwd: str | None) -> list[bytes]:
+    """The CALL frames every rank receives: an envelope of plain data (streaming flag, the driver's
+    sys.path and cwd), then the cloudpickled keyword arguments."""
+    envelope = {
         "streaming": streaming,
         "sys_path": [p if p else os.getcwd() for p in sys.path],
         "cwd": cwd or os.getcwd(),
     }
-    return protocol.dumps(body)
+    return [pickle.dumps(envelope, protocol=5), protocol.dumps(dict(payload))]
 
 
 def _worker_error(rank: int, report: bytes) -> WorkerError:

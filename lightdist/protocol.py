@@ -63,7 +63,7 @@ class Kind(enum.IntEnum):
 
     READY = 1  # setup finished on this rank
     FAILED = 2  # setup raised on this rank; payload: error report
-    CALL = 3  # run __call__; payload: the call (payload dict, streaming flag, sys.path, cwd)
+    CALL = 3  # run __call__; payload: envelope (streaming flag, sys.path, cwd), then the kwargs
     STREAM_ITEM = 4  # one add_streaming_result item of the call
     RESULT = 5  # __call__ returned; payload: the value (rank 0 only)
     ERROR = 6  # __call__ raised; payload: error report
@@ -220,7 +220,10 @@ def to_jsonable(value: Any, image_format: str = "jpeg", _path: str = "item") -> 
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
-        return {str(k): to_jsonable(v, image_format, f"{_path}[{k!r}]") for k, v in value.items()}
+        out = {str(k): to_jsonable(v, image_format, f"{_path}[{k!r}]") for k, v in value.items()}
+        if len(out) != len(value):
+            raise TextEventError(f"{_path} has keys that are equal as JSON strings: {sorted(map(str, value))}")
+        return out
     if isinstance(value, (list, tuple)):
         return [to_jsonable(v, image_format, f"{_path}[{i}]") for i, v in enumerate(value)]
     module = type(value).__module__.split(".")[0]
@@ -253,5 +256,9 @@ def _image_data_url(image: Any, image_format: str) -> str:
 
 def encode_text_event(value: Any, image_format: str = "jpeg") -> bytes:
     """One server-sent event: ``b"data: <json>\\n\\n"``."""
-    data = json.dumps(to_jsonable(value, image_format), separators=(",", ":"), allow_nan=False)
+    try:
+        plain = to_jsonable(value, image_format)
+    except RecursionError:
+        raise TextEventError("the item contains itself or is nested too deeply for JSON") from None
+    data = json.dumps(plain, separators=(",", ":"), allow_nan=False)
     return b"data: " + data.encode() + b"\n\n"

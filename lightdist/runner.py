@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import copy
 import os
 import sys
 import threading
@@ -57,7 +58,8 @@ class DistributedRunner:
         keepalive_interval: idle seconds before a keepalive call; None disables it.
         cwd: working directory of the ranks; None follows the driver's at each call.
         set_device: deprecated and ignored, as in ``fal.distributed``.
-        accelerator: ``"auto"`` (a GPU per rank when there are enough), ``"cuda"`` or ``"cpu"``.
+        accelerator: ``"auto"`` (a GPU per rank if every local rank can have one, else CPU for all),
+            ``"cuda"`` (an error if there are fewer GPUs than local ranks) or ``"cpu"``.
         backend: torch.distributed backend; None picks NCCL on GPU and gloo on CPU.
         preload: modules the template imports before forking ranks (torch always); e.g.
             ``("lightning",)`` so every rank starts with Lightning already imported.
@@ -104,7 +106,8 @@ class DistributedRunner:
         self.timeout = timeout
         self.keepalive_payload = dict(keepalive_payload)
         self.keepalive_interval = keepalive_interval
-        self.cwd = str(cwd) if cwd is not None else None
+        # Absolute: the template starts in it and each rank chdirs to it again.
+        self.cwd = os.path.abspath(cwd) if cwd is not None else None
         self.accelerator = accelerator
         self.backend = backend
         self.preload = tuple(preload)
@@ -216,7 +219,7 @@ class DistributedRunner:
             WorkerDiedError: a rank process died.
             TimeoutError: no result within ``timeout`` seconds; the call is cancelled on every rank.
         """
-        call = self._submit(payload, streaming=False)
+        pool, call = self._submit(payload, streaming=False)
         deadline = deadline_after(timeout)
         try:
             while True:
@@ -224,26 +227,26 @@ class DistributedRunner:
                 if event.kind in (RESULT, ERROR):
                     return _final_value(event)
         except TimeoutError:
-            self._cancel(call)
+            pool.cancel(call)
             raise TimeoutError(f"invoke() got no result within {timeout} s; the call was cancelled") from None
         except BaseException:
-            self._cancel(call)
+            pool.cancel(call)
             raise
 
     def invoke_sync(self, payload: dict[str, Any] = {}, timeout: int | float | None = None) -> Any:  # noqa: B006
         """Blocking twin of :meth:`invoke`; Ctrl-C cancels the call on every rank."""
-        call = self._submit(payload, streaming=False)
+        pool, call = self._submit(payload, streaming=False)
         deadline = deadline_after(timeout)
         try:
             while True:
-                event = call.next(deadline)
+                event = pool.wait_event(call, deadline)
                 if event.kind in (RESULT, ERROR):
                     return _final_value(event)
         except TimeoutError:
-            self._cancel(call)
+            pool.cancel(call)
             raise TimeoutError(f"invoke() got no result within {timeout} s; the call was cancelled") from None
         except BaseException:
-            self._cancel(call)
+            pool.cancel(call)
             raise
 
     async def stream(
@@ -264,7 +267,7 @@ class DistributedRunner:
             TimeoutError: ``timeout`` passed, or ``streaming_timeout`` seconds without an item.
             TextEventError: an item has no JSON form (the pool keeps serving).
         """
-        call = self._submit(payload, streaming=True)
+        pool, call = self._submit(payload, streaming=True)
         reader = _StreamReader(call, timeout, streaming_timeout, as_text_events, payload)
         try:
             while True:
@@ -277,7 +280,7 @@ class DistributedRunner:
             reader.raise_timeout()
         finally:
             if not call.finished.is_set():
-                self._cancel(call)
+                pool.cancel(call)
 
     def stream_sync(
         self,
@@ -287,11 +290,11 @@ class DistributedRunner:
         as_text_events: bool = False,
     ) -> Iterator[Any]:
         """Blocking twin of :meth:`stream` (a plain iterator)."""
-        call = self._submit(payload, streaming=True)
+        pool, call = self._submit(payload, streaming=True)
         reader = _StreamReader(call, timeout, streaming_timeout, as_text_events, payload)
         try:
             while True:
-                value, last = reader.decode(call.next(reader.deadline()))
+                value, last = reader.decode(pool.wait_event(call, reader.deadline()))
                 yield value
                 if last:
                     return
@@ -299,9 +302,9 @@ class DistributedRunner:
             reader.raise_timeout()
         finally:
             if not call.finished.is_set():
-                self._cancel(call)
+                pool.cancel(call)
 
-    def _submit(self, payload: Mapping[str, Any], streaming: bool) -> PendingCall:
+    def _submit(self, payload: Mapping[str, Any], streaming: bool) -> tuple[Pool, PendingCall]:
         if not isinstance(payload, Mapping):
             raise TypeError(f"payload must be a dict of __call__ keyword arguments, got {type(payload).__name__}")
         if "streaming" in payload:
@@ -310,14 +313,11 @@ class DistributedRunner:
         if pool is None:
             raise PoolClosedError(f"{self!r}: call start() before invoke()/stream()")
         try:
-            data = encode_call(payload, streaming, self.cwd)
+            frames = encode_call(payload, streaming, self.cwd)
         except Exception:
-            data = _dumps_kwargs(payload, "payload key")  # raises, naming the culprit
-        return pool.submit(data, streaming)
-
-    def _cancel(self, call: PendingCall) -> None:
-        if self._pool is not None:
-            self._pool.cancel(call)
+            _dumps_kwargs(payload, "payload key")  # raises, naming the culprit
+            raise
+        return pool, pool.submit(frames, streaming)
 
     # --- stop ------------------------------------------------------------------------------------
     async def stop(self, timeout: int | float = 10) -> None:
@@ -333,7 +333,7 @@ class DistributedRunner:
             _live_runners.discard(self)
 
     async def __aenter__(self) -> DistributedRunner:
-        if self._pool is None:
+        if not self.is_alive():
             await self.start()
         return self
 
@@ -341,7 +341,7 @@ class DistributedRunner:
         await self.stop()
 
     def __enter__(self) -> DistributedRunner:
-        if self._pool is None:
+        if not self.is_alive():  # not started, or broken: (re)start
             self.start_sync()
         return self
 
@@ -399,7 +399,9 @@ class _StreamReader:
 
 def _final_value(event: Event) -> Any:
     if event.kind == ERROR:
-        raise event.value
+        # A broken pool hands the same cause to every later call: raise a fresh copy each time
+        # so tracebacks don't pile up on one shared object.
+        raise copy.copy(event.value).with_traceback(None)
     return None if event.value is None else protocol.loads(event.value)
 
 

@@ -24,7 +24,7 @@ import zmq
 from lightdist.errors import ProtocolError
 from lightdist.protocol import Kind, Message, Session
 
-__all__ = ["Channel", "Waker", "deadline_after", "private_ipc_dir", "remaining"]
+__all__ = ["Channel", "Waker", "deadline_after", "private_ipc_dir", "remaining", "thread_waker"]
 
 
 def deadline_after(timeout: float | None) -> float | None:
@@ -80,6 +80,9 @@ class Waker:
         except (BlockingIOError, OSError):
             pass
 
+    def __del__(self) -> None:
+        self.close()
+
     def close(self) -> None:
         if self._closed:
             return
@@ -89,6 +92,17 @@ class Waker:
                 os.close(fd)
             except OSError:
                 pass
+
+
+_local = threading.local()
+
+
+def thread_waker() -> Waker:
+    """This thread's own waker, made once and reused (closed when the thread is gone)."""
+    waker = getattr(_local, "waker", None)
+    if waker is None:
+        waker = _local.waker = Waker()
+    return waker
 
 
 class Channel:

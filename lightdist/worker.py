@@ -1,10 +1,10 @@
 """``DistributedWorker`` (what users subclass) and the main loop of one rank process.
 
 A rank runs two threads. The **main thread** runs the user's ``setup``, ``__call__`` and ``teardown``
-(Lightning installs signal handlers, which only the main thread may do). The **link thread** owns the
-rank's ZMQ socket: it sends everything other threads queue (stream items, results, errors) in queue
-order, and reads the driver's messages even while ``__call__`` is busy, so CANCEL and PING are seen
-at once. Nothing is ever sent from the main thread directly (ZMQ sockets are single-threaded).
+(Lightning installs signal handlers, which only the main thread may do) and, between calls, receives
+the next CALL itself. The **link thread** receives while a call runs, so CANCEL and PING are seen at
+once even while ``__call__`` is busy. Any thread sends (results, stream items) directly: the channel
+serialises sends, so they leave in the order they were made.
 """
 
 from __future__ import annotations
@@ -12,18 +12,21 @@ from __future__ import annotations
 import ctypes
 import datetime
 import os
+import pickle
 import queue
+import select
 import sys
 import threading
 import traceback
 import warnings
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import zmq
 
 from lightdist import protocol
 from lightdist.protocol import Kind, Message, Session
-from lightdist.transport import Channel
+from lightdist.transport import Channel, Waker
 
 if TYPE_CHECKING:
     import torch
@@ -62,6 +65,7 @@ class DistributedWorker:
         self._device: torch.device | None = None
         self._link: _Link | None = None
         self._warned_nonzero_stream = -1
+        self._thread_calls: weakref.WeakKeyDictionary[threading.Thread, int] = weakref.WeakKeyDictionary()
 
     # --- what users override ---------------------------------------------------------------------
     def setup(self, **kwargs: Any) -> None:
@@ -88,8 +92,8 @@ class DistributedWorker:
     def cancelled(self) -> bool:
         """True once the caller cancelled the running call (timeout, task cancel, Ctrl-C).
 
-        Long ``__call__`` bodies should poll it and return early; ranks that don't stop are
-        recovered by the pool after a grace period.
+        Long ``__call__`` bodies should poll it and return early. A rank that ignores it keeps the
+        pool busy until its call returns (or ``stop()`` escalates to signals).
         """
         return self._link is not None and self._link.cancel_event.is_set()
 
@@ -120,7 +124,24 @@ class DistributedWorker:
             return
         if not link.streaming:
             return  # invoke() returns only the final value: nothing would read the item
-        link.send(Kind.STREAM_ITEM, call, [protocol.dumps((result, image_format))])
+        thread = threading.current_thread()
+        if thread is not threading.main_thread():
+            # A thread that streamed in an earlier call and outlived it must not slip its items
+            # into this one (the main thread always runs the current call).
+            first = self._thread_calls.setdefault(thread, call)
+            if first != call:
+                raise RuntimeError(
+                    f"thread {thread.name!r} streamed in an earlier call and is still running; "
+                    "join threads that call add_streaming_result() before __call__ returns"
+                )
+        try:
+            data = protocol.dumps((result, image_format))
+        except Exception as exc:
+            raise TypeError(
+                f"stream item ({type(result).__qualname__}) cannot be pickled: {exc}; "
+                "stream plain data, tensors, arrays or PIL images"
+            ) from exc
+        link.send(Kind.STREAM_ITEM, call, [data])
 
     def rank_print(self, message: str, debug: bool = False) -> None:
         """Print ``message`` on this rank; the driver shows it prefixed with ``[rank N]``."""
@@ -138,16 +159,22 @@ class _Link:
     """The rank's side of the channel.
 
     Any thread sends directly (the channel serialises sends, so items and the result leave in the
-    order they were made). The link thread only receives: it sets ``cancel_event`` and answers PING
-    at once, even while ``__call__`` is busy, and queues CALL/EXIT for the main thread.
+    order they were made). Exactly one thread receives at a time: between calls the main thread
+    itself waits for the next CALL (no hand-off on the way in); while a call runs, the link thread
+    receives, so CANCEL sets ``cancel_event`` and PING is answered even while ``__call__`` is busy.
     """
 
     def __init__(self, channel: Channel) -> None:
         self.channel = channel
-        self.inbox: queue.SimpleQueue[Message | None] = queue.SimpleQueue()
+        self.inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
         self.cancel_event = threading.Event()
         self.current_call = 0
         self.streaming = False
+        self.broken = False
+        self._rx_lock = threading.Lock()
+        self._cancelled: set[int] = set()  # CANCELs that may arrive before their call begins
+        self._main_waker = Waker()
+        self._link_waker = Waker()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="lightdist-link", daemon=True)
 
@@ -158,39 +185,76 @@ class _Link:
         """Sign and send now; any thread."""
         self.channel.send(kind, call, payload or ())
 
+    def next_command(self) -> Message | None:
+        """Main thread, between calls: the next CALL or EXIT; None if the channel broke."""
+        while True:
+            try:
+                return self.inbox.get_nowait()
+            except queue.Empty:
+                pass
+            if self.broken:
+                return None
+            try:
+                self._receive()
+                if self.inbox.empty():
+                    select.select([self.channel.fd, self._main_waker.fd], [], [])
+                    self._main_waker.clear()
+            except (zmq.ZMQError, OSError, ValueError):
+                return None
+
     def begin_call(self, call: int, streaming: bool) -> None:
         self.cancel_event.clear()
         self.streaming = streaming
         self.current_call = call
+        if call in self._cancelled:
+            self.cancel_event.set()
+        self._link_waker.wake()  # the link thread receives while the call runs
 
     def end_call(self) -> None:
+        self._cancelled.discard(self.current_call)
         self.current_call = 0
 
     def close(self) -> None:
         """Stop receiving and close the socket, with a short linger so the last reply leaves."""
         self._stopping = True
-        self.channel.waker.wake()
+        self._link_waker.wake()
         self._thread.join(timeout=10)
         self.channel.close(linger_ms=_FINAL_LINGER_MS)
+        self._main_waker.close()
+        self._link_waker.close()
 
     def _run(self) -> None:
         try:
             while not self._stopping:
-                for _, msg in self.channel.drain():
-                    self._handle(msg)
-                self.channel.wait(None)
+                if self.current_call == 0:  # idle: the main thread is the receiver
+                    select.select([self._link_waker.fd], [], [])
+                    self._link_waker.clear()
+                    continue
+                self._receive()
+                self.channel.wait(None, extra=[self._link_waker.fd])
+                self._link_waker.clear()
         except (zmq.ZMQError, OSError, ValueError):
-            self.inbox.put(None)  # the socket is gone: unblock the main thread
+            self.broken = True  # the socket is gone: unblock the main thread
+            self._main_waker.wake()
+
+    def _receive(self) -> None:
+        # Drain and handle as one step, so two batches drained back to back by the two receiving
+        # threads (as the role passes between them) are handled in arrival order.
+        with self._rx_lock:
+            for _, msg in self.channel.drain():
+                self._handle(msg)
 
     def _handle(self, msg: Message) -> None:
         kind = msg.kind
         if kind is Kind.CANCEL:
+            self._cancelled.add(msg.header.call)
             if msg.header.call == self.current_call:
                 self.cancel_event.set()
         elif kind is Kind.PING:
             self.channel.send(Kind.PONG, msg.header.call)
         elif kind in (Kind.CALL, Kind.EXIT):
             self.inbox.put(msg)
+            self._main_waker.wake()
 
 
 def error_report(exc: BaseException) -> bytes:
@@ -294,11 +358,14 @@ def _pick_device(boot: dict[str, Any]) -> torch.device:
     import torch
 
     want = boot["accelerator"]
-    has_cuda = torch.cuda.is_available() and torch.cuda.device_count() > boot["local_rank"]
+    # Every rank must decide alike (one group cannot mix NCCL and gloo): GPUs only if each local
+    # rank gets its own.
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    has_cuda = gpus >= boot["local_world_size"]
     if want == "cuda" and not has_cuda:
         raise RuntimeError(
-            f"accelerator='cuda' but rank {boot['rank']} sees {torch.cuda.device_count()} GPU(s); "
-            "use accelerator='cpu' or a smaller world_size"
+            f"accelerator='cuda' needs a GPU per rank: {boot['local_world_size']} local ranks but "
+            f"{gpus} GPU(s) visible; use accelerator='cpu' or world_size <= {gpus}"
         )
     if want == "cuda" or (want == "auto" and has_cuda):
         return torch.device("cuda", boot["local_rank"])
@@ -308,7 +375,7 @@ def _pick_device(boot: dict[str, Any]) -> torch.device:
 def _serve(worker: DistributedWorker, link: _Link) -> int:
     """Run calls until EXIT; every call ends in exactly one RESULT or ERROR reply."""
     while True:
-        msg = link.inbox.get()
+        msg = link.next_command()
         if msg is None:  # the link broke: nobody to reply to
             return 1
         if msg.kind is Kind.EXIT:
@@ -328,12 +395,15 @@ def _serve(worker: DistributedWorker, link: _Link) -> int:
 def _run_call(worker: DistributedWorker, link: _Link, msg: Message) -> None:
     call_id = msg.header.call
     try:
-        call = protocol.loads(msg.payload[0])
-        link.begin_call(call_id, call["streaming"])
-        _prepend_sys_path(call["sys_path"])
-        if call["cwd"] and call["cwd"] != os.getcwd():
-            os.chdir(call["cwd"])
-        value = worker(streaming=call["streaming"], **call["payload"])
+        # The envelope first: the driver's sys.path must be in place before the payload, which
+        # may hold objects of modules only that path can import, is unpickled.
+        envelope = pickle.loads(msg.payload[0])
+        link.begin_call(call_id, envelope["streaming"])
+        _prepend_sys_path(envelope["sys_path"])
+        if envelope["cwd"] and envelope["cwd"] != os.getcwd():
+            os.chdir(envelope["cwd"])
+        payload = protocol.loads(msg.payload[1])
+        value = worker(streaming=envelope["streaming"], **payload)
         reply = [_dump_result(value)] if worker.rank == 0 else []
     except BaseException as exc:  # noqa: BLE001 - the rank keeps serving; the caller gets the error
         link.end_call()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import textwrap
@@ -208,3 +209,32 @@ def test_pids_are_reported_and_gone_after_stop() -> None:
     runner.stop_sync()
     assert wait_until(lambda: not pids & descendants(), 5)
     assert runner.pids == {}
+
+
+def test_payload_object_from_a_module_added_to_sys_path_after_start(
+    echo_pool: DistributedRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The call's sys.path is applied before its payload is unpickled, so a warm pool can take
+    objects of a module the driver made importable after start()."""
+    (tmp_path / "late_module.py").write_text("class Thing:\n    def __init__(self, n):\n        self.n = n\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import late_module  # noqa: PLC0415
+
+    try:
+        out = echo_pool.invoke_sync({"thing": late_module.Thing(7)}, timeout=30)
+        assert type(out["payload"]["thing"]).__name__ == "Thing" and out["payload"]["thing"].n == 7
+    finally:
+        sys.modules.pop("late_module", None)
+
+
+def test_relative_cwd_is_resolved_against_the_driver(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """cwd="sub" means the driver's ./sub, for the template and every rank alike."""
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path)
+
+    class Where(Echo):
+        def __call__(self, streaming: bool = False, **payload: object) -> dict[str, object]:
+            return {"cwd": os.getcwd()}
+
+    with DistributedRunner(Where, world_size=1, cwd="sub") as runner:
+        assert runner.invoke_sync(timeout=30) == {"cwd": str(tmp_path / "sub")}

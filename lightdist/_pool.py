@@ -95,6 +95,7 @@ class Pool:
         self.template: TemplateProcess | None = None
         self._store: Any = None
         self._store_prefix = "pg0"
+        self._start_timeout = 1800.0
         self._last_activity = time.monotonic()
         self._io_stop = False
         self._leader: int | None = None  # ident of the blocking caller receiving for the pool
@@ -103,9 +104,10 @@ class Pool:
         self._thread.start()
 
     # --- start -----------------------------------------------------------------------------------
-    def launch(self) -> None:
+    def launch(self, start_timeout: float) -> None:
         """Spawn the template, host the store and fork every rank; READY/FAILED arrive on ``startup``."""
         cfg = self.config
+        self._start_timeout = start_timeout
         self.template = TemplateProcess(list(cfg.imports), cfg.cwd, self._rank_exited, self._template_lost)
         import torch.distributed as dist  # after the template started: both import in parallel
 
@@ -135,7 +137,7 @@ class Pool:
             "store_host": cfg.master_addr,
             "store_port": self._store.port,
             "store_prefix": self._store_prefix,
-            "start_timeout": 1800.0,
+            "start_timeout": self._start_timeout,
             "pg_timeout": cfg.pg_timeout,
             "accelerator": cfg.accelerator,
             "backend": cfg.backend,
@@ -157,7 +159,7 @@ class Pool:
             if self.state == "starting":
                 self.state = "ready"
                 self._last_activity = time.monotonic()
-        self.channel.waker.wake()  # re-arm the keepalive timer
+        self._io_waker.wake()  # re-arm the keepalive timer
 
     # --- calls (any thread) ----------------------------------------------------------------------
     def submit(self, frames: list[bytes], streaming: bool, internal: bool = False) -> PendingCall:

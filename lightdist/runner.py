@@ -139,7 +139,7 @@ class DistributedRunner:
             TimeoutError: not every rank was ready within ``timeout`` seconds.
         """
         deadline = deadline_after(timeout)
-        launch = asyncio.ensure_future(asyncio.to_thread(self._launch, kwargs))
+        launch = asyncio.ensure_future(asyncio.to_thread(self._launch, kwargs, timeout))
         try:
             pool = await asyncio.shield(launch)
         except asyncio.CancelledError:
@@ -157,7 +157,7 @@ class DistributedRunner:
     def start_sync(self, timeout: int | float = 1800, **kwargs: Any) -> None:
         """Blocking twin of :meth:`start`."""
         deadline = deadline_after(timeout)
-        pool = self._launch(kwargs)
+        pool = self._launch(kwargs, timeout)
         try:
             while not _started(pool, pool.startup.next(deadline)):
                 pass
@@ -166,7 +166,7 @@ class DistributedRunner:
             _raise_start_error(exc, timeout, pool)
         pool.mark_ready()
 
-    def _launch(self, kwargs: dict[str, Any]) -> Pool:
+    def _launch(self, kwargs: dict[str, Any], timeout: float) -> Pool:
         with self._lifecycle:
             if self._pool is not None:
                 if self._pool.state in ("starting", "ready"):
@@ -193,7 +193,7 @@ class DistributedRunner:
             self._pool = pool
             _live_runners.add(self)
             try:
-                pool.launch()
+                pool.launch(float(timeout))
             except BaseException:
                 pool.kill()
                 self._pool = None

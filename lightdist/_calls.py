@@ -46,7 +46,8 @@ class PendingCall:
     failed: bool = False  # a terminal error was already delivered
     cancelled: bool = False
     dispatched_at: float | None = None
-    first_error_at: float | None = None
+    failed_at: float | None = None  # when it failed or was cancelled: the grace period starts
+    rebuild: bool = False  # an error came from inside torch.distributed: rebuild the group after
 
     def __post_init__(self) -> None:
         self._events: collections.deque[Event] = collections.deque()

@@ -65,6 +65,7 @@ class PoolConfig:
     worker_address: str | None  # tcp://host:port, or None for a private ipc socket
     keepalive_payload: dict[str, Any]
     keepalive_interval: float | None
+    grace_period: float = 2.0  # seconds a rank gets to finish a failed or cancelled call
 
 
 class Pool:
@@ -74,7 +75,7 @@ class Pool:
         self.config = config
         self.world_size = config.world_size
         self.key = protocol.new_key()
-        self.state = "starting"  # -> ready | broken -> stopping -> closed
+        self.state = "starting"  # -> ready <-> recovering; -> broken; -> stopping -> closed
         self.broken: BaseException | None = None
         self._ipc_dir: str | None = None
         self._context = zmq.Context()
@@ -95,7 +96,14 @@ class Pool:
         self.template: TemplateProcess | None = None
         self._store: Any = None
         self._store_prefix = "pg0"
+        self._generation = 0
         self._start_timeout = 1800.0
+        self._dead: set[int] = set()  # ranks lost since the last recovery (died or killed)
+        self._idle_death: WorkerDiedError | None = None  # reported to the next call
+        self._recovery_pending: set[int] = set()
+        self._recovery_deadline: float | None = None
+        self._recovery_started = 0.0
+        self.recoveries = 0
         self._last_activity = time.monotonic()
         self._io_stop = False
         self._leader: int | None = None  # ident of the blocking caller receiving for the pool
@@ -166,7 +174,11 @@ class Pool:
         """Queue a call; if the pool is idle its CALL leaves from this thread right away."""
         call = PendingCall(id=next(self._ids), streaming=streaming, frames=frames, internal=internal)
         with self._lock:
-            if self.state == "ready":
+            if self._idle_death is not None:  # a rank died while idle: this call hears of it
+                call.push(Event(ERROR, self._idle_death))
+                call.finished.set()
+                self._idle_death = None
+            elif self.state in ("ready", "recovering"):
                 self._queue.append(call)
                 self._dispatch()
             else:
@@ -181,7 +193,7 @@ class Pool:
                 return
             call.cancelled = True
             if call is self.current:
-                self._send_to(Kind.CANCEL, call.id, [], call.pending)
+                self._stop_running(call)
             elif call in self._queue:
                 self._queue.remove(call)
                 call.finished.set()
@@ -203,8 +215,7 @@ class Pool:
                 continue
             with self._lock:  # drain and route as one step: see _receive
                 messages = self._receive()
-                self._maybe_keepalive()
-                timeout = self._keepalive_due()
+                timeout = self._tick()
             if not messages:
                 self.channel.wait(timeout, extra=[self._io_waker.fd])
                 self._io_waker.clear()
@@ -232,9 +243,11 @@ class Pool:
                         self._leader = me
                     leading = self._leader == me
                 fds = [waker.fd]
+                timer = None
                 if leading:
                     with self._lock:
                         received = self._receive()
+                        timer = self._tick()  # the I/O thread stands by: its timers are ours
                     if received:
                         continue
                     # channel.waker: a send by another thread may have eaten our edge
@@ -242,6 +255,8 @@ class Pool:
                 left = remaining(deadline)
                 if left == 0:
                     raise TimeoutError
+                if timer is not None:
+                    left = timer if left is None else min(left, timer)
                 select.select(fds, [], [], left)
                 waker.clear()
                 if leading:
@@ -255,11 +270,37 @@ class Pool:
             if released:
                 self._io_waker.wake()
 
-    def _keepalive_due(self) -> float | None:
+    def _tick(self) -> float | None:
+        """Run the timers that are due (grace, recovery, keepalive); seconds until the next one."""
+        now = time.monotonic()
+        due: list[float] = []
+        call = self.current
+        if call is not None and call.failed_at is not None and call.pending:
+            expires = call.failed_at + self.config.grace_period
+            if now >= expires:  # still running a failed or cancelled call: stuck
+                self._kill(call.pending, "did not finish a failed or cancelled call within the grace period")
+                call.pending.clear()
+                self._finish(call)
+            else:
+                due.append(expires)
+        if self.state == "recovering" and self._recovery_deadline is not None:
+            if now >= self._recovery_deadline:
+                self._on_broken(RuntimeError(
+                    f"recovery did not finish within {self._start_timeout:.0f} s (ranks "
+                    f"{sorted(self._recovery_pending)} never reported back); call start() again"
+                ))  # fmt: skip
+            else:
+                due.append(self._recovery_deadline)
         interval = self.config.keepalive_interval
-        if interval is None or self.state != "ready" or self.current is not None or self._queue:
-            return None
-        return max(0.0, self._last_activity + interval - time.monotonic())
+        if interval is not None and self.state == "ready" and self.current is None and not self._queue:
+            if now - self._last_activity >= interval:
+                frames = encode_call(self.config.keepalive_payload, False, self.config.cwd)
+                self._queue.append(PendingCall(id=next(self._ids), frames=frames, internal=True))
+                self._last_activity = now
+                self._dispatch()
+            else:
+                due.append(self._last_activity + interval)
+        return max(0.0, min(due) - now) if due else None
 
     def _not_ready_error(self) -> BaseException:
         if self.state == "broken" and self.broken is not None:
@@ -267,6 +308,9 @@ class Pool:
         if self.state == "starting":
             return PoolClosedError("the pool is still starting; call it once start() has returned")
         return PoolClosedError(f"the pool is {self.state}; call start() first")
+
+    def is_alive(self) -> bool:
+        return self.state in ("ready", "recovering")
 
     def _dispatch(self) -> None:
         while self.current is None and self._queue and self.state == "ready":
@@ -315,55 +359,128 @@ class Pool:
         elif kind in (Kind.RESULT, Kind.ERROR):
             if call is not None and call.id == h.call:
                 self._on_reply(call, h.rank, kind, msg.payload)
-        elif kind is Kind.READY:
-            self.startup.push(Event(READY, rank=h.rank))
-        elif kind is Kind.FAILED:
-            self.startup.push(Event(ERROR, _worker_error(h.rank, msg.payload[0]), rank=h.rank))
+        elif kind in (Kind.READY, Kind.REBUILT, Kind.FAILED):
+            if self.state == "starting":
+                value = _worker_error(h.rank, msg.payload[0]) if kind is Kind.FAILED else None
+                self.startup.push(Event(ERROR if value else READY, value, rank=h.rank))
+            elif self.state == "recovering" and (kind is not Kind.REBUILT or h.call == self._generation):
+                self._on_recovery_reply(h.rank, kind, msg.payload)
 
     def _on_reply(self, call: PendingCall, rank: int, kind: Kind, payload: tuple[bytes, ...]) -> None:
         call.pending.discard(rank)
-        if kind is Kind.ERROR and not call.failed:
-            # The first error fails the call now, even while other ranks still wait in a collective.
-            call.failed = True
-            call.first_error_at = time.monotonic()
-            err = _worker_error(rank, payload[0])
-            if call.internal:
-                log.warning("keepalive call failed: %s", err)
-            call.push(Event(ERROR, err, rank=rank))
-            self._send_to(Kind.CANCEL, call.id, [], call.pending)
+        if kind is Kind.ERROR:
+            report = protocol.loads(payload[0])
+            call.rebuild = call.rebuild or bool(report.get("in_collective"))
+            if not call.failed:
+                # The first error fails the call now, even while other ranks still wait in a collective.
+                err = WorkerError(rank, report["exc_type"], report["message"], report["traceback"])
+                if call.internal:
+                    log.warning("keepalive call failed: %s", err)
+                self._fail(call, err)
         elif kind is Kind.RESULT and rank == 0:
             call.result_frames = payload
         if not call.pending:
             self._finish(call)
 
+    def _fail(self, call: PendingCall, err: BaseException) -> None:
+        """Deliver ``err`` now; the ranks still running ``call`` are asked to stop, then given
+        ``grace_period`` seconds before they are killed (see _tick)."""
+        call.failed = True
+        call.push(Event(ERROR, err))
+        self._stop_running(call)
+
+    def _stop_running(self, call: PendingCall) -> None:
+        if call.failed_at is None:
+            call.failed_at = time.monotonic()
+        live = call.pending - self._dead
+        if live:
+            self._send_to(Kind.CANCEL, call.id, [], live)
+        self._io_waker.wake()  # arm the grace timer (the I/O thread may be idle or standing by)
+
     def _finish(self, call: PendingCall) -> None:
+        """Every rank replied to ``call`` (or is gone): deliver the result, recover if needed."""
         if not call.failed and not call.cancelled:
             call.push(Event(RESULT, call.result_frames[0] if call.result_frames else None))
         call.finished.set()
         self.current = None
         self._last_activity = time.monotonic()
+        if self._dead or call.rebuild:
+            self._recover()
         self._dispatch()
 
-    def _maybe_keepalive(self) -> None:
-        interval = self.config.keepalive_interval
-        if interval is None or self.state != "ready" or self.current is not None or self._queue:
-            return
-        if time.monotonic() - self._last_activity >= interval:
-            frames = encode_call(self.config.keepalive_payload, False, self.config.cwd)
-            self._queue.append(PendingCall(id=next(self._ids), frames=frames, internal=True))
-            self._last_activity = time.monotonic()
-            self._dispatch()
-
-    # --- failures --------------------------------------------------------------------------------
+    # --- failures and recovery ------------------------------------------------------------------
     def _rank_exited(self, info: RankExit) -> None:  # monitor thread
         with self._lock:
-            if self.state in ("stopping", "closed") or self._senders.get(info.rank) is None:
+            if self.state in ("stopping", "closed", "broken") or self._senders.get(info.rank) != info.sender:
+                return  # expected, or a previous life of the rank (killed by us and replaced)
+            err = WorkerDiedError(info.rank, info.exitcode, info.signal)
+            if self.state == "starting":
+                self.startup.push(Event(ERROR, err))
                 return
-            self._on_broken(WorkerDiedError(info.rank, info.exitcode, info.signal))
+            self._dead.add(info.rank)
+            log.warning("%s; recovering the pool", err)
+            call = self.current
+            if self.state == "recovering":
+                self._recover(everything=True)  # a second failure: start every rank afresh
+            elif call is not None:
+                call.pending.discard(info.rank)
+                if not call.failed:
+                    self._fail(call, err)
+                if not call.pending:
+                    self._finish(call)
+            else:
+                self._idle_death = err
+                self._recover()
 
     def _template_lost(self, detail: str) -> None:  # monitor thread
         with self._lock:
             self._on_broken(RuntimeError(f"the pool's template process is gone: {detail}"))
+
+    def _kill(self, ranks: set[int], why: str) -> None:
+        assert self.template is not None
+        pids = self.template.pids
+        for rank in sorted(ranks - self._dead):
+            pid = pids.get(rank)
+            log.warning("killing rank %d (pid %s): it %s", rank, pid, why)
+            if pid is not None:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            self._dead.add(rank)
+
+    def _recover(self, everything: bool = False) -> None:
+        """Respawn lost ranks (setup runs again with the original kwargs) and rebuild the group on a
+        fresh store prefix; the other ranks keep their state. Calls queue until it is done."""
+        if everything:
+            self._kill(set(range(self.world_size)), "was alive when recovery had to start over")
+        self.state = "recovering"
+        self.recoveries += 1
+        self._recovery_started = time.monotonic()
+        self._generation += 1
+        self._store_prefix = f"pg{self._generation}"
+        self._recovery_pending = set(range(self.world_size))
+        self._recovery_deadline = time.monotonic() + self._start_timeout
+        lost, self._dead = self._dead, set()
+        survivors = set(range(self.world_size)) - lost
+        if survivors:
+            self._send_to(Kind.REBUILD, self._generation, [pickle.dumps(self._store_prefix)], survivors)
+        for rank in sorted(lost):
+            self._spawn(rank)
+        self._io_waker.wake()  # arm the recovery deadline
+
+    def _on_recovery_reply(self, rank: int, kind: Kind, payload: tuple[bytes, ...]) -> None:
+        if kind is Kind.FAILED:
+            err = _worker_error(rank, payload[0])
+            self._on_broken(RuntimeError(f"the pool could not recover: {err}"))
+            return
+        self._recovery_pending.discard(rank)
+        if not self._recovery_pending:
+            self.state = "ready"
+            self._recovery_deadline = None
+            self.last_recovery_seconds = time.monotonic() - self._recovery_started
+            log.info("pool recovered in %.2f s", self.last_recovery_seconds)
+            self._dispatch()
 
     def _on_broken(self, err: BaseException) -> None:
         if self.state in ("stopping", "closed"):
@@ -372,6 +489,7 @@ class Pool:
             self.startup.push(Event(ERROR, err))
         self.state = "broken"
         self.broken = err
+        self._recovery_deadline = None
         for call in [*([self.current] if self.current else []), *self._queue]:
             if not call.failed:
                 call.failed = True

@@ -33,6 +33,7 @@ _TEMPLATE_BOOT = "import sys; sys.path.insert(0, {root!r}); from lightdist._temp
 class RankExit:
     rank: int
     pid: int
+    sender: str  # which life of the rank: a respawned rank has a new sender name
     exitcode: int | None
     signal: int | None
 
@@ -51,6 +52,7 @@ class TemplateProcess:
         self._on_template_lost = on_template_lost
         self._lock = threading.Lock()
         self.pids: dict[int, int] = {}  # rank -> pid of the live process
+        self.senders: dict[int, str] = {}  # rank -> sender name of that process
         self._spawned = threading.Condition(self._lock)
         self.import_seconds: float | None = None
         self.error: str | None = None
@@ -155,13 +157,14 @@ class TemplateProcess:
             if kind == "spawned":
                 with self._spawned:
                     self.pids[event["rank"]] = event["pid"]
+                    self.senders[event["rank"]] = event["sender"]
                     self._spawned.notify_all()
             elif kind == "exit":
                 with self._spawned:
                     if self.pids.get(event["rank"]) == event["pid"]:
                         del self.pids[event["rank"]]
                     self._spawned.notify_all()
-                self._on_exit(RankExit(event["rank"], event["pid"], event["code"], event["signal"]))
+                self._on_exit(RankExit(event["rank"], event["pid"], event["sender"], event["code"], event["signal"]))
             elif kind == "imported":
                 self.import_seconds = event["seconds"]
             elif kind == "error":
@@ -173,7 +176,7 @@ class TemplateProcess:
             self.pids.clear()
             self._spawned.notify_all()
         for rank, pid in lost.items():
-            self._on_exit(RankExit(rank, pid, None, signal.SIGKILL))
+            self._on_exit(RankExit(rank, pid, self.senders.get(rank, ""), None, signal.SIGKILL))
         if not self._closing:
             detail = self.error or f"the template process exited with code {code}"
             self._on_template_lost(detail)

@@ -33,8 +33,9 @@ _MAX_PARTIAL_LINE = 1 << 16
 
 
 class _Rank:
-    def __init__(self, rank: int, pid: int, pidfd: int, out_fd: int, err_fd: int) -> None:
+    def __init__(self, rank: int, sender: str, pid: int, pidfd: int, out_fd: int, err_fd: int) -> None:
         self.rank = rank
+        self.sender = sender
         self.pid = pid
         self.pidfd = pidfd
         self.partial = {out_fd: b"", err_fd: b""}
@@ -69,6 +70,12 @@ class Template:
 
     # --- ranks -----------------------------------------------------------------------------------
     def spawn(self, rank: int, boot: dict[str, Any]) -> None:
+        # One process per rank: an earlier life still running (a respawn during recovery) goes first.
+        for old in [r for r in self.ranks.values() if r.rank == rank]:
+            try:
+                os.kill(old.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         pid = os.fork()
@@ -91,8 +98,8 @@ class Template:
             _flush_and_exit(code)
         os.close(out_w)
         os.close(err_w)
-        self.ranks[pid] = _Rank(rank, pid, os.pidfd_open(pid), out_r, err_r)
-        self.emit(ev="spawned", rank=rank, pid=pid)
+        self.ranks[pid] = _Rank(rank, boot["sender"], pid, os.pidfd_open(pid), out_r, err_r)
+        self.emit(ev="spawned", rank=rank, pid=pid, sender=boot["sender"])
 
     def _fds(self) -> list[int]:
         fds = []
@@ -139,7 +146,7 @@ class Template:
         del self.ranks[rank.pid]
         sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
         code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
-        self.emit(ev="exit", rank=rank.rank, pid=rank.pid, code=code, signal=sig)
+        self.emit(ev="exit", rank=rank.rank, pid=rank.pid, sender=rank.sender, code=code, signal=sig)
 
     def kill_all(self) -> None:
         for pid in list(self.ranks):

@@ -71,6 +71,8 @@ class Kind(enum.IntEnum):
     PING = 8
     PONG = 9
     EXIT = 10  # driver: run teardown and exit; worker: reply once teardown has run
+    REBUILD = 11  # driver: re-join the process group under a new store prefix; payload: the prefix
+    REBUILT = 12  # worker: the group is rebuilt (FAILED with a report if that raised)
 
 
 _KINDS = {int(k): k for k in Kind}

@@ -63,6 +63,8 @@ class DistributedRunner:
         backend: torch.distributed backend; None picks NCCL on GPU and gloo on CPU.
         preload: modules the template imports before forking ranks (torch always); e.g.
             ``("lightning",)`` so every rank starts with Lightning already imported.
+        grace_period: seconds a rank gets to finish a call that failed elsewhere or was cancelled
+            (it sees ``cancelled``); then it is killed and replaced (see docs/failures.md).
     """
 
     def __init__(
@@ -82,6 +84,7 @@ class DistributedRunner:
         accelerator: str = "auto",
         backend: str | None = None,
         preload: tuple[str, ...] = (),
+        grace_period: float = 2.0,
     ) -> None:
         _check_worker_cls(worker_cls)
         _check_world_size(world_size)
@@ -93,6 +96,8 @@ class DistributedRunner:
             raise ValueError(f"keepalive_interval must be a positive number or None, got {keepalive_interval!r}")
         if not isinstance(keepalive_payload, Mapping):
             raise TypeError(f"keepalive_payload must be a dict, got {type(keepalive_payload).__name__}")
+        if not isinstance(grace_period, (int, float)) or grace_period < 0:
+            raise ValueError(f"grace_period must be a number of seconds >= 0, got {grace_period!r}")
         if accelerator not in ("auto", "cpu", "cuda"):
             raise ValueError(f"accelerator must be 'auto', 'cpu' or 'cuda', got {accelerator!r}")
         if set_device is not None:
@@ -111,13 +116,14 @@ class DistributedRunner:
         self.accelerator = accelerator
         self.backend = backend
         self.preload = tuple(preload)
+        self.grace_period = float(grace_period)
         self._pool: Pool | None = None
         self._lifecycle = threading.Lock()  # start/stop never overlap
 
     # --- state -----------------------------------------------------------------------------------
     def is_alive(self) -> bool:
-        """True while the pool is started and healthy."""
-        return self._pool is not None and self._pool.state == "ready"
+        """True while the pool is started and serving (also while it recovers from a lost rank)."""
+        return self._pool is not None and self._pool.is_alive()
 
     @property
     def pids(self) -> dict[int, int]:
@@ -169,7 +175,7 @@ class DistributedRunner:
     def _launch(self, kwargs: dict[str, Any], timeout: float) -> Pool:
         with self._lifecycle:
             if self._pool is not None:
-                if self._pool.state in ("starting", "ready"):
+                if self._pool.state in ("starting", "ready", "recovering"):
                     raise RuntimeError(f"{self!r} is already running; stop() it first")
                 self._pool.kill()  # a broken pool: reap what is left before replacing it
                 self._pool = None
@@ -188,6 +194,7 @@ class DistributedRunner:
                 worker_address=None if self.worker_port is None else f"tcp://{self.worker_addr}:{self.worker_port}",
                 keepalive_payload=self.keepalive_payload,
                 keepalive_interval=self.keepalive_interval,
+                grace_period=self.grace_period,
             )
             pool = Pool(config)
             self._pool = pool

@@ -78,6 +78,11 @@ class DistributedWorker:
     def teardown(self) -> None:
         """Called once per rank when the pool stops."""
 
+    def on_process_group_rebuilt(self) -> None:
+        """Called on a surviving rank after the pool rebuilt the process group (another rank died or
+        got stuck and was replaced). ``setup`` state is kept; re-create here anything bound to the
+        old group, e.g. a ``DistributedDataParallel`` wrapper made in ``setup``."""
+
     # --- what users call -------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
@@ -252,17 +257,23 @@ class _Link:
                 self.cancel_event.set()
         elif kind is Kind.PING:
             self.channel.send(Kind.PONG, msg.header.call)
-        elif kind in (Kind.CALL, Kind.EXIT):
+        elif kind in (Kind.CALL, Kind.EXIT, Kind.REBUILD):
             self.inbox.put(msg)
             self._main_waker.wake()
 
 
 def error_report(exc: BaseException) -> bytes:
-    """An exception as plain data: the driver can always read it, whatever classes it has."""
+    """An exception as plain data: the driver can always read it, whatever classes it has.
+
+    ``in_collective`` says whether it was raised inside torch.distributed (a timed-out or failed
+    collective): the group may then be unusable, so the driver rebuilds it before the next call.
+    """
     cls = type(exc)
     name = cls.__qualname__ if cls.__module__ in ("builtins", "__main__") else f"{cls.__module__}.{cls.__qualname__}"
     tb = "".join(traceback.format_exception(cls, exc, exc.__traceback__))
-    return protocol.dumps({"exc_type": name, "message": str(exc), "traceback": tb})
+    frames = traceback.extract_tb(exc.__traceback__)
+    in_collective = any(f"torch{os.sep}distributed{os.sep}" in frame.filename for frame in frames)
+    return protocol.dumps({"exc_type": name, "message": str(exc), "traceback": tb, "in_collective": in_collective})
 
 
 # --- the rank process ------------------------------------------------------------------------------
@@ -286,7 +297,7 @@ def rank_main(boot: dict[str, Any], template_pid: int) -> int:
         context.term()
         return 1
     link.send(Kind.READY)
-    code = _serve(worker, link)
+    code = _serve(worker, link, boot)
     link.close()
     context.term()
     return code
@@ -332,18 +343,8 @@ def _build_worker(boot: dict[str, Any], link: _Link) -> DistributedWorker:
         torch.set_num_threads(max(1, cpus // boot["local_world_size"]))
     else:
         torch.cuda.set_device(device)
-    backend = boot["backend"] or ("nccl" if device.type == "cuda" else "gloo")
-    store = dist.TCPStore(
-        boot["store_host"], boot["store_port"], is_master=False,
-        timeout=datetime.timedelta(seconds=boot["start_timeout"]),
-    )  # fmt: skip
-    dist.init_process_group(
-        backend,
-        store=dist.PrefixStore(boot["store_prefix"], store),
-        rank=boot["rank"],
-        world_size=boot["world_size"],
-        timeout=datetime.timedelta(seconds=boot["pg_timeout"]),
-    )
+    boot["backend"] = boot["backend"] or ("nccl" if device.type == "cuda" else "gloo")
+    _join_group(boot, boot["store_prefix"])
     worker_cls = protocol.loads(boot["worker_cls"])
     kwargs = protocol.loads(boot["setup_kwargs"])
     worker = worker_cls(boot["rank"], boot["world_size"])
@@ -352,6 +353,26 @@ def _build_worker(boot: dict[str, Any], link: _Link) -> DistributedWorker:
     worker._attach(link, boot["local_rank"], boot["local_world_size"], device)
     worker.setup(**kwargs)
     return worker
+
+
+def _join_group(boot: dict[str, Any], prefix: str) -> None:
+    """Join the default process group through the driver's store, under ``prefix``.
+
+    A rebuilt group uses a fresh prefix, so keys of the broken one can never be read again.
+    """
+    import torch.distributed as dist
+
+    store = dist.TCPStore(
+        boot["store_host"], boot["store_port"], is_master=False,
+        timeout=datetime.timedelta(seconds=boot["start_timeout"]),
+    )  # fmt: skip
+    dist.init_process_group(
+        boot["backend"],
+        store=dist.PrefixStore(prefix, store),
+        rank=boot["rank"],
+        world_size=boot["world_size"],
+        timeout=datetime.timedelta(seconds=boot["pg_timeout"]),
+    )
 
 
 def _pick_device(boot: dict[str, Any]) -> torch.device:
@@ -372,7 +393,7 @@ def _pick_device(boot: dict[str, Any]) -> torch.device:
     return torch.device("cpu")
 
 
-def _serve(worker: DistributedWorker, link: _Link) -> int:
+def _serve(worker: DistributedWorker, link: _Link, boot: dict[str, Any]) -> int:
     """Run calls until EXIT; every call ends in exactly one RESULT or ERROR reply."""
     while True:
         msg = link.next_command()
@@ -380,6 +401,9 @@ def _serve(worker: DistributedWorker, link: _Link) -> int:
             return 1
         if msg.kind is Kind.EXIT:
             break
+        if msg.kind is Kind.REBUILD:
+            _rebuild(worker, link, boot, msg)
+            continue
         _run_call(worker, link, msg)
     code = 0
     try:
@@ -390,6 +414,18 @@ def _serve(worker: DistributedWorker, link: _Link) -> int:
     _destroy_process_group()
     link.send(Kind.EXIT)
     return code
+
+
+def _rebuild(worker: DistributedWorker, link: _Link, boot: dict[str, Any], msg: Message) -> None:
+    """Leave the old group (it may be broken: a peer died or was killed) and join the new one."""
+    try:
+        _destroy_process_group()
+        _join_group(boot, pickle.loads(msg.payload[0]))
+        worker.on_process_group_rebuilt()
+    except BaseException as exc:  # noqa: BLE001 - the driver gives up on recovery and says why
+        link.send(Kind.FAILED, msg.header.call, [error_report(exc)])
+        return
+    link.send(Kind.REBUILT, msg.header.call)
 
 
 def _run_call(worker: DistributedWorker, link: _Link, msg: Message) -> None:

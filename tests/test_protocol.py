@@ -275,11 +275,11 @@ def _raw_header(version: int = 1, kind: int = int(Kind.READY), sender: bytes = b
         (_raw_header(version=2), "version 2"),
         (_raw_header(version=0), "version 0"),
         (_raw_header(kind=0), "unknown message kind 0"),
-        (_raw_header(kind=11), "unknown message kind 11"),
+        (_raw_header(kind=13), "unknown message kind 13"),
         (_raw_header(kind=255), "unknown message kind 255"),
         (_raw_header(sender=b"\xff\xfe"), "not UTF-8"),
     ],
-    ids=["empty", "truncated", "version 2", "version 0", "kind 0", "kind 11", "kind 255", "bad utf-8"],
+    ids=["empty", "truncated", "version 2", "version 0", "kind 0", "kind 13", "kind 255", "bad utf-8"],
 )
 def test_signed_but_malformed_header_is_refused(header: bytes, reason: str) -> None:
     """A header that passes the signature check but does not parse raises ``ProtocolError``."""
@@ -288,10 +288,10 @@ def test_signed_but_malformed_header_is_refused(header: bytes, reason: str) -> N
 
 
 def test_every_kind_round_trips() -> None:
-    """All message kinds (1..10) pack and parse."""
+    """All message kinds (1..12) pack and parse."""
     tx, rx = _pair()
     assert [rx.unpack(tx.pack(k)).kind for k in Kind] == list(Kind)
-    assert [int(k) for k in Kind] == list(range(1, 11))
+    assert [int(k) for k in Kind] == list(range(1, 13))
 
 
 # --- (de)serialisation -----------------------------------------------------------------------------

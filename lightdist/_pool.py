@@ -153,6 +153,7 @@ class Pool:
             "setup_kwargs": cfg.setup_kwargs,
             "cwd": cfg.cwd,
             "sys_path": list(cfg.sys_path),
+            "argv": list(sys.argv),  # worker code from a script may read its arguments
         }
         with self._lock:  # accept the new sender before it can possibly send
             old = self._senders.get(rank)

@@ -322,6 +322,7 @@ def _apply_environment(boot: dict[str, Any]) -> None:
         LOCAL_RANK=str(boot["local_rank"]),
         LOCAL_WORLD_SIZE=str(boot["local_world_size"]),
     )
+    sys.argv = list(boot.get("argv", sys.argv))
     if boot.get("cwd"):
         os.chdir(boot["cwd"])
     _prepend_sys_path(boot.get("sys_path", []))

@@ -11,13 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import os
+import pickle
+import sys
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from lightdist import protocol
+from lightdist.errors import WorkerError
 from lightdist.transport import Waker, remaining
 
-__all__ = ["Event", "PendingCall"]
+__all__ = ["Event", "PendingCall", "encode_call", "worker_error"]
 
 # Event kinds seen by the consumer. ``item``, ``ready`` carry data; the others end the call.
 ITEM = "item"
@@ -110,3 +116,19 @@ class PendingCall:
 def _wake(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
+
+
+def encode_call(payload: Mapping[str, Any], streaming: bool, cwd: str | None) -> list[bytes]:
+    """The CALL frames every rank receives: an envelope of plain data (streaming flag, the driver's
+    sys.path and cwd), then the cloudpickled keyword arguments."""
+    envelope = {
+        "streaming": streaming,
+        "sys_path": [p if p else os.getcwd() for p in sys.path],
+        "cwd": cwd or os.getcwd(),
+    }
+    return [pickle.dumps(envelope, protocol=5), protocol.dumps(dict(payload))]
+
+
+def worker_error(rank: int, report: bytes) -> WorkerError:
+    data = protocol.loads(report)
+    return WorkerError(rank, data["exc_type"], data["message"], data["traceback"])

@@ -22,28 +22,26 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
-import os
-import pickle
 import secrets
 import select
 import signal
 import sys
 import threading
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import zmq
 
 from lightdist import protocol
-from lightdist._calls import ERROR, ITEM, READY, RESULT, Event, PendingCall
-from lightdist._procs import RankExit, TemplateProcess
+from lightdist._calls import ERROR, ITEM, READY, RESULT, Event, PendingCall, encode_call, worker_error
+from lightdist._recovery import RecoveryMixin
+from lightdist._procs import TemplateProcess
 from lightdist.errors import PoolClosedError, WorkerDiedError, WorkerError
 from lightdist.protocol import Kind, Message, Session
 from lightdist.transport import Channel, Waker, private_ipc_dir, remaining, remove_ipc_dir, thread_waker
 
-__all__ = ["Pool", "PoolConfig", "encode_call"]
+__all__ = ["Pool", "PoolConfig"]
 
 log = logging.getLogger("lightdist")
 DRIVER_SENDER = "driver"
@@ -68,7 +66,7 @@ class PoolConfig:
     grace_period: float = 2.0  # seconds a rank gets to finish a failed or cancelled call
 
 
-class Pool:
+class Pool(RecoveryMixin):
     """One started pool. Created by ``DistributedRunner.start``; dead after :meth:`close`."""
 
     def __init__(self, config: PoolConfig) -> None:
@@ -362,7 +360,7 @@ class Pool:
                 self._on_reply(call, h.rank, kind, msg.payload)
         elif kind in (Kind.READY, Kind.REBUILT, Kind.FAILED):
             if self.state == "starting":
-                value = _worker_error(h.rank, msg.payload[0]) if kind is Kind.FAILED else None
+                value = worker_error(h.rank, msg.payload[0]) if kind is Kind.FAILED else None
                 self.startup.push(Event(ERROR if value else READY, value, rank=h.rank))
             elif self.state == "recovering" and (kind is not Kind.REBUILT or h.call == self._generation):
                 self._on_recovery_reply(h.rank, kind, msg.payload)
@@ -409,96 +407,6 @@ class Pool:
             self._recover()
         self._dispatch()
 
-    # --- failures and recovery ------------------------------------------------------------------
-    def _rank_exited(self, info: RankExit) -> None:  # monitor thread
-        with self._lock:
-            if self.state in ("stopping", "closed", "broken") or self._senders.get(info.rank) != info.sender:
-                return  # expected, or a previous life of the rank (killed by us and replaced)
-            err = WorkerDiedError(info.rank, info.exitcode, info.signal)
-            if self.state == "starting":
-                self.startup.push(Event(ERROR, err))
-                return
-            self._dead.add(info.rank)
-            log.warning("%s; recovering the pool", err)
-            call = self.current
-            if self.state == "recovering":
-                self._recover(everything=True)  # a second failure: start every rank afresh
-            elif call is not None:
-                call.pending.discard(info.rank)
-                if not call.failed:
-                    self._fail(call, err)
-                if not call.pending:
-                    self._finish(call)
-            else:
-                self._idle_death = err
-                self._recover()
-
-    def _template_lost(self, detail: str) -> None:  # monitor thread
-        with self._lock:
-            self._on_broken(RuntimeError(f"the pool's template process is gone: {detail}"))
-
-    def _kill(self, ranks: set[int], why: str) -> None:
-        assert self.template is not None
-        pids = self.template.pids
-        for rank in sorted(ranks - self._dead):
-            pid = pids.get(rank)
-            log.warning("killing rank %d (pid %s): it %s", rank, pid, why)
-            if pid is not None:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            self._dead.add(rank)
-
-    def _recover(self, everything: bool = False) -> None:
-        """Respawn lost ranks (setup runs again with the original kwargs) and rebuild the group on a
-        fresh store prefix; the other ranks keep their state. Calls queue until it is done."""
-        if everything:
-            self._kill(set(range(self.world_size)), "was alive when recovery had to start over")
-        self.state = "recovering"
-        self.recoveries += 1
-        self._recovery_started = time.monotonic()
-        self._generation += 1
-        self._store_prefix = f"pg{self._generation}"
-        self._recovery_pending = set(range(self.world_size))
-        self._recovery_deadline = time.monotonic() + self._start_timeout
-        lost, self._dead = self._dead, set()
-        survivors = set(range(self.world_size)) - lost
-        if survivors:
-            self._send_to(Kind.REBUILD, self._generation, [pickle.dumps(self._store_prefix)], survivors)
-        for rank in sorted(lost):
-            self._spawn(rank)
-        self._io_waker.wake()  # arm the recovery deadline
-
-    def _on_recovery_reply(self, rank: int, kind: Kind, payload: tuple[bytes, ...]) -> None:
-        if kind is Kind.FAILED:
-            err = _worker_error(rank, payload[0])
-            self._on_broken(RuntimeError(f"the pool could not recover: {err}"))
-            return
-        self._recovery_pending.discard(rank)
-        if not self._recovery_pending:
-            self.state = "ready"
-            self._recovery_deadline = None
-            self.last_recovery_seconds = time.monotonic() - self._recovery_started
-            log.info("pool recovered in %.2f s", self.last_recovery_seconds)
-            self._dispatch()
-
-    def _on_broken(self, err: BaseException) -> None:
-        if self.state in ("stopping", "closed"):
-            return
-        if self.state == "starting":
-            self.startup.push(Event(ERROR, err))
-        self.state = "broken"
-        self.broken = err
-        self._recovery_deadline = None
-        for call in [*([self.current] if self.current else []), *self._queue]:
-            if not call.failed:
-                call.failed = True
-                call.push(Event(ERROR, err))
-            call.finished.set()
-        self.current = None
-        self._queue.clear()
-
     # --- stop ------------------------------------------------------------------------------------
     def close(self, timeout: float) -> None:
         """EXIT → ``timeout`` → SIGTERM → grace → SIGKILL; then release sockets, store and files."""
@@ -544,19 +452,3 @@ class Pool:
 
     def rank_pids(self) -> dict[int, int]:
         return dict(self.template.pids) if self.template is not None else {}
-
-
-def encode_call(payload: Mapping[str, Any], streaming: bool, cwd: str | None) -> list[bytes]:
-    """The CALL frames every rank receives: an envelope of plain data (streaming flag, the driver's
-    sys.path and cwd), then the cloudpickled keyword arguments."""
-    envelope = {
-        "streaming": streaming,
-        "sys_path": [p if p else os.getcwd() for p in sys.path],
-        "cwd": cwd or os.getcwd(),
-    }
-    return [pickle.dumps(envelope, protocol=5), protocol.dumps(dict(payload))]
-
-
-def _worker_error(rank: int, report: bytes) -> WorkerError:
-    data = protocol.loads(report)
-    return WorkerError(rank, data["exc_type"], data["message"], data["traceback"])

@@ -89,7 +89,7 @@ class Template:
                 # exits, and another rank's output pipe must not stay open in this one.
                 for fd in [devnull, out_r, out_w, err_r, err_w, self.control_fd, *self._fds()]:
                     _close(fd)
-                from lightdist.worker import rank_main
+                from lightdist._rank import rank_main
 
                 code = rank_main(boot, template_pid=os.getppid())
             except BaseException:  # noqa: BLE001 - a forked child must never return into the loop

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from lightdist import DistributedRunner, DistributedWorker, WorkerError
-from lightdist._pool import encode_call
+from lightdist._calls import encode_call
 from tests.conftest import Echo, descendants, free_port, wait_until
 
 

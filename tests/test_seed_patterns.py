@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from lightdist import DistributedRunner, DistributedWorker
 

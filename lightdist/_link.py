@@ -1,0 +1,124 @@
+"""The rank's side of the command channel (used by :mod:`lightdist._rank`).
+
+Any thread sends directly (the channel serialises sends, so items and the result leave in the
+order they were made). Exactly one thread receives at a time: between calls the rank's main thread
+waits for the next CALL itself (no hand-off on the way in); while a call runs, the link thread
+receives, so CANCEL sets ``cancel_event`` and PING is answered even while ``__call__`` is busy.
+"""
+
+from __future__ import annotations
+
+import queue
+import select
+import threading
+
+import zmq
+
+from lightdist.protocol import Kind, Message
+from lightdist.transport import Channel, Waker
+
+__all__ = ["Link"]
+
+_FINAL_LINGER_MS = 2000  # the last FAILED/EXIT reply must reach the driver before the socket closes
+
+
+class Link:
+    """The rank's side of the channel.
+
+    Any thread sends directly (the channel serialises sends, so items and the result leave in the
+    order they were made). Exactly one thread receives at a time: between calls the main thread
+    itself waits for the next CALL (no hand-off on the way in); while a call runs, the link thread
+    receives, so CANCEL sets ``cancel_event`` and PING is answered even while ``__call__`` is busy.
+    """
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+        self.inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
+        self.cancel_event = threading.Event()
+        self.current_call = 0
+        self.streaming = False
+        self.broken = False
+        self._rx_lock = threading.Lock()
+        self._cancelled: set[int] = set()  # CANCELs that may arrive before their call begins
+        self._main_waker = Waker()
+        self._link_waker = Waker()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="lightdist-link", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def send(self, kind: Kind, call: int = 0, payload: list[bytes] | None = None) -> None:
+        """Sign and send now; any thread."""
+        self.channel.send(kind, call, payload or ())
+
+    def next_command(self) -> Message | None:
+        """Main thread, between calls: the next CALL or EXIT; None if the channel broke."""
+        while True:
+            try:
+                return self.inbox.get_nowait()
+            except queue.Empty:
+                pass
+            if self.broken:
+                return None
+            try:
+                self._receive()
+                if self.inbox.empty():
+                    select.select([self.channel.fd, self._main_waker.fd], [], [])
+                    self._main_waker.clear()
+            except (zmq.ZMQError, OSError, ValueError):
+                return None
+
+    def begin_call(self, call: int, streaming: bool) -> None:
+        self.cancel_event.clear()
+        self.streaming = streaming
+        self.current_call = call
+        if call in self._cancelled:
+            self.cancel_event.set()
+        self._link_waker.wake()  # the link thread receives while the call runs
+
+    def end_call(self) -> None:
+        self._cancelled.discard(self.current_call)
+        self.current_call = 0
+
+    def close(self) -> None:
+        """Stop receiving and close the socket, with a short linger so the last reply leaves."""
+        self._stopping = True
+        self._link_waker.wake()
+        self._thread.join(timeout=10)
+        self.channel.close(linger_ms=_FINAL_LINGER_MS)
+        self._main_waker.close()
+        self._link_waker.close()
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                if self.current_call == 0:  # idle: the main thread is the receiver
+                    select.select([self._link_waker.fd], [], [])
+                    self._link_waker.clear()
+                    continue
+                self._receive()
+                self.channel.wait(None, extra=[self._link_waker.fd])
+                self._link_waker.clear()
+        except (zmq.ZMQError, OSError, ValueError):
+            self.broken = True  # the socket is gone: unblock the main thread
+            self._main_waker.wake()
+
+    def _receive(self) -> None:
+        # Drain and handle as one step, so two batches drained back to back by the two receiving
+        # threads (as the role passes between them) are handled in arrival order.
+        with self._rx_lock:
+            for _, msg in self.channel.drain():
+                self._handle(msg)
+
+    def _handle(self, msg: Message) -> None:
+        kind = msg.kind
+        if kind is Kind.CANCEL:
+            self._cancelled.add(msg.header.call)
+            if msg.header.call == self.current_call:
+                self.cancel_event.set()
+        elif kind is Kind.PING:
+            self.channel.send(Kind.PONG, msg.header.call)
+        elif kind in (Kind.CALL, Kind.EXIT, Kind.REBUILD):
+            self.inbox.put(msg)
+            self._main_waker.wake()

@@ -1,0 +1,235 @@
+"""The main loop of one rank process: bootstrap, join the group, setup, then serve calls.
+
+Entered from the template right after ``fork`` (:func:`rank_main`). Every call ends in exactly one
+RESULT or ERROR reply; REBUILD makes the rank leave its (possibly broken) process group and join a
+fresh one without losing its ``setup`` state.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import datetime
+import os
+import pickle
+import sys
+import traceback
+from typing import TYPE_CHECKING, Any
+
+import zmq
+
+from lightdist import protocol
+from lightdist._link import Link
+from lightdist.protocol import Kind, Message, Session
+from lightdist.transport import Channel
+from lightdist.worker import DistributedWorker
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["error_report", "rank_main"]
+
+_PR_SET_PDEATHSIG = 1
+
+
+def error_report(exc: BaseException) -> bytes:
+    """An exception as plain data: the driver can always read it, whatever classes it has.
+
+    ``in_collective`` says whether it was raised inside torch.distributed (a timed-out or failed
+    collective): the group may then be unusable, so the driver rebuilds it before the next call.
+    """
+    cls = type(exc)
+    name = cls.__qualname__ if cls.__module__ in ("builtins", "__main__") else f"{cls.__module__}.{cls.__qualname__}"
+    tb = "".join(traceback.format_exception(cls, exc, exc.__traceback__))
+    frames = traceback.extract_tb(exc.__traceback__)
+    in_collective = any(f"torch{os.sep}distributed{os.sep}" in frame.filename for frame in frames)
+    return protocol.dumps({"exc_type": name, "message": str(exc), "traceback": tb, "in_collective": in_collective})
+
+
+def rank_main(boot: dict[str, Any], template_pid: int) -> int:
+    """Entry point of a forked rank; returns the process exit code."""
+    _die_with_parent(template_pid)
+    _apply_environment(boot)
+    context = zmq.Context()
+    session = Session(boot["key"], sender=boot["sender"], rank=boot["rank"])
+    session.accept_from(boot["driver_sender"], after_seq=boot["driver_seq"])
+    channel = Channel.connect_dealer(context, boot["address"], boot["sender"].encode(), session)
+    link = Link(channel)
+    link.start()
+    try:
+        worker = _build_worker(boot, link)
+    except BaseException as exc:  # noqa: BLE001 - every setup failure is reported with its traceback
+        link.send(Kind.FAILED, 0, [error_report(exc)])
+        link.close()
+        context.term()
+        return 1
+    link.send(Kind.READY)
+    code = _serve(worker, link, boot)
+    link.close()
+    context.term()
+    return code
+
+
+def _die_with_parent(template_pid: int) -> None:
+    # PDEATHSIG fires when the template (our parent, single-threaded) exits; the ppid check closes
+    # the race where it died before the prctl.
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, 9)
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        pass
+    if os.getppid() != template_pid:
+        os._exit(1)
+
+
+def _apply_environment(boot: dict[str, Any]) -> None:
+    os.environ.update(
+        RANK=str(boot["rank"]),
+        WORLD_SIZE=str(boot["world_size"]),
+        LOCAL_RANK=str(boot["local_rank"]),
+        LOCAL_WORLD_SIZE=str(boot["local_world_size"]),
+    )
+    sys.argv = list(boot.get("argv", sys.argv))
+    if boot.get("cwd"):
+        os.chdir(boot["cwd"])
+    _prepend_sys_path(boot.get("sys_path", []))
+
+
+def _prepend_sys_path(paths: list[str]) -> None:
+    for path in reversed(paths):
+        if path not in sys.path:
+            sys.path.insert(0, path)
+
+
+def _build_worker(boot: dict[str, Any], link: Link) -> DistributedWorker:
+    import torch
+
+    device = _pick_device(boot)
+    if device.type == "cpu":
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(max(1, cpus // boot["local_world_size"]))
+    else:
+        torch.cuda.set_device(device)
+    boot["backend"] = boot["backend"] or ("nccl" if device.type == "cuda" else "gloo")
+    _join_group(boot, boot["store_prefix"])
+    worker_cls = protocol.loads(boot["worker_cls"])
+    kwargs = protocol.loads(boot["setup_kwargs"])
+    worker = worker_cls(boot["rank"], boot["world_size"])
+    if not isinstance(worker, DistributedWorker):
+        raise TypeError(f"{worker_cls!r} must subclass lightdist.DistributedWorker")
+    worker._attach(link, boot["local_rank"], boot["local_world_size"], device)
+    worker.setup(**kwargs)
+    return worker
+
+
+def _join_group(boot: dict[str, Any], prefix: str) -> None:
+    """Join the default process group through the driver's store, under ``prefix``.
+
+    A rebuilt group uses a fresh prefix, so keys of the broken one can never be read again.
+    """
+    import torch.distributed as dist
+
+    store = dist.TCPStore(
+        boot["store_host"], boot["store_port"], is_master=False,
+        timeout=datetime.timedelta(seconds=boot["start_timeout"]),
+    )  # fmt: skip
+    dist.init_process_group(
+        boot["backend"],
+        store=dist.PrefixStore(prefix, store),
+        rank=boot["rank"],
+        world_size=boot["world_size"],
+        timeout=datetime.timedelta(seconds=boot["pg_timeout"]),
+    )
+
+
+def _pick_device(boot: dict[str, Any]) -> torch.device:
+    import torch
+
+    want = boot["accelerator"]
+    # Every rank must decide alike (one group cannot mix NCCL and gloo): GPUs only if each local
+    # rank gets its own.
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    has_cuda = gpus >= boot["local_world_size"]
+    if want == "cuda" and not has_cuda:
+        raise RuntimeError(
+            f"accelerator='cuda' needs a GPU per rank: {boot['local_world_size']} local ranks but "
+            f"{gpus} GPU(s) visible; use accelerator='cpu' or world_size <= {gpus}"
+        )
+    if want == "cuda" or (want == "auto" and has_cuda):
+        return torch.device("cuda", boot["local_rank"])
+    return torch.device("cpu")
+
+
+def _serve(worker: DistributedWorker, link: Link, boot: dict[str, Any]) -> int:
+    """Run calls until EXIT; every call ends in exactly one RESULT or ERROR reply."""
+    while True:
+        msg = link.next_command()
+        if msg is None:  # the link broke: nobody to reply to
+            return 1
+        if msg.kind is Kind.EXIT:
+            break
+        if msg.kind is Kind.REBUILD:
+            _rebuild(worker, link, boot, msg)
+            continue
+        _run_call(worker, link, msg)
+    code = 0
+    try:
+        worker.teardown()
+    except BaseException:  # noqa: BLE001 - report and still exit
+        traceback.print_exc()
+        code = 1
+    _destroy_process_group()
+    link.send(Kind.EXIT)
+    return code
+
+
+def _rebuild(worker: DistributedWorker, link: Link, boot: dict[str, Any], msg: Message) -> None:
+    """Leave the old group (it may be broken: a peer died or was killed) and join the new one."""
+    try:
+        _destroy_process_group()
+        _join_group(boot, pickle.loads(msg.payload[0]))
+        worker.on_process_group_rebuilt()
+    except BaseException as exc:  # noqa: BLE001 - the driver gives up on recovery and says why
+        link.send(Kind.FAILED, msg.header.call, [error_report(exc)])
+        return
+    link.send(Kind.REBUILT, msg.header.call)
+
+
+def _run_call(worker: DistributedWorker, link: Link, msg: Message) -> None:
+    call_id = msg.header.call
+    try:
+        # The envelope first: the driver's sys.path must be in place before the payload, which
+        # may hold objects of modules only that path can import, is unpickled.
+        envelope = pickle.loads(msg.payload[0])
+        link.begin_call(call_id, envelope["streaming"])
+        _prepend_sys_path(envelope["sys_path"])
+        if envelope["cwd"] and envelope["cwd"] != os.getcwd():
+            os.chdir(envelope["cwd"])
+        payload = protocol.loads(msg.payload[1])
+        value = worker(streaming=envelope["streaming"], **payload)
+        reply = [_dump_result(value)] if worker.rank == 0 else []
+    except BaseException as exc:  # noqa: BLE001 - the rank keeps serving; the caller gets the error
+        link.end_call()
+        link.send(Kind.ERROR, call_id, [error_report(exc)])
+        return
+    link.end_call()
+    link.send(Kind.RESULT, call_id, reply)
+
+
+def _dump_result(value: Any) -> bytes:
+    try:
+        return protocol.dumps(value)
+    except Exception as exc:
+        raise TypeError(
+            f"the return value of __call__ ({type(value).__qualname__}) cannot be pickled: {exc}; "
+            "return plain data, tensors or arrays"
+        ) from exc
+
+
+def _destroy_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - exiting anyway
+            pass

@@ -1,0 +1,155 @@
+"""Failure handling for :class:`~lightdist._pool.Pool`: dead ranks, stuck ranks, recovery.
+
+The rule: recovery starts only once no live rank is inside a call. A failed or cancelled call gives
+the ranks still running it ``grace_period`` seconds (they see ``cancelled``), then ``Pool._tick``
+kills them. When the call is over, ranks that were lost are respawned (``setup`` runs again with
+the original kwargs) and the others leave their process group and join a fresh one under a new
+store prefix, keeping their ``setup`` state. Calls queue meanwhile. Everything here runs under
+``Pool._lock`` (from the monitor thread, the I/O thread, or a caller).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import signal
+import threading
+import time
+from typing import TYPE_CHECKING
+
+from lightdist._calls import ERROR, Event, PendingCall, worker_error
+from lightdist._procs import RankExit
+from lightdist.errors import WorkerDiedError
+from lightdist.protocol import Kind
+
+if TYPE_CHECKING:
+    import collections
+
+    from lightdist._procs import TemplateProcess
+    from lightdist.transport import Waker
+
+__all__ = ["RecoveryMixin"]
+
+log = logging.getLogger("lightdist")
+
+
+class RecoveryMixin:
+    # Provided by Pool.
+    _lock: threading.RLock
+    state: str
+    world_size: int
+    broken: BaseException | None
+    current: PendingCall | None
+    template: TemplateProcess | None
+    recoveries: int
+    _senders: dict[int, str]
+    _dead: set[int]
+    _idle_death: WorkerDiedError | None
+    _generation: int
+    _store_prefix: str
+    _start_timeout: float
+    _recovery_pending: set[int]
+    _recovery_deadline: float | None
+    _recovery_started: float
+    last_recovery_seconds: float
+
+    if TYPE_CHECKING:
+        _queue: collections.deque[PendingCall]
+
+        def _fail(self, call: PendingCall, err: BaseException) -> None: ...
+        def _finish(self, call: PendingCall) -> None: ...
+        def _dispatch(self) -> None: ...
+        def _spawn(self, rank: int) -> None: ...
+        def _send_to(self, kind: Kind, call: int, payload: list[bytes], ranks: set[int] | None = None) -> None: ...
+
+        _io_waker: Waker
+
+    def _rank_exited(self, info: RankExit) -> None:  # monitor thread
+        with self._lock:
+            if self.state in ("stopping", "closed", "broken") or self._senders.get(info.rank) != info.sender:
+                return  # expected, or a previous life of the rank (killed by us and replaced)
+            err = WorkerDiedError(info.rank, info.exitcode, info.signal)
+            if self.state == "starting":
+                self.startup.push(Event(ERROR, err))
+                return
+            self._dead.add(info.rank)
+            log.warning("%s; recovering the pool", err)
+            call = self.current
+            if self.state == "recovering":
+                self._recover(everything=True)  # a second failure: start every rank afresh
+            elif call is not None:
+                call.pending.discard(info.rank)
+                if not call.failed:
+                    self._fail(call, err)
+                if not call.pending:
+                    self._finish(call)
+            else:
+                self._idle_death = err
+                self._recover()
+
+    def _template_lost(self, detail: str) -> None:  # monitor thread
+        with self._lock:
+            self._on_broken(RuntimeError(f"the pool's template process is gone: {detail}"))
+
+    def _kill(self, ranks: set[int], why: str) -> None:
+        assert self.template is not None
+        pids = self.template.pids
+        for rank in sorted(ranks - self._dead):
+            pid = pids.get(rank)
+            log.warning("killing rank %d (pid %s): it %s", rank, pid, why)
+            if pid is not None:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            self._dead.add(rank)
+
+    def _recover(self, everything: bool = False) -> None:
+        """Respawn lost ranks (setup runs again with the original kwargs) and rebuild the group on a
+        fresh store prefix; the other ranks keep their state. Calls queue until it is done."""
+        if everything:
+            self._kill(set(range(self.world_size)), "was alive when recovery had to start over")
+        self.state = "recovering"
+        self.recoveries += 1
+        self._recovery_started = time.monotonic()
+        self._generation += 1
+        self._store_prefix = f"pg{self._generation}"
+        self._recovery_pending = set(range(self.world_size))
+        self._recovery_deadline = time.monotonic() + self._start_timeout
+        lost, self._dead = self._dead, set()
+        survivors = set(range(self.world_size)) - lost
+        if survivors:
+            self._send_to(Kind.REBUILD, self._generation, [pickle.dumps(self._store_prefix)], survivors)
+        for rank in sorted(lost):
+            self._spawn(rank)
+        self._io_waker.wake()  # arm the recovery deadline
+
+    def _on_recovery_reply(self, rank: int, kind: Kind, payload: tuple[bytes, ...]) -> None:
+        if kind is Kind.FAILED:
+            err = worker_error(rank, payload[0])
+            self._on_broken(RuntimeError(f"the pool could not recover: {err}"))
+            return
+        self._recovery_pending.discard(rank)
+        if not self._recovery_pending:
+            self.state = "ready"
+            self._recovery_deadline = None
+            self.last_recovery_seconds = time.monotonic() - self._recovery_started
+            log.info("pool recovered in %.2f s", self.last_recovery_seconds)
+            self._dispatch()
+
+    def _on_broken(self, err: BaseException) -> None:
+        if self.state in ("stopping", "closed"):
+            return
+        if self.state == "starting":
+            self.startup.push(Event(ERROR, err))
+        self.state = "broken"
+        self.broken = err
+        self._recovery_deadline = None
+        for call in [*([self.current] if self.current else []), *self._queue]:
+            if not call.failed:
+                call.failed = True
+                call.push(Event(ERROR, err))
+            call.finished.set()
+        self.current = None
+        self._queue.clear()

@@ -117,7 +117,7 @@ class Pool(RecoveryMixin):
         self.template = TemplateProcess(list(cfg.imports), cfg.cwd, self._rank_exited, self._template_lost)
         import torch.distributed as dist  # after the template started: both import in parallel
 
-        self._store = dist.TCPStore(
+        self._store = dist.TCPStore(  # type: ignore[attr-defined]
             cfg.master_addr, cfg.master_port or 0, None, True, wait_for_workers=False, use_libuv=True
         )
         for rank in range(self.world_size):

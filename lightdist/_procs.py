@@ -182,21 +182,20 @@ class TemplateProcess:
             self._on_template_lost(detail)
 
     def _forward_output(self) -> None:
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        targets = {self.proc.stdout.fileno(): "stdout", self.proc.stderr.fileno(): "stderr"}
         sel = selectors.DefaultSelector()
-        targets = {}
-        for stream, name in ((self.proc.stdout, "stdout"), (self.proc.stderr, "stderr")):
-            assert stream is not None
-            sel.register(stream, selectors.EVENT_READ)
-            targets[stream] = name
+        for fd in targets:
+            sel.register(fd, selectors.EVENT_READ)
         while targets:
             for key, _ in sel.select():
-                stream = key.fileobj
-                data = os.read(stream.fileno(), 1 << 16)  # type: ignore[union-attr]
+                fd = int(key.fd)
+                data = os.read(fd, 1 << 16)
                 if not data:
-                    sel.unregister(stream)
-                    del targets[stream]
+                    sel.unregister(fd)
+                    del targets[fd]
                     continue
-                out = getattr(sys, targets[stream])
+                out = getattr(sys, targets[fd])
                 try:
                     out.write(data.decode(errors="replace"))
                     out.flush()

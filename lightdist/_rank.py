@@ -128,13 +128,13 @@ def _join_group(boot: dict[str, Any], prefix: str) -> None:
     """
     import torch.distributed as dist
 
-    store = dist.TCPStore(
+    store = dist.TCPStore(  # type: ignore[attr-defined]
         boot["store_host"], boot["store_port"], is_master=False,
         timeout=datetime.timedelta(seconds=boot["start_timeout"]),
     )  # fmt: skip
     dist.init_process_group(
         boot["backend"],
-        store=dist.PrefixStore(prefix, store),
+        store=dist.PrefixStore(prefix, store),  # type: ignore[attr-defined]
         rank=boot["rank"],
         world_size=boot["world_size"],
         timeout=datetime.timedelta(seconds=boot["pg_timeout"]),

@@ -41,6 +41,7 @@ class RecoveryMixin:
     world_size: int
     broken: BaseException | None
     current: PendingCall | None
+    startup: PendingCall
     template: TemplateProcess | None
     recoveries: int
     _senders: dict[int, str]

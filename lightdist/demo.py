@@ -39,7 +39,7 @@ class RegressionWorker(DistributedWorker):
             for i in range(0, len(self.x), batch):
                 loss = torch.nn.functional.mse_loss(self.model(self.x[i : i + batch]), self.y[i : i + batch])
                 opt.zero_grad()
-                loss.backward()
+                loss.backward()  # type: ignore[no-untyped-call]
                 opt.step()
                 step += 1
             mean = loss.detach().clone()

@@ -197,7 +197,7 @@ class Session:
 
 def dumps(obj: Any) -> bytes:
     """Serialise by value where needed (classes from ``__main__``, notebooks and closures)."""
-    return cloudpickle.dumps(obj, protocol=5)
+    return bytes(cloudpickle.dumps(obj, protocol=5))
 
 
 def loads(data: bytes) -> Any:

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from lightdist import protocol
-from lightdist._calls import ERROR, ITEM, READY, RESULT, Event, PendingCall
-from lightdist._pool import Pool, PoolConfig, encode_call
+from lightdist._calls import ERROR, ITEM, READY, RESULT, Event, PendingCall, encode_call
+from lightdist._pool import Pool, PoolConfig
 from lightdist.errors import PoolClosedError, TextEventError
 from lightdist.transport import deadline_after, remaining
 from lightdist.worker import DistributedWorker

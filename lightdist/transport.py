@@ -116,18 +116,18 @@ class Channel:
     :attr:`waker`) if input is waiting. ``recv`` is a blocking helper for single-threaded use (tests).
     """
 
-    def __init__(self, socket: zmq.Socket, session: Session, routed: bool) -> None:
+    def __init__(self, socket: zmq.Socket[bytes], session: Session, routed: bool) -> None:
         self.socket = socket
         self.session = session
         self.routed = routed  # ROUTER: frames carry the peer's identity first
-        self.fd: int = socket.getsockopt(zmq.FD)
+        self.fd = int(socket.getsockopt(zmq.FD))
         self.waker = Waker()
         self.rejected = 0  # frames dropped by verification
         self.last_rejection = ""
         self._lock = threading.Lock()
 
     @classmethod
-    def bind_router(cls, context: zmq.Context, address: str, session: Session) -> tuple[Channel, str]:
+    def bind_router(cls, context: zmq.Context[zmq.Socket[bytes]], address: str, session: Session) -> tuple[Channel, str]:
         sock = context.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an unroutable send raises instead of vanishing
@@ -141,7 +141,9 @@ class Channel:
         return cls(sock, session, routed=True), address
 
     @classmethod
-    def connect_dealer(cls, context: zmq.Context, address: str, identity: bytes, session: Session) -> Channel:
+    def connect_dealer(
+        cls, context: zmq.Context[zmq.Socket[bytes]], address: str, identity: bytes, session: Session
+    ) -> Channel:
         sock = context.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IDENTITY, identity)
@@ -173,14 +175,14 @@ class Channel:
                     self.socket.send_multipart([ident, *frames], copy=False)
                 except zmq.ZMQError:
                     pass
-            if self.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            if int(self.socket.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
                 self.waker.wake()  # we may have eaten the receiver's edge
 
     def drain(self) -> list[tuple[bytes | None, Message]]:
         """Every verified message waiting now (receiving thread only). Rejected frames are counted."""
         out = []
         with self._lock:
-            while self.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            while int(self.socket.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
                 frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=True)
                 ident = frames[0] if self.routed else None
                 try:
@@ -198,7 +200,7 @@ class Channel:
     def recv(self, timeout: float | None) -> tuple[bytes | None, Message]:
         """Block until one verified message arrives; ``TimeoutError`` after ``timeout`` seconds."""
         deadline = deadline_after(timeout)
-        buffered = getattr(self, "_buffered", [])
+        buffered: list[tuple[bytes | None, Message]] = getattr(self, "_buffered", [])
         while not buffered:
             buffered.extend(self.drain())
             if buffered:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 import warnings
 import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from lightdist import protocol
@@ -55,12 +56,19 @@ class DistributedWorker:
         self._thread_calls: weakref.WeakKeyDictionary[threading.Thread, int] = weakref.WeakKeyDictionary()
 
     # --- what users override ---------------------------------------------------------------------
-    def setup(self, **kwargs: Any) -> None:
-        """Called once per rank when the pool starts, with the keyword arguments of ``start()``."""
+    if TYPE_CHECKING:
+        # Each subclass picks its own keyword arguments (``def setup(self, model_path: str)``):
+        # typed as open callables so such overrides type-check.
+        setup: Callable[..., None]
+        __call__: Callable[..., Any]
+    else:
 
-    def __call__(self, streaming: bool = False, **kwargs: Any) -> Any:
-        """Called on every rank for each ``invoke``/``stream``; rank 0's return value is the result."""
-        return {}
+        def setup(self, **kwargs: Any) -> None:
+            """Called once per rank when the pool starts, with the keyword arguments of ``start()``."""
+
+        def __call__(self, streaming: bool = False, **kwargs: Any) -> Any:
+            """Called on every rank for each ``invoke``/``stream``; rank 0's return value is the result."""
+            return {}
 
     def teardown(self) -> None:
         """Called once per rank when the pool stops."""

@@ -13,12 +13,15 @@ CPU) and a signed ZMQ command channel, then run any number of calls on them::
         print(runner.invoke_sync({"text": "hello"}))
 """
 
+import sys
+
 from lightdist.errors import PoolClosedError, TextEventError, WorkerDiedError, WorkerError
 from lightdist.runner import DistributedRunner
 from lightdist.worker import DistributedWorker
 
 __all__ = [
     "DistributedRunner",
+    "PoolStrategy",
     "DistributedWorker",
     "PoolClosedError",
     "TextEventError",
@@ -27,3 +30,16 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    # The Lightning layer loads on first use: runner-only users never pay for importing lightning.
+    if name == "PoolStrategy":
+        from lightdist.lightning import PoolStrategy
+
+        return PoolStrategy
+    raise AttributeError(f"module 'lightdist' has no attribute {name!r}")
+
+
+if "lightning" in sys.modules:  # register Trainer(strategy="lightdist") if Lightning is in use already
+    import lightdist.lightning  # noqa: F401,E402

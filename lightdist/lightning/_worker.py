@@ -1,0 +1,92 @@
+"""The rank side of the Lightning layer: runs one Trainer entry point per call.
+
+``TrainerWorker`` receives the Trainer and its entry point (``_fit_impl``, ``_validate_impl``...)
+pickled together, so ``function.__self__ is trainer`` holds here as in the driver, runs it on the
+rank's main thread, and sends back what the driver needs to look as if it had run the Trainer
+itself (rank 0 only; every rank takes part in the collectives that gathering needs).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import Any
+
+import torch
+from lightning.pytorch.trainer import call
+from lightning.pytorch.trainer.states import TrainerFn
+
+from lightdist import protocol
+from lightdist.worker import DistributedWorker
+
+__all__ = ["TrainerWorker"]
+
+
+class TrainerWorker(DistributedWorker):
+    """Pool worker for :class:`~lightdist.lightning.PoolStrategy` (one Trainer call per ``invoke``)."""
+
+    def __call__(self, streaming: bool = False, job: bytes = b"", env: dict[str, str | None] | None = None,
+                 flags: dict[str, Any] | None = None) -> dict[str, Any] | None:  # fmt: skip
+        _apply_env(env or {})
+        _apply_flags(flags or {})
+        trainer, function, args, kwargs = protocol.loads(job)
+        try:
+            results = function(*args, **kwargs)
+        except BaseException as exc:
+            # The launcher calls the entry point directly, so Lightning's own cleanup
+            # (_call_and_handle_interrupt) does not run here: on_exception hooks, strategy cleanup,
+            # loggers finalised as "failed", model to CPU. Run it before the error goes back.
+            call._interrupt(trainer, exc)
+            trainer._teardown()
+            raise
+        return _collect(trainer, results, self.rank)
+
+
+def _apply_env(env: dict[str, str | None]) -> None:
+    # Seeds travel per call; a variable the driver does not have is removed here, or an earlier
+    # call's seed would silently re-seed a later one in this warm process.
+    for key, value in env.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def _apply_flags(flags: dict[str, Any]) -> None:
+    if "deterministic" in flags:
+        torch.use_deterministic_algorithms(flags["deterministic"], warn_only=flags["deterministic_warn_only"])
+    if "cudnn_benchmark" in flags:
+        torch.backends.cudnn.benchmark = flags["cudnn_benchmark"]
+    if "matmul_precision" in flags:
+        torch.set_float32_matmul_precision(flags["matmul_precision"])
+    if "default_dtype" in flags:
+        torch.set_default_dtype(flags["default_dtype"])
+
+
+def _collect(trainer: Any, results: Any, rank: int) -> dict[str, Any] | None:
+    module = trainer.lightning_module
+    state_dict = module.state_dict()  # on every rank: metrics inside the module may sync
+    if rank != 0:
+        return None
+    out: dict[str, Any] = {
+        "results": _to_cpu(results),
+        "state": trainer.state,
+        "callback_metrics": _to_cpu(dict(trainer.callback_metrics)),
+        "logged_metrics": _to_cpu(dict(trainer.logged_metrics)),
+        "progress_bar_metrics": _to_cpu(dict(trainer.progress_bar_metrics)),
+        "callbacks": {cb.state_key: cb.state_dict() for cb in trainer.callbacks},
+        "weights": None,
+        "fit_loop": None,
+    }
+    if trainer.state.fn == TrainerFn.FITTING:
+        buffer = io.BytesIO()  # bytes in memory: a temp file would not cross hosts and could leak
+        torch.save(_to_cpu(state_dict), buffer)
+        out["weights"] = buffer.getvalue()
+        out["fit_loop"] = trainer.fit_loop.state_dict()
+    return out
+
+
+def _to_cpu(value: Any) -> Any:
+    from lightning.fabric.utilities.apply_func import move_data_to_device
+
+    return move_data_to_device(value, torch.device("cpu"))

@@ -1,0 +1,118 @@
+"""``_PoolLauncher``: runs the Trainer's entry point on the warm pool and brings the results back.
+
+``launch`` is what ``trainer.fit/validate/test/predict`` end up calling. It ships the Trainer and
+the entry point in one pickle (sent once, the same bytes to every rank), waits for the pool, then
+makes the driver's Trainer and model look as after a single-process run: trained weights in the
+user's model object, trainer state, metrics, fit-loop progress (so a second ``fit`` continues),
+callback state (ModelCheckpoint paths and scores), and the model/datamodule attached.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from typing import TYPE_CHECKING, Any
+
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies.launchers.launcher import _Launcher
+from typing_extensions import override
+
+from lightdist import protocol
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+    from lightdist.lightning.strategy import PoolStrategy
+
+__all__ = ["_PoolLauncher"]
+
+_SEED_VARS = ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")
+
+
+class _PoolLauncher(_Launcher):
+    def __init__(self, strategy: PoolStrategy) -> None:
+        self._strategy = strategy
+
+    @property
+    @override
+    def is_interactive_compatible(self) -> bool:
+        return True  # nothing is forked from or re-executed in the driver
+
+    @override
+    def launch(self, function: Any, *args: Any, trainer: pl.Trainer | None = None, **kwargs: Any) -> Any:
+        runner = self._strategy.pool()
+        if trainer is not None:
+            for logger in trainer.loggers:
+                _ = logger.version  # resolve in the driver, so every rank writes the folder it reports
+        job = protocol.dumps((trainer, function, args, kwargs))  # together: function.__self__ is trainer
+        out = runner.invoke_sync({"job": job, "env": _seed_env(), "flags": _torch_flags()})
+        if trainer is not None and out is not None:
+            _apply(out, trainer, args)
+        return None if out is None else out["results"]
+
+    @override
+    def kill(self, signum: Any) -> None:
+        pass  # the pool owns its processes; cancellation goes through it
+
+
+def _seed_env() -> dict[str, str | None]:
+    return {key: os.environ.get(key) for key in _SEED_VARS}
+
+
+def _torch_flags() -> dict[str, Any]:
+    # Never the CUDA RNG or device state: reading them would initialise CUDA in the driver.
+    return {
+        "deterministic": torch.are_deterministic_algorithms_enabled(),
+        "deterministic_warn_only": torch.is_deterministic_algorithms_warn_only_enabled(),
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        "matmul_precision": torch.get_float32_matmul_precision(),
+        "default_dtype": torch.get_default_dtype(),
+    }
+
+
+def _apply(out: dict[str, Any], trainer: pl.Trainer, args: tuple[Any, ...]) -> None:
+    model = trainer.lightning_module
+    if out["weights"] is not None:
+        state_dict = torch.load(io.BytesIO(out["weights"]), weights_only=True)
+        missing, unexpected = model.load_state_dict(state_dict, strict=False)
+        if missing or unexpected:
+            warnings.warn(
+                f"the trained weights did not match the driver's model: missing keys {list(missing)}, "
+                f"unexpected keys {list(unexpected)} (did the model change its layers in a hook?)",
+                stacklevel=3,
+            )
+    trainer.state.fn = out["state"].fn
+    trainer.state.status = out["state"].status
+    trainer.state.stage = out["state"].stage
+    connector = trainer._logger_connector
+    connector._callback_metrics.update(out["callback_metrics"])
+    connector._logged_metrics.update(out["logged_metrics"])
+    connector._progress_bar_metrics.update(out["progress_bar_metrics"])
+    if out["fit_loop"] is not None:
+        trainer.fit_loop.load_state_dict(out["fit_loop"])
+        trainer.fit_loop.restarting = False  # a second fit continues like a single-process Trainer
+        trainer.fit_loop.epoch_loop.restarting = False
+        trainer.fit_loop.epoch_loop.val_loop.restarting = False
+    states = out["callbacks"]
+    for callback in trainer.callbacks:
+        state = states.get(callback.state_key)
+        if state is None:
+            continue
+        if isinstance(callback, ModelCheckpoint):
+            callback.dirpath = state.get("dirpath")  # load_state_dict ignores most fields otherwise
+        callback.load_state_dict(state)
+    model._trainer = trainer  # type: ignore[assignment]
+    datamodule = _datamodule_arg(args)
+    if datamodule is not None:
+        trainer._data_connector._datamodule = datamodule
+        datamodule.trainer = trainer
+
+
+def _datamodule_arg(args: tuple[Any, ...]) -> Any:
+    # Its position differs between _fit_impl, _validate_impl, _test_impl and _predict_impl, and it
+    # may come as the dataloaders argument: take whichever argument is one.
+    from lightning.pytorch import LightningDataModule
+
+    return next((a for a in args if isinstance(a, LightningDataModule)), None)

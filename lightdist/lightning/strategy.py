@@ -1,0 +1,138 @@
+"""``PoolStrategy``: Lightning's DDP on a warm lightdist pool.
+
+A ``DDPStrategy`` (DDP wrapping, collectives and Lightning's special cases come for free) whose
+launcher runs the Trainer's work on a pool of already-started ranks instead of starting processes,
+and whose cluster environment answers from the pool's layout. Registered as
+``Trainer(strategy="lightdist")``.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from lightning.fabric.strategies.registry import _StrategyRegistry
+from lightning.fabric.utilities.seed import reset_seed
+from lightning.pytorch.strategies import DDPStrategy
+from typing_extensions import override
+
+from lightdist.lightning._worker import TrainerWorker
+from lightdist.lightning.environment import PoolEnvironment
+from lightdist.lightning.launcher import _PoolLauncher
+from lightdist.runner import DistributedRunner
+
+__all__ = ["PoolStrategy"]
+
+# One pool per layout, shared by every Trainer that asks for it; started on first use and stopped
+# at interpreter exit (DistributedRunner registers that).
+_pools: dict[tuple[int, str], DistributedRunner] = {}
+_pools_lock = threading.Lock()
+
+
+class PoolStrategy(DDPStrategy):
+    """Run ``fit``/``validate``/``test``/``predict`` on a warm pool of ranks.
+
+    Example::
+
+        trainer = Trainer(strategy="lightdist", accelerator="cpu", devices=2, max_epochs=3)
+        trainer.fit(model, datamodule=dm)      # first call starts the pool; later ones reuse it
+
+    Args:
+        runner: an explicit pool (a started or unstarted ``DistributedRunner`` of
+            :class:`~lightdist.lightning.TrainerWorker`); by default a process-wide pool per
+            (world size, accelerator) is used.
+        **kwargs: as for ``DDPStrategy`` (e.g. ``find_unused_parameters``). ``timeout`` and
+            ``process_group_backend`` do not apply: the pool owns the process group.
+    """
+
+    strategy_name = "lightdist"
+
+    def __init__(self, runner: DistributedRunner | None = None, **kwargs: Any) -> None:
+        for name in ("timeout", "process_group_backend", "start_method"):
+            if name in kwargs:
+                kwargs.pop(name)
+                warnings.warn(
+                    f"PoolStrategy ignores {name}=: the pool owns the process group (set "
+                    "DistributedRunner(timeout=..., backend=...) for an explicit pool instead)",
+                    stacklevel=2,
+                )
+        if runner is not None and not issubclass(runner.worker_cls, TrainerWorker):
+            raise TypeError(
+                f"PoolStrategy(runner=...) needs a pool of lightdist.lightning.TrainerWorker, not "
+                f"{runner.worker_cls.__qualname__}"
+            )
+        kwargs.setdefault("cluster_environment", PoolEnvironment())
+        super().__init__(**kwargs)
+        self._runner = runner
+
+    # --- driver side -----------------------------------------------------------------------------
+    @override
+    def _configure_launcher(self) -> None:
+        self._check_layout()
+        self._launcher = _PoolLauncher(self)
+
+    def _check_layout(self) -> None:
+        world = self.num_nodes * self.num_processes
+        if self.num_nodes != 1:
+            raise ValueError("PoolStrategy runs on one host for now: use num_nodes=1")
+        if self._runner is not None and self._runner.world_size != world:
+            raise ValueError(
+                f"the Trainer asks for {world} devices but the pool passed as runner= has "
+                f"{self._runner.world_size} ranks; use devices={self._runner.world_size}"
+            )
+        if isinstance(self.cluster_environment, PoolEnvironment):
+            self.cluster_environment._expected_world_size = world
+
+    def pool(self) -> DistributedRunner:
+        """The started pool this strategy runs on (starts the shared one on first use)."""
+        if self._runner is None:
+            accelerator = "cuda" if self._device_type() == "cuda" else "cpu"
+            key = (self.num_processes, accelerator)
+            with _pools_lock:
+                runner = _pools.get(key)
+                if runner is None:
+                    runner = DistributedRunner(TrainerWorker, world_size=key[0], accelerator=accelerator,
+                                               preload=("lightning",))  # fmt: skip
+                    _pools[key] = runner
+            self._runner = runner
+        if not self._runner.is_alive():
+            self._runner.start_sync()
+        return self._runner
+
+    def _device_type(self) -> str:
+        devices = self.parallel_devices or [torch.device("cpu")]
+        return devices[0].type
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_runner"] = None  # the pool's handle stays in the driver
+        return state
+
+    # --- rank side -------------------------------------------------------------------------------
+    @property
+    @override
+    def root_device(self) -> torch.device:
+        # The rank's own device, not parallel_devices[local_rank] from the driver's view.
+        if self._device_type() == "cuda":
+            return torch.device("cuda", self.local_rank)
+        return torch.device("cpu")
+
+    @override
+    def setup_distributed(self) -> None:
+        reset_seed()
+        self.set_world_ranks()
+        if not dist.is_initialized():
+            raise RuntimeError("PoolStrategy runs only inside a lightdist pool (torch.distributed is not set up)")
+        if dist.get_world_size() != self.world_size:
+            raise RuntimeError(
+                f"the pool's process group has {dist.get_world_size()} ranks but the Trainer expects {self.world_size}"
+            )
+        self._process_group_backend = dist.get_backend()
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
+        strategy_registry.register("lightdist", cls, description="DDP on a warm lightdist pool")

@@ -54,6 +54,7 @@ class PendingCall:
     dispatched_at: float | None = None
     failed_at: float | None = None  # when it failed or was cancelled: the grace period starts
     rebuild: bool = False  # an error came from inside torch.distributed: rebuild the group after
+    held: tuple[float, BaseException] | None = None  # a collective's error, held until this time
 
     def __post_init__(self) -> None:
         self._events: collections.deque[Event] = collections.deque()

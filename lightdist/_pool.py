@@ -45,6 +45,7 @@ __all__ = ["Pool", "PoolConfig"]
 
 log = logging.getLogger("lightdist")
 DRIVER_SENDER = "driver"
+HOLD_COLLECTIVE_ERROR_S = 0.25  # see _on_reply
 
 
 @dataclass(frozen=True)
@@ -159,7 +160,10 @@ class Pool(RecoveryMixin):
                 self.channel.forget(old)
             self._senders[rank] = sender
             self.channel.accept_from(sender)
-        self.template.spawn(rank, boot)
+        try:
+            self.template.spawn(rank, boot)
+        except OSError as exc:  # the template is gone; its monitor reports why
+            self._on_broken(RuntimeError(f"cannot start rank {rank}: the template process is gone ({exc})"))
 
     def mark_ready(self) -> None:
         with self._lock:
@@ -274,6 +278,11 @@ class Pool(RecoveryMixin):
         now = time.monotonic()
         due: list[float] = []
         call = self.current
+        if call is not None and call.held is not None and not call.failed:
+            if now >= call.held[0]:
+                self._fail(call, call.held[1])  # no death explained it: the error stands
+            else:
+                due.append(call.held[0])
         if call is not None and call.failed_at is not None and call.pending:
             expires = call.failed_at + self.config.grace_period
             if now >= expires:  # still running a failed or cancelled call: stuck
@@ -369,12 +378,19 @@ class Pool(RecoveryMixin):
         call.pending.discard(rank)
         if kind is Kind.ERROR:
             report = protocol.loads(payload[0])
-            call.rebuild = call.rebuild or bool(report.get("in_collective"))
-            if not call.failed:
+            in_collective = bool(report.get("in_collective"))
+            call.rebuild = call.rebuild or in_collective
+            err = WorkerError(rank, report["exc_type"], report["message"], report["traceback"])
+            if call.internal:
+                log.warning("keepalive call failed: %s", err)
+            if not call.failed and in_collective and call.held is None:
+                # A collective that failed on this rank is often the echo of a peer that just died
+                # ("connection reset by peer"), and that death may be reported a moment later: hold
+                # the error briefly so the caller hears of the cause, not the echo (see _tick).
+                call.held = (time.monotonic() + HOLD_COLLECTIVE_ERROR_S, err)
+                self._io_waker.wake()
+            elif not call.failed:
                 # The first error fails the call now, even while other ranks still wait in a collective.
-                err = WorkerError(rank, report["exc_type"], report["message"], report["traceback"])
-                if call.internal:
-                    log.warning("keepalive call failed: %s", err)
                 self._fail(call, err)
         elif kind is Kind.RESULT and rank == 0:
             call.result_frames = payload
@@ -398,6 +414,9 @@ class Pool(RecoveryMixin):
 
     def _finish(self, call: PendingCall) -> None:
         """Every rank replied to ``call`` (or is gone): deliver the result, recover if needed."""
+        if call.held is not None and not call.failed:
+            call.failed = True
+            call.push(Event(ERROR, call.held[1]))
         if not call.failed and not call.cancelled:
             call.push(Event(RESULT, call.result_frames[0] if call.result_frames else None))
         call.finished.set()

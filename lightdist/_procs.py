@@ -169,17 +169,17 @@ class TemplateProcess:
                 self.import_seconds = event["seconds"]
             elif kind == "error":
                 self.error = event["traceback"]
-        # EOF: the template exited. Its ranks die with it (PDEATHSIG).
+        # EOF: the template exited. Its ranks die with it (PDEATHSIG). Report the template first:
+        # the pool must not try to respawn the ranks through it (deadlocks if re-ordered).
         code = self.proc.wait()
+        if not self._closing:
+            self._on_template_lost(self.error or f"the template process exited with code {code}")
         with self._spawned:
             lost = dict(self.pids)
             self.pids.clear()
             self._spawned.notify_all()
         for rank, pid in lost.items():
             self._on_exit(RankExit(rank, pid, self.senders.get(rank, ""), None, signal.SIGKILL))
-        if not self._closing:
-            detail = self.error or f"the template process exited with code {code}"
-            self._on_template_lost(detail)
 
     def _forward_output(self) -> None:
         assert self.proc.stdout is not None and self.proc.stderr is not None

@@ -1,47 +1,32 @@
-"""``python -m lightdist.bench pool [--repeats 3] [--items 20000] [--calls 2000] [--json out.json]``
-
-Measures a real pool on this machine and prints one table, each number next to a baseline or floor
-measured in the same command, so that the ratio holds however busy the machine is:
-
-- pool start (``start_sync`` until every rank is READY) and stop (``stop_sync``) per world size,
-  median of ``--repeats``; ratio of the largest world size to the smallest (ranks are forked from
-  one template that imported torch once, so this should be near-flat);
-- no-op ``invoke_sync`` round trip p50/p99 at world size 2, against a bare ZMQ ROUTER↔DEALER round
-  trip to a child process (the floor: no signing, no pickling, no threads, one peer);
-- stream throughput at world size 2 (rank 0 calls ``add_streaming_result(i)`` in a tight loop),
-  items lost and order, against the same number of bare ZMQ messages sent one way.
-
-Pool and floor run alternately (blocks of 100 calls, one stream each), so load from other jobs on
-a shared machine shifts both sides of a ratio alike.
-
-No timing is asserted anywhere: a missed target prints FAIL and the exit code stays 0.
-"""
+"""``pool``: start/stop per world size, invoke round trip and stream throughput, each beside a floor."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import zmq
 
+from lightdist.bench.common import (
+    CALL_TIMEOUT,
+    START_TIMEOUT,
+    WARMUP_CALLS,
+    WARMUP_ITEMS,
+    Row,
+    format_table,
+    machine,
+    percentile,
+    verdict,
+)
 from lightdist.runner import DistributedRunner
 from lightdist.worker import DistributedWorker
-
-START_TIMEOUT = 300.0  # seconds; a loaded 2-core machine can be slow, a hang must still end
-CALL_TIMEOUT = 60.0
-WARMUP_CALLS = 200
-WARMUP_ITEMS = 1000
 
 # The floor's peer: a bare DEALER that echoes "ping" messages and answers "blast N" with N messages.
 _ZMQ_PEER = r"""
@@ -65,6 +50,7 @@ ctx.term()
 """
 
 
+
 class _BenchWorker(DistributedWorker):
     """Under ``invoke`` it does nothing and returns None: what is measured is the pool's overhead.
 
@@ -76,16 +62,6 @@ class _BenchWorker(DistributedWorker):
             for i in range(n):
                 self.add_streaming_result(i)
         return None
-
-
-@dataclass
-class Row:
-    metric: str
-    value: str
-    baseline: str = "-"
-    ratio: str = "-"
-    target: str = "-"
-    verdict: str = "info"
 
 
 # --- pool start / stop -----------------------------------------------------------------------------
@@ -127,6 +103,7 @@ def measure_start(world_sizes: Sequence[int], repeats: int) -> dict[str, Any]:
             starts[ws].append(started)
             stops[ws].append(stopped)
     return {"cold_start": cold_start, "import_torch": imports, "start": starts, "stop": stops}
+
 
 
 # --- the bare ZMQ floor ----------------------------------------------------------------------------
@@ -189,6 +166,7 @@ class ZmqPeer:
             self._dir.cleanup()
 
 
+
 # --- the pool's calls ------------------------------------------------------------------------------
 
 
@@ -247,17 +225,6 @@ def measure_calls(calls: int, items: int, repeats: int) -> dict[str, Any]:
     return {"floor_rtt_s": floor, "invoke_s": invoke, "floor_one_way_s": one_way, "stream": streams}
 
 
-# --- report ----------------------------------------------------------------------------------------
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
-
-
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "FAIL"
-
 
 def pool_rows(start: dict[str, Any], calls: dict[str, Any], items: int) -> list[Row]:
     ms = 1e3
@@ -295,28 +262,6 @@ def pool_rows(start: dict[str, Any], calls: dict[str, Any], items: int) -> list[
     return rows
 
 
-def format_table(rows: Sequence[Row]) -> str:
-    header = ("metric", "value", "baseline/floor", "ratio", "target", "pass/fail")
-    cells = [header, *((r.metric, r.value, r.baseline, r.ratio, r.target, r.verdict) for r in rows)]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cell, widths)))
-             for cell in cells]  # fmt: skip
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def machine() -> dict[str, Any]:
-    import torch
-
-    return {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "platform": platform.platform(),
-        "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None,
-    }
-
 
 def run_pool(args: argparse.Namespace) -> dict[str, Any]:
     info = machine()
@@ -328,49 +273,3 @@ def run_pool(args: argparse.Namespace) -> dict[str, Any]:
     return {"machine": info, "args": {k: v for k, v in vars(args).items() if k != "func"}, "start": start,
             **calls}  # fmt: skip
 
-
-# --- command line ----------------------------------------------------------------------------------
-
-
-def _world_sizes(text: str) -> list[int]:
-    sizes = sorted({int(part) for part in text.split(",") if part.strip()})
-    if not sizes or sizes[0] < 1:
-        raise argparse.ArgumentTypeError(f"expected positive ints like 1,2,4, got {text!r}")
-    return sizes
-
-
-def _positive(text: str) -> int:
-    if int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
-    return int(text)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    description = "lightdist benchmarks: each number next to a baseline measured in the same run"
-    parser = argparse.ArgumentParser(prog="python -m lightdist.bench", description=description)
-    common = argparse.ArgumentParser(add_help=False)  # options every subcommand takes
-    common.add_argument("--json", metavar="PATH", help="also write the raw numbers here")
-    commands = parser.add_subparsers(dest="command", required=True)
-    pool = commands.add_parser("pool", parents=[common], help="pool start/stop, invoke round trip, stream throughput")
-    pool.add_argument("--repeats", type=_positive, default=3, help="pools started per world size, and streams run")
-    pool.add_argument("--items", type=_positive, default=20_000, help="items per stream")
-    pool.add_argument("--calls", type=_positive, default=2_000, help="measured invoke calls (after 200 warm-up)")
-    pool.add_argument("--world-sizes", type=_world_sizes, default=[1, 2, 4], help="e.g. 1,2,4")
-    pool.set_defaults(func=run_pool)
-    # A `lightning` subcommand (fit on a warm pool vs ddp_spawn) registers here the same way:
-    # add_parser(..., parents=[common]) and set_defaults(func=run_lightning) returning its raw numbers.
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    raw: dict[str, Any] = args.func(args)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(raw, f, indent=1, default=str)
-        print(f"raw numbers written to {args.json}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,68 @@
+"""The ``python -m lightdist.bench`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from lightdist.bench.pool import run_pool
+from lightdist.bench.recovery import run_recovery
+
+# --- command line ----------------------------------------------------------------------------------
+
+
+def _world_sizes(text: str) -> list[int]:
+    sizes = sorted({int(part) for part in text.split(",") if part.strip()})
+    if not sizes or sizes[0] < 1:
+        raise argparse.ArgumentTypeError(f"expected positive ints like 1,2,4, got {text!r}")
+    return sizes
+
+
+def _positive(text: str) -> int:
+    if int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
+    return int(text)
+
+
+def _seconds(text: str) -> float:
+    if not float(text) >= 0:
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {text!r}")
+    return float(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    description = "lightdist benchmarks: each number next to a baseline measured in the same run"
+    parser = argparse.ArgumentParser(prog="python -m lightdist.bench", description=description)
+    common = argparse.ArgumentParser(add_help=False)  # options every subcommand takes
+    common.add_argument("--json", metavar="PATH", help="also write the raw numbers here")
+    commands = parser.add_subparsers(dest="command", required=True)
+    pool = commands.add_parser("pool", parents=[common], help="pool start/stop, invoke round trip, stream throughput")
+    pool.add_argument("--repeats", type=_positive, default=3, help="pools started per world size, and streams run")
+    pool.add_argument("--items", type=_positive, default=20_000, help="items per stream")
+    pool.add_argument("--calls", type=_positive, default=2_000, help="measured invoke calls (after 200 warm-up)")
+    pool.add_argument("--world-sizes", type=_world_sizes, default=[1, 2, 4], help="e.g. 1,2,4")
+    pool.set_defaults(func=run_pool)
+    recovery = commands.add_parser("recovery", parents=[common], help="failure detection and recovery times")
+    recovery.add_argument("--repeats", type=_positive, default=5, help="times each failure is measured")
+    recovery.add_argument("--grace", type=_seconds, default=2.0, help="the pool's grace_period (its default: 2.0)")
+    recovery.set_defaults(func=run_recovery)
+    # A `lightning` subcommand (fit on a warm pool vs ddp_spawn) registers here the same way:
+    # add_parser(..., parents=[common]) and set_defaults(func=run_lightning) returning its raw numbers.
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    raw: dict[str, Any] = args.func(args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(raw, f, indent=1, default=str)
+        print(f"raw numbers written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""What every benchmark shares: limits, the table, the machine's description."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+START_TIMEOUT = 300.0  # seconds; a loaded 2-core machine can be slow, a hang must still end
+CALL_TIMEOUT = 60.0
+WARMUP_CALLS = 200
+WARMUP_ITEMS = 1000
+
+
+@dataclass
+class Row:
+    metric: str
+    value: str
+    baseline: str = "-"
+    ratio: str = "-"
+    target: str = "-"
+    verdict: str = "info"
+
+
+
+# --- report ----------------------------------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    header = ("metric", "value", "baseline/floor", "ratio", "target", "pass/fail")
+    cells = [header, *((r.metric, r.value, r.baseline, r.ratio, r.target, r.verdict) for r in rows)]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cell, widths)))
+             for cell in cells]  # fmt: skip
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "platform": platform.platform(),
+        "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None,
+    }
+
+

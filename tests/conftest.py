@@ -32,6 +32,11 @@ def descendants(pid: int | None = None) -> set[int]:
         fields = stat[stat.rindex(")") + 2 :].split()
         if fields[0] == "Z":
             continue  # a zombie is dead; its parent reaps it
+        try:
+            if b"resource_tracker" in (entry / "cmdline").read_bytes():
+                continue  # multiprocessing's per-process singleton (ddp_spawn starts it), not ours
+        except OSError:
+            continue
         children.setdefault(int(fields[1]), []).append(int(entry.name))
     out: set[int] = set()
     stack = [root]

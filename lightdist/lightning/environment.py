@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from lightning.fabric.plugins.environments import ClusterEnvironment
+from lightning.fabric.plugins.environments.cluster_environment import ClusterEnvironment
 from typing_extensions import override
 
 __all__ = ["PoolEnvironment"]

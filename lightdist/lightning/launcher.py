@@ -96,18 +96,17 @@ def _apply(out: dict[str, Any], trainer: pl.Trainer, args: tuple[Any, ...]) -> N
         trainer.fit_loop.epoch_loop.restarting = False
         trainer.fit_loop.epoch_loop.val_loop.restarting = False
     states = out["callbacks"]
-    for callback in trainer.callbacks:
+    for callback in trainer.callbacks:  # type: ignore[attr-defined]
         state = states.get(callback.state_key)
         if state is None:
             continue
         if isinstance(callback, ModelCheckpoint):
             callback.dirpath = state.get("dirpath")  # load_state_dict ignores most fields otherwise
         callback.load_state_dict(state)
-    model._trainer = trainer  # type: ignore[assignment]
+    model._trainer = trainer
     datamodule = _datamodule_arg(args)
-    if datamodule is not None:
-        trainer._data_connector._datamodule = datamodule
-        datamodule.trainer = trainer
+    if datamodule is not None:  # as the Trainer would have in-process: loops, hooks, back-reference
+        trainer._data_connector.attach_datamodule(model, datamodule=datamodule)
 
 
 def _datamodule_arg(args: tuple[Any, ...]) -> Any:

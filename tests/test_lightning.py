@@ -1,0 +1,242 @@
+"""PoolStrategy with real Lightning Trainers on a real 2-rank gloo pool (issue: PoolStrategy)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch.multiprocessing.spawn import ProcessExitedException
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightdist import DistributedRunner, PoolStrategy
+from lightdist.lightning import TrainerWorker
+from lightdist.lightning import strategy as strategy_module
+
+STEPS_PER_EPOCH = 4  # 64 samples, batch 8, 2 ranks
+
+
+class Regressor(L.LightningModule):
+    def __init__(self, lr: float = 0.1) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.layer = torch.nn.Linear(4, 1)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = torch.nn.functional.mse_loss(self.layer(x), y)
+        self.log("train_loss", loss, prog_bar=True)
+        self.log("seed_env", float(os.environ.get("PL_GLOBAL_SEED", -1)))
+        self.log("matmul_medium", float(torch.get_float32_matmul_precision() == "medium"))
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        self.log("val_loss", torch.nn.functional.mse_loss(self.layer(x), y), sync_dist=True)
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        self.log("test_loss", torch.nn.functional.mse_loss(self.layer(x), y), sync_dist=True)
+
+    def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self.layer(batch[0])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+
+
+def dataset(n: int = 64) -> TensorDataset:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 4, generator=gen)
+    return TensorDataset(x, x.sum(1, keepdim=True))
+
+
+def loader(n: int = 64) -> DataLoader:
+    return DataLoader(dataset(n), batch_size=8)
+
+
+class RegressionData(L.LightningDataModule):
+    def train_dataloader(self) -> DataLoader:
+        return loader()
+
+    def val_dataloader(self) -> DataLoader:
+        return loader()
+
+
+def trainer(**kwargs: object) -> L.Trainer:
+    defaults: dict[str, object] = dict(
+        strategy="lightdist", accelerator="cpu", devices=2, max_epochs=2, enable_progress_bar=False,
+        logger=False, enable_checkpointing=False, enable_model_summary=False,
+    )  # fmt: skip
+    defaults.update(kwargs)
+    return L.Trainer(**defaults)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def shared_pool() -> Iterator[None]:
+    """The process-wide pool for 2 CPU ranks, started before the first test (so every test's leak
+    check sees it as already there) and stopped when this module is done."""
+    runner = DistributedRunner(TrainerWorker, world_size=2, accelerator="cpu", preload=("lightning",))
+    runner.start_sync(timeout=120)
+    strategy_module._pools[(2, "cpu")] = runner
+    yield
+    for runner in list(strategy_module._pools.values()):
+        runner.stop_sync()
+    strategy_module._pools.clear()
+
+
+def fingerprint(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_strategy_name_and_shared_pool_reused_by_new_trainers() -> None:
+    """Trainer(strategy="lightdist") works; three fits with new Trainers and models use the same ranks."""
+    pids = []
+    for _ in range(3):
+        model = Regressor()
+        before = fingerprint(model)
+        t = trainer()
+        assert isinstance(t.strategy, PoolStrategy)
+        t.fit(model, loader())
+        assert not torch.equal(before, fingerprint(model)), "trained weights reach the user's model"
+        pids.append(t.strategy.pool().pids)
+    assert pids[0] == pids[1] == pids[2] and len(pids[0]) == 2
+
+
+def test_explicit_runner_is_used() -> None:
+    runner = DistributedRunner(TrainerWorker, world_size=2, preload=("lightning",))
+    runner.start_sync(timeout=120)
+    try:
+        t = trainer(strategy=PoolStrategy(runner=runner))
+        t.fit(Regressor(), loader())
+        assert t.strategy.pool() is runner and t.global_step == 2 * STEPS_PER_EPOCH
+    finally:
+        runner.stop_sync()
+
+
+@pytest.fixture()
+def restore_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """seed_everything and ddp_spawn set these in the driver; put them back after the test."""
+    for key in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS", "MASTER_PORT", "MASTER_ADDR"):
+        monkeypatch.setenv(key, "placeholder")
+        monkeypatch.delenv(key)
+
+
+def test_same_weights_as_ddp_spawn(tmp_path: Path, restore_env: None) -> None:
+    """Same seed, same data, 2 CPU ranks: PoolStrategy's weights equal ddp_spawn's."""
+    for attempt in range(3):
+        # The baseline, not the system under test: ddp_spawn's processes sometimes die with SIGABRT
+        # at exit (../shared/lightning-notes.md measured one run in five), so it gets three tries.
+        L.seed_everything(0)
+        spawn_model = Regressor()
+        spawn = trainer(strategy="ddp_spawn", default_root_dir=tmp_path)
+        try:
+            spawn.fit(spawn_model, loader())
+            break
+        except ProcessExitedException:
+            if attempt == 2:
+                raise
+    L.seed_everything(0)
+    pool_model = Regressor()
+    pool = trainer()
+    pool.fit(pool_model, loader())
+    assert torch.allclose(fingerprint(spawn_model), fingerprint(pool_model))
+    assert pool.global_step == 2 * STEPS_PER_EPOCH and pool.current_epoch == 2
+    # ddp_spawn loses these in the driver (they stay 0); the pool brings them back
+    assert spawn.global_step == 0
+
+
+def test_driver_trainer_and_model_after_fit(tmp_path: Path) -> None:
+    """Everything a single-process fit leaves in the driver is there after a pool fit."""
+    model, data = Regressor(), RegressionData()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpts", monitor="val_loss", save_last=True)
+    logger = TensorBoardLogger(tmp_path, name="runs")
+    t = trainer(logger=logger, callbacks=[checkpoint], enable_checkpointing=True)
+    t.fit(model, datamodule=data)
+    assert t.global_step == 2 * STEPS_PER_EPOCH and t.current_epoch == 2
+    assert t.state.status.name == "FINISHED" and t.state.fn.name == "FITTING"
+    assert {"train_loss", "val_loss"} <= set(t.callback_metrics)
+    assert {"train_loss", "val_loss"} <= set(t.logged_metrics)
+    assert set(t.progress_bar_metrics) == {"train_loss"}
+    assert checkpoint.dirpath == str(tmp_path / "ckpts")
+    assert Path(checkpoint.best_model_path).is_file() and checkpoint.best_model_path.startswith(str(tmp_path))
+    assert Path(checkpoint.last_model_path).is_file()
+    assert isinstance(checkpoint.best_model_score, torch.Tensor)
+    assert torch.isclose(checkpoint.best_model_score, t.callback_metrics["val_loss"])
+    assert logger.version == 0 and (tmp_path / "runs" / "version_0").is_dir()
+    assert any((tmp_path / "runs" / "version_0").glob("events.out.tfevents.*"))
+    assert model.trainer is t and t.datamodule is data
+    best = torch.load(checkpoint.last_model_path, weights_only=False)["state_dict"]
+    assert torch.equal(best["layer.weight"], model.layer.weight.detach())
+
+
+def test_second_fit_on_the_same_trainer_continues() -> None:
+    """Lightning's spawn launcher refuses a second fit; the pool continues like one process would."""
+    model = Regressor()
+    t = trainer(max_epochs=1)
+    t.fit(model, loader())
+    assert t.global_step == STEPS_PER_EPOCH
+    t.fit_loop.max_epochs = 3
+    t.fit(model, loader())
+    assert t.current_epoch == 3 and t.global_step == 3 * STEPS_PER_EPOCH
+
+
+def test_seed_env_and_torch_flags_follow_each_call(restore_env: None) -> None:
+    """The driver's PL_GLOBAL_SEED and matmul precision reach the ranks, and stale ones are cleared."""
+    previous = torch.get_float32_matmul_precision()
+    try:
+        L.seed_everything(7)
+        torch.set_float32_matmul_precision("medium")
+        t = trainer(max_epochs=1)
+        t.fit(Regressor(), loader())
+        assert t.callback_metrics["seed_env"] == 7 and t.callback_metrics["matmul_medium"] == 1
+        del os.environ["PL_GLOBAL_SEED"]
+        os.environ.pop("PL_SEED_WORKERS", None)
+        torch.set_float32_matmul_precision(previous)
+        t = trainer(max_epochs=1)
+        t.fit(Regressor(), loader())
+        assert t.callback_metrics["seed_env"] == -1 and t.callback_metrics["matmul_medium"] == 0
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def test_validate_and_test_match_a_single_process_run() -> None:
+    model = Regressor()
+    single = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    expected_val = single.validate(model, loader(), verbose=False)
+    expected_test = single.test(model, loader(), verbose=False)
+    t = trainer()
+    got_val = t.validate(model, loader(), verbose=False)
+    got_test = t.test(model, loader(), verbose=False)
+    assert got_val[0].keys() == expected_val[0].keys() and got_test[0].keys() == expected_test[0].keys()
+    assert got_val[0]["val_loss"] == pytest.approx(expected_val[0]["val_loss"], rel=1e-5)
+    assert got_test[0]["test_loss"] == pytest.approx(expected_test[0]["test_loss"], rel=1e-5)
+    assert t.state.fn.name == "TESTING"
+
+
+class GrowsInSetup(Regressor):
+    def setup(self, stage: str) -> None:
+        self.register_buffer("extra", torch.zeros(1))  # exists in the ranks' copy only
+
+
+def test_weights_that_do_not_match_the_driver_model_are_reported() -> None:
+    with pytest.warns(UserWarning, match=r"unexpected keys \['extra'\]"):
+        trainer(max_epochs=1).fit(GrowsInSetup(), loader())
+
+
+def test_devices_that_do_not_match_an_explicit_pool_are_refused() -> None:
+    runner = DistributedRunner(TrainerWorker, world_size=2)
+    with pytest.raises(ValueError, match="asks for 3 devices but the pool passed as runner= has 2 ranks"):
+        trainer(strategy=PoolStrategy(runner=runner), devices=3)
+
+
+def test_ddp_arguments_that_no_longer_apply_warn() -> None:
+    with pytest.warns(UserWarning, match="ignores timeout="):
+        PoolStrategy(timeout=__import__("datetime").timedelta(seconds=5))
+    with pytest.raises(TypeError, match="TrainerWorker"):
+        PoolStrategy(runner=DistributedRunner(__import__("tests.conftest").conftest.Echo, world_size=2))

@@ -240,3 +240,28 @@ def test_ddp_arguments_that_no_longer_apply_warn() -> None:
         PoolStrategy(timeout=__import__("datetime").timedelta(seconds=5))
     with pytest.raises(TypeError, match="TrainerWorker"):
         PoolStrategy(runner=DistributedRunner(__import__("tests.conftest").conftest.Echo, world_size=2))
+
+
+def test_predict_returns_every_rank_in_dataset_order() -> None:
+    """predict on 2 ranks (a DistributedSampler shards and pads) equals a single-process predict."""
+    model = Regressor()
+    single = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    expected = single.predict(model, loader(n=21))  # 21 samples: the shards are padded
+    got = trainer().predict(model, loader(n=21))
+    assert [b.shape for b in got] == [b.shape for b in expected] == [(8, 1), (8, 1), (5, 1)]
+    assert torch.allclose(torch.cat(got), torch.cat(expected))
+
+
+class DictPredictions(Regressor):
+    def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        return {"y": self.layer(batch[0]), "x0": batch[0][:, 0]}
+
+
+def test_predict_with_structured_outputs() -> None:
+    model = DictPredictions()
+    single = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    expected = single.predict(model, loader(n=20))
+    got = trainer().predict(model, loader(n=20))
+    assert len(got) == len(expected) == 3
+    for g, e in zip(got, expected):
+        assert g.keys() == e.keys() and torch.allclose(g["y"], e["y"]) and torch.equal(g["x0"], e["x0"])

@@ -66,6 +66,8 @@ def _apply_flags(flags: dict[str, Any]) -> None:
 def _collect(trainer: Any, results: Any, rank: int) -> dict[str, Any] | None:
     module = trainer.lightning_module
     state_dict = module.state_dict()  # on every rank: metrics inside the module may sync
+    if trainer.state.fn == TrainerFn.PREDICTING and results is not None:
+        results = _gather_predictions(trainer, results, rank)  # a collective: every rank
     if rank != 0:
         return None
     out: dict[str, Any] = {
@@ -90,3 +92,59 @@ def _to_cpu(value: Any) -> Any:
     from lightning.fabric.utilities.apply_func import move_data_to_device
 
     return move_data_to_device(value, torch.device("cpu"))
+
+
+def _gather_predictions(trainer: Any, results: Any, rank: int) -> Any:
+    """All ranks' predictions on rank 0, per sample in dataset order, batched as the loader batches.
+
+    A DistributedSampler gives rank r the samples r, r + world_size, ... (padded with repeats), so
+    rank 0's batches alone are neither complete nor in order. Lightning records each batch's
+    dataset indices (``_IndexBatchSamplerWrapper``); with them every output is split per sample,
+    duplicates from padding are dropped, and the samples are re-batched in dataset order, which is
+    what a single-process ``predict`` returns.
+    """
+    import torch.distributed as dist
+
+    loaders = trainer.predict_loop._combined_loader.flattened
+    indices = [getattr(dl.batch_sampler, "seen_batch_indices", []) for dl in loaders]
+    per_loader = results if len(loaders) > 1 else [results]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (indices, _to_cpu(per_loader)))
+    if rank != 0:
+        return None
+    merged = []
+    for d, loader in enumerate(loaders):
+        batches = [(idx, out) for rank_indices, rank_outputs in gathered
+                   for idx, out in zip(rank_indices[d], rank_outputs[d])]  # fmt: skip
+        # Lightning rebuilds the loader around a batch sampler, so its own batch_size is None.
+        batch_size = getattr(loader.batch_sampler, "batch_size", None) or loader.batch_size or 1
+        merged.append(_in_dataset_order(batches, batch_size))
+    return merged if len(loaders) > 1 else merged[0]
+
+
+def _in_dataset_order(batches: list[tuple[list[int], Any]], batch_size: int) -> list[Any]:
+    from torch.utils._pytree import tree_flatten, tree_unflatten
+
+    samples: dict[int, Any] = {}
+    for idx, out in batches:
+        leaves, spec = tree_flatten(out)
+        if not leaves or not all(isinstance(x, torch.Tensor) and x.dim() > 0 and len(x) == len(idx) for x in leaves):
+            import warnings
+
+            warnings.warn(
+                "predict outputs are not tensors batched along dim 0, so they cannot be put back in "
+                "dataset order sample by sample; returning all ranks' batches ordered by their first sample",
+                stacklevel=2,
+            )
+            return [out for idx, out in sorted(batches, key=lambda b: b[0][0] if b[0] else 0)]
+        for i, sample_index in enumerate(idx):
+            # First occurrence wins: DistributedSampler pads the last shard with repeats.
+            samples.setdefault(sample_index, (spec, [leaf[i : i + 1] for leaf in leaves]))
+    order = sorted(samples)
+    out_batches = []
+    for start in range(0, len(order), batch_size):
+        chunk = [samples[i] for i in order[start : start + batch_size]]
+        spec = chunk[0][0]
+        leaves = [torch.cat([leaf_parts[j] for _, leaf_parts in chunk]) for j in range(len(chunk[0][1]))]
+        out_batches.append(tree_unflatten(leaves, spec))
+    return out_batches

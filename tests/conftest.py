@@ -71,6 +71,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _pool_owned() -> set[int]:
+    """Processes of pools still running (a module-scoped pool may respawn a rank in a test)."""
+    from lightdist.runner import _live_runners
+
+    owned: set[int] = set()
+    for runner in list(_live_runners):
+        pool = runner._pool
+        if pool is not None and pool.template is not None and pool.is_alive():
+            owned |= {pool.template.pid, *runner.pids.values()}
+    return owned
+
+
 def _lightdist_threads() -> set[threading.Thread]:
     return {t for t in threading.enumerate() if t.name.startswith("lightdist-") and t.is_alive()}
 
@@ -81,8 +93,8 @@ def no_leaks() -> Iterator[None]:
     threads_before = _lightdist_threads()
     env_before = dict(os.environ)
     yield
-    ok = wait_until(lambda: not (descendants() - procs_before), LEAK_GRACE_S)
-    leaked = descendants() - procs_before
+    ok = wait_until(lambda: not (descendants() - procs_before - _pool_owned()), LEAK_GRACE_S)
+    leaked = descendants() - procs_before - _pool_owned()
     threads = _lightdist_threads() - threads_before
     wait_until(lambda: not (_lightdist_threads() - threads_before), 2.0)
     threads = _lightdist_threads() - threads_before

@@ -265,3 +265,51 @@ def test_predict_with_structured_outputs() -> None:
     assert len(got) == len(expected) == 3
     for g, e in zip(got, expected):
         assert g.keys() == e.keys() and torch.allclose(g["y"], e["y"]) and torch.equal(g["x0"], e["x0"])
+
+
+class HoldsALock(Regressor):
+    def __init__(self) -> None:
+        super().__init__()
+        import threading
+
+        self.guard = threading.Lock()
+
+
+def test_a_model_that_cannot_be_sent_names_the_attribute() -> None:
+    with pytest.raises(TypeError, match=r"argument 0\.guard \(lock\) cannot be sent to the lightdist pool"):
+        trainer(max_epochs=1).fit(HoldsALock(), loader())
+
+
+class FailsOnRank1(Regressor):
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        if self.global_rank == 1 and batch_idx == 2:
+            raise ValueError("bad batch on rank 1")
+        return super().training_step(batch, batch_idx)
+
+
+class RecordsException(L.Callback):
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = out_dir
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        Path(self.out_dir, f"on_exception-rank{trainer.global_rank}").write_text(repr(exception))
+
+
+def test_exception_in_training_step_on_rank_1(tmp_path: Path) -> None:
+    """fit raises WorkerError with rank 1's traceback within 2 s (not the collective timeout); the
+    on_exception hooks ran in the ranks; the next fit on the same pool works."""
+    import time
+
+    from lightdist import WorkerError
+
+    t = trainer(callbacks=[RecordsException(str(tmp_path))])
+    started = time.monotonic()
+    with pytest.raises(WorkerError) as info:
+        t.fit(FailsOnRank1(), loader())
+    assert time.monotonic() - started < 2.0 + 1.5  # detection (< 2 s) plus the fit's own start
+    assert info.value.rank == 1 and "bad batch on rank 1" in info.value.remote_traceback
+    assert "training_step" in info.value.remote_traceback
+    assert (tmp_path / "on_exception-rank1").read_text() == "ValueError('bad batch on rank 1')"
+    t2 = trainer(max_epochs=1)
+    t2.fit(Regressor(), loader())
+    assert t2.global_step == STEPS_PER_EPOCH

@@ -46,7 +46,10 @@ class _PoolLauncher(_Launcher):
         if trainer is not None:
             for logger in trainer.loggers:
                 _ = logger.version  # resolve in the driver, so every rank writes the folder it reports
-        job = protocol.dumps((trainer, function, args, kwargs))  # together: function.__self__ is trainer
+        try:
+            job = protocol.dumps((trainer, function, args, kwargs))  # together: function.__self__ is trainer
+        except Exception as exc:
+            raise TypeError(_unpicklable(exc, trainer, args)) from exc
         out = runner.invoke_sync({"job": job, "env": _seed_env(), "flags": _torch_flags()})
         if trainer is not None and out is not None:
             _apply(out, trainer, args)
@@ -115,3 +118,38 @@ def _datamodule_arg(args: tuple[Any, ...]) -> Any:
     from lightning.pytorch import LightningDataModule
 
     return next((a for a in args if isinstance(a, LightningDataModule)), None)
+
+
+def _unpicklable(exc: Exception, trainer: pl.Trainer | None, args: tuple[Any, ...]) -> str:
+    """Name what could not travel to the ranks, down to the attribute, and say what to do."""
+    suspects: list[tuple[str, Any]] = [(f"argument {i}", a) for i, a in enumerate(args) if a is not None]
+    if trainer is not None:
+        suspects += [(f"callback {type(cb).__name__}", cb) for cb in trainer.callbacks]  # type: ignore[attr-defined]
+        suspects += [(f"logger {type(lg).__name__}", lg) for lg in trainer.loggers]
+    for label, obj in suspects:
+        path = _first_unpicklable(obj, label)
+        if path is not None:
+            return (
+                f"{path} cannot be sent to the lightdist pool ({exc}); make it picklable, or create it "
+                "in the ranks (in setup() or configure_model()) instead of in __init__"
+            )
+    return f"the Trainer cannot be sent to the lightdist pool: {exc}"
+
+
+def _first_unpicklable(obj: Any, path: str, depth: int = 0) -> str | None:
+    try:
+        protocol.dumps(obj)
+        return None
+    except Exception:
+        pass
+    children = vars(obj) if hasattr(obj, "__dict__") else {}
+    if isinstance(obj, torch.nn.Module):
+        children = {**children, **dict(obj.named_children())}
+    if depth < 4:
+        for name, value in children.items():
+            if name.startswith("__") or value is obj:
+                continue
+            found = _first_unpicklable(value, f"{path}.{name}", depth + 1)
+            if found is not None:
+                return found
+    return f"{path} ({type(obj).__qualname__})"

@@ -189,6 +189,13 @@ class Pool(RecoveryMixin):
                 call.finished.set()
         return call
 
+    def interrupt(self, call: PendingCall) -> None:
+        """Ask the ranks to stop ``call`` (they see ``cancelled``) but still deliver its reply:
+        cooperative code returns what it has (an interrupted fit returns its state so far)."""
+        with self._lock:
+            if call is self.current and not call.finished.is_set():
+                self._stop_running(call)
+
     def cancel(self, call: PendingCall) -> None:
         """The caller gave up on ``call`` (timeout, task cancelled, Ctrl-C, stream closed)."""
         with self._lock:
@@ -286,8 +293,14 @@ class Pool(RecoveryMixin):
         if call is not None and call.failed_at is not None and call.pending:
             expires = call.failed_at + self.config.grace_period
             if now >= expires:  # still running a failed or cancelled call: stuck
+                stuck = sorted(call.pending)
                 self._kill(call.pending, "did not finish a failed or cancelled call within the grace period")
                 call.pending.clear()
+                if not call.failed:  # an interrupted call whose caller still waits for its reply
+                    call.failed = True
+                    call.push(Event(ERROR, TimeoutError(
+                        f"ranks {stuck} did not stop within the grace period "
+                        f"({self.config.grace_period} s) and were replaced")))  # fmt: skip
                 self._finish(call)
             else:
                 due.append(expires)

@@ -256,6 +256,29 @@ class DistributedRunner:
             pool.cancel(call)
             raise
 
+    def invoke_interruptible(self, payload: dict[str, Any] = {}) -> tuple[Any, bool]:  # noqa: B006
+        """Like :meth:`invoke_sync`, but Ctrl-C asks the ranks to stop and still waits for their reply.
+
+        Returns ``(value, interrupted)``. Worker code that polls ``cancelled`` can return what it has
+        (the Lightning layer returns the state of a fit stopped at a batch all ranks agreed on).
+        Ranks that do not return within ``grace_period`` are replaced and ``TimeoutError`` is raised;
+        a second Ctrl-C abandons the call (KeyboardInterrupt).
+        """
+        pool, call = self._submit(payload, streaming=False)
+        interrupted = False
+        while True:
+            try:
+                event = pool.wait_event(call, None)
+            except KeyboardInterrupt:
+                if interrupted:
+                    pool.cancel(call)
+                    raise
+                interrupted = True
+                pool.interrupt(call)
+                continue
+            if event.kind in (RESULT, ERROR):
+                return _final_value(event), interrupted
+
     async def stream(
         self,
         payload: dict[str, Any] = {},  # noqa: B006

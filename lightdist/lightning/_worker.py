@@ -13,13 +13,14 @@ import os
 from typing import Any
 
 import torch
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer import call
 from lightning.pytorch.trainer.states import TrainerFn
 
 from lightdist import protocol
 from lightdist.worker import DistributedWorker
 
-__all__ = ["TrainerWorker"]
+__all__ = ["CancelledByCaller", "TrainerWorker"]
 
 
 class TrainerWorker(DistributedWorker):
@@ -30,8 +31,15 @@ class TrainerWorker(DistributedWorker):
         _apply_env(env or {})
         _apply_flags(flags or {})
         trainer, function, args, kwargs = protocol.loads(job)
+        trainer.callbacks.append(_StopWhenCancelled(self))  # this rank's copy only
         try:
             results = function(*args, **kwargs)
+        except CancelledByCaller as exc:
+            # Every rank stopped at the same batch: finish like an interrupted in-process run
+            # (on_exception hooks, teardown) and send back the state reached so far.
+            call._interrupt(trainer, exc)
+            trainer._teardown()
+            results = None
         except BaseException as exc:
             # The launcher calls the entry point directly, so Lightning's own cleanup
             # (_call_and_handle_interrupt) does not run here: on_exception hooks, strategy cleanup,
@@ -40,6 +48,61 @@ class TrainerWorker(DistributedWorker):
             trainer._teardown()
             raise
         return _collect(trainer, results, self.rank)
+
+
+class CancelledByCaller(Exception):
+    """Raised on every rank, at the same batch, when the caller cancelled (Ctrl-C, timeout)."""
+
+
+class _StopWhenCancelled(Callback):
+    """Stops every rank at the same batch once the caller cancels, keeping the pool warm.
+
+    ``worker.cancelled`` turns true on each rank at a slightly different moment, and a rank that
+    stopped alone would leave the others waiting in DDP's all-reduce. So the ranks agree: every
+    ``interval`` batches (chosen from the measured step time so the check costs about one tiny
+    all-reduce per 0.25 s, and the same on every rank) they all-reduce the flag, and all stop
+    at that batch if any rank was cancelled.
+    """
+
+    CALIBRATION_BATCHES = 5
+    CHECK_EVERY_S = 0.25
+
+    def __init__(self, worker: DistributedWorker) -> None:
+        self.worker = worker
+        self.batches = 0
+        self.interval = 1
+        self.started = 0.0
+
+    def _on_batch_end(self, trainer: Any) -> None:
+        import time
+
+        import torch.distributed as dist
+
+        self.batches += 1
+        if self.batches == 1:
+            self.started = time.perf_counter()
+        if self.batches == self.CALIBRATION_BATCHES:
+            per_batch = torch.tensor([(time.perf_counter() - self.started) / (self.batches - 1)],
+                                     device=trainer.strategy.root_device)  # fmt: skip
+            dist.all_reduce(per_batch, op=dist.ReduceOp.MAX)
+            self.interval = max(1, min(1000, int(self.CHECK_EVERY_S / max(per_batch.item(), 1e-6))))
+        if self.batches >= self.CALIBRATION_BATCHES and self.batches % self.interval == 0:
+            flag = torch.tensor([1 if self.worker.cancelled else 0], device=trainer.strategy.root_device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if flag.item():
+                raise CancelledByCaller("the caller cancelled this call")
+
+    def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
+        self._on_batch_end(trainer)
+
+    def on_validation_batch_end(self, trainer: Any, *args: Any) -> None:
+        self._on_batch_end(trainer)
+
+    def on_test_batch_end(self, trainer: Any, *args: Any) -> None:
+        self._on_batch_end(trainer)
+
+    def on_predict_batch_end(self, trainer: Any, *args: Any) -> None:
+        self._on_batch_end(trainer)
 
 
 def _apply_env(env: dict[str, str | None]) -> None:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies.launchers.launcher import _Launcher
+from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from lightdist import protocol
@@ -50,7 +51,12 @@ class _PoolLauncher(_Launcher):
             job = protocol.dumps((trainer, function, args, kwargs))  # together: function.__self__ is trainer
         except Exception as exc:
             raise TypeError(_unpicklable(exc, trainer, args)) from exc
-        out = runner.invoke_sync({"job": job, "env": _seed_env(), "flags": _torch_flags()})
+        # Ctrl-C: the ranks agree on a batch, stop there and send back the state so far, which is
+        # applied like any result. KeyboardInterrupt is not re-raised: Lightning would set SIGINT to
+        # SIG_IGN for good and call sys.exit(1), which in a notebook disables "interrupt kernel".
+        out, interrupted = runner.invoke_interruptible({"job": job, "env": _seed_env(), "flags": _torch_flags()})
+        if interrupted:
+            rank_zero_info("Ctrl-C: every rank stopped at the same batch; the pool stays warm")
         if trainer is not None and out is not None:
             _apply(out, trainer, args)
         return None if out is None else out["results"]

@@ -313,3 +313,48 @@ def test_exception_in_training_step_on_rank_1(tmp_path: Path) -> None:
     t2 = trainer(max_epochs=1)
     t2.fit(Regressor(), loader())
     assert t2.global_step == STEPS_PER_EPOCH
+
+
+class SlowSteps(Regressor):
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        import time
+
+        time.sleep(0.4)  # few, slow steps: too few scalars to fill the event file's buffer
+        return super().training_step(batch, batch_idx)
+
+
+def test_tensorboard_sees_the_loss_while_the_fit_runs(tmp_path: Path) -> None:
+    """TensorBoard's own reader finds train_loss scalars in the log dir before fit returns, and all
+    of them after: rank 0 writes the folder the driver's logger names, and Lightning flushes the
+    event file after each log_metrics, so a running `tensorboard --logdir` shows the fit live."""
+    import threading
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = TensorBoardLogger(tmp_path, name="live")
+    t = trainer(logger=logger, max_epochs=5, log_every_n_steps=1)  # 20 steps of ~0.4 s
+    fit = threading.Thread(target=t.fit, args=(SlowSteps(), loader()))
+    fit.start()
+    seen_while_running = 0
+    try:
+        deadline = __import__("time").monotonic() + 60
+        while fit.is_alive() and __import__("time").monotonic() < deadline:
+            if not (tmp_path / "live" / "version_0").is_dir():  # rank 0 has not created it yet
+                __import__("time").sleep(0.2)
+                continue
+            run = EventAccumulator(str(tmp_path / "live" / "version_0"))
+            run.Reload()
+            if "train_loss" in run.Tags().get("scalars", []):
+                seen_while_running = len(run.Scalars("train_loss"))
+                if seen_while_running:
+                    break
+            __import__("time").sleep(0.5)
+        assert fit.is_alive() and seen_while_running > 0, "no scalar visible while the fit was running"
+    finally:
+        fit.join(timeout=120)
+    assert not fit.is_alive()
+    run = EventAccumulator(str(tmp_path / "live" / "version_0"))
+    run.Reload()
+    steps = [event.step for event in run.Scalars("train_loss")]
+    assert len(steps) == 5 * STEPS_PER_EPOCH and steps == sorted(steps)
+    assert seen_while_running < len(steps)

@@ -120,8 +120,14 @@ class Template:
         if len(rest) > _MAX_PARTIAL_LINE:
             lines.append(rest)
             rest = b""
-        if lines:
-            self._write(rank.target[fd], b"".join(rank.prefix + line + b"\n" for line in lines))
+        out = b"".join(rank.prefix + _prefix_redraws(line.rstrip(b"\r"), rank.prefix) + b"\n" for line in lines)
+        if b"\r" in rest:
+            # A progress bar redraws its line with "\r" and no newline: pass each redraw on now,
+            # prefixed and still ending in "\r", so a terminal or notebook redraws it in place.
+            done, rest = rest.rsplit(b"\r", 1)
+            out += rank.prefix + _prefix_redraws(done, rank.prefix) + b"\r"
+        if out:
+            self._write(rank.target[fd], out)
         rank.partial[fd] = rest
         return True
 
@@ -186,6 +192,10 @@ class Template:
                 else:
                     self.forward(rank, fd)
         self.kill_all()
+
+
+def _prefix_redraws(data: bytes, prefix: bytes) -> bytes:
+    return data.replace(b"\r", b"\r" + prefix)
 
 
 def _close(fd: int) -> None:

@@ -80,3 +80,30 @@ def test_no_keepalive_by_default(echo_pool: DistributedRunner) -> None:
     first = echo_pool.invoke_sync({"probe": 1})["calls"]
     time.sleep(0.5)
     assert echo_pool.invoke_sync({"probe": 2})["calls"] == first + 1
+
+
+class Redraws(DistributedWorker):
+    def __call__(self, streaming: bool = False) -> None:
+        import time
+
+        for pct in (10, 20, 30):
+            sys.stderr.write(f"\rprogress {pct}%")
+            sys.stderr.flush()
+            time.sleep(0.05)
+        sys.stderr.write("\n")
+
+
+def test_carriage_return_redraws_pass_through_prefixed(capsys: pytest.CaptureFixture[str]) -> None:
+    """A progress bar's "\\r" redraws reach the driver as they happen, each prefixed, so the line
+    redraws in place instead of arriving as one long line at the end."""
+    with DistributedRunner(Redraws, world_size=1) as runner:
+        runner.invoke_sync(timeout=30)
+        seen = {"err": ""}
+
+        def arrived() -> bool:
+            seen["err"] += capsys.readouterr().err
+            return "progress 30%" in seen["err"] and seen["err"].endswith("\n")
+
+        assert wait_until(arrived, 10), seen
+    redraws = seen["err"][seen["err"].index("[rank 0] \r[rank 0] progress 10%") :]
+    assert redraws.startswith("[rank 0] \r[rank 0] progress 10%\r[rank 0] progress 20%\r[rank 0] progress 30%\n")

@@ -43,3 +43,5 @@ def __getattr__(name: str) -> object:
 
 if "lightning" in sys.modules:  # register Trainer(strategy="lightdist") if Lightning is in use already
     import lightdist.lightning  # noqa: F401,E402
+if "pytorch_lightning" in sys.modules:  # the standalone package's Trainer has its own registry
+    import lightdist.pytorch_lightning  # noqa: F401,E402

@@ -94,8 +94,11 @@ class PoolStrategy(DDPStrategy):
             with _pools_lock:
                 runner = _pools.get(key)
                 if runner is None:
+                    # The ranks preload the Lightning package this strategy belongs to (lightning or
+                    # pytorch_lightning, see lightdist.pytorch_lightning), so a fit pays no import.
+                    package = DDPStrategy.__module__.split(".")[0]
                     runner = DistributedRunner(TrainerWorker, world_size=key[0], accelerator=accelerator,
-                                               preload=("lightning",))  # fmt: skip
+                                               preload=(package,))  # fmt: skip
                     _pools[key] = runner
             self._runner = runner
         if not self._runner.is_alive():

@@ -41,3 +41,22 @@ def test_recovery_benchmark_prints_its_table(tmp_path: Path) -> None:
     # What the caller saw after the kill during a call: the killed rank's death, by name.
     assert [run["error"] for run in data["kill_during_call"]] == ["WorkerDiedError(rank 0)"], data
     assert len(data["raise_in_collective"]) == len(data["kill_while_idle"]) == 1, data
+
+
+def test_lightning_benchmark_prints_its_table(tmp_path: Path) -> None:
+    out_json = tmp_path / "lightning.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "lightdist.bench", "lightning", "--fits", "2", "--steps", "5",
+         "--throughput-steps", "20", "--throughput-repeats", "1", "--json", str(out_json)],
+        capture_output=True, text=True, timeout=110,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    rows = ("pool fit 1, includes pool start", "ddp_spawn fit, fit 2", "ddp_spawn runs died at exit",
+            "pool fit, fit 2", "warm ddp fit 1", "pool training, 10 steps (steps/s)")  # fmt: skip
+    for row in rows:
+        assert row in proc.stdout, proc.stdout
+    data = json.loads(out_json.read_text())
+    assert len(data["pool_s"]) == len(data["ddp_s"]) == len(data["spawn_s"]) == 2, data
+    # rank 0's steps/s came back: through the pool's callback_metrics and the script's result line
+    assert data["pool_steps_per_s"][0] > 0 and data["ddp_steps_per_s"][0] > 0, data
+    assert data["ddp_exit_code"] == 0, data

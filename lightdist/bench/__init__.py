@@ -1,5 +1,6 @@
 """``python -m lightdist.bench pool [--repeats 3] [--items 20000] [--calls 2000] [--json out.json]``
 ``python -m lightdist.bench recovery [--repeats 5] [--grace 2.0] [--json out.json]``
+``python -m lightdist.bench lightning [--fits 5] [--steps 20] [--throughput-steps 300] [--json out.json]``
 
 ``pool`` measures a real pool on this machine and prints one table, each number next to a baseline or
 floor measured in the same command, so that the ratio holds however busy the machine is:
@@ -19,6 +20,10 @@ a shared machine shifts both sides of a ratio alike.
 ``--repeats``: SIGKILL of a rank during a call until ``WorkerDiedError``, an exception on rank 1
 (while rank 0 waits in ``all_reduce``) until ``WorkerError``, and after each, and after a rank killed
 while idle, the time until a call succeeds again; next to a fresh pool start measured in the same run.
+
+``lightning`` fits a tiny MLP on 2 CPU ranks: consecutive short fits with ``strategy="lightdist"``
+against ``ddp_spawn`` and against an already-warm native DDP group (a ``strategy="ddp"`` script),
+and a longer fit's training throughput against native DDP.
 
 No timing is asserted anywhere: a missed target prints FAIL and the exit code stays 0.
 """

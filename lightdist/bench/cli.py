@@ -33,6 +33,12 @@ def _seconds(text: str) -> float:
     return float(text)
 
 
+def _run_lightning(args: argparse.Namespace) -> dict[str, Any]:
+    from lightdist.bench.lightning import run_lightning  # imports Lightning: only for this subcommand
+
+    return run_lightning(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     description = "lightdist benchmarks: each number next to a baseline measured in the same run"
     parser = argparse.ArgumentParser(prog="python -m lightdist.bench", description=description)
@@ -49,8 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
     recovery.add_argument("--repeats", type=_positive, default=5, help="times each failure is measured")
     recovery.add_argument("--grace", type=_seconds, default=2.0, help="the pool's grace_period (its default: 2.0)")
     recovery.set_defaults(func=run_recovery)
-    # A `lightning` subcommand (fit on a warm pool vs ddp_spawn) registers here the same way:
-    # add_parser(..., parents=[common]) and set_defaults(func=run_lightning) returning its raw numbers.
+    lightning = commands.add_parser("lightning", parents=[common],
+                                    help="Trainer fits on the warm pool vs ddp_spawn and a warm ddp group")  # fmt: skip
+    lightning.add_argument("--fits", type=_positive, default=5, help="fits per contender (the first is cold)")
+    lightning.add_argument("--steps", type=_positive, default=20, help="training steps per fit")
+    lightning.add_argument("--throughput-steps", type=_positive, default=300,
+                           help="steps of the throughput fit (timed after the first 10)")
+    lightning.add_argument("--throughput-repeats", type=_positive, default=5,
+                           help="throughput fits per contender (median)")
+    lightning.set_defaults(func=_run_lightning)
     return parser
 
 

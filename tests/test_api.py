@@ -120,20 +120,6 @@ def test_unpicklable_payload_names_the_key(pool: DistributedRunner) -> None:
     assert pool.invoke_sync(timeout=30)[0]["rank"] == 0
 
 
-def test_async_invoke_and_task_cancellation(pool: DistributedRunner) -> None:
-    """Cancelling the awaiting task cancels the call on the ranks; the next call works."""
-
-    async def main() -> object:
-        task = asyncio.create_task(pool.invoke({"what": "sleep", "seconds": 30}))
-        await asyncio.sleep(0.3)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        return await pool.invoke({"what": "seen_cancel"}, timeout=30)
-
-    assert asyncio.run(main()) is True
-
-
 def test_cwd_sets_the_workers_directory(tmp_path: Path) -> None:
     """cwd= is the ranks' working directory for setup and calls."""
     runner = DistributedRunner(Introspect, world_size=2, cwd=tmp_path)

@@ -102,7 +102,9 @@ class Pool(RecoveryMixin):
         self._recovery_pending: set[int] = set()
         self._recovery_deadline: float | None = None
         self._recovery_started = 0.0
+        self._recovery_restarts = 0
         self.recoveries = 0
+        self.last_recovery_seconds: float | None = None
         self._last_activity = time.monotonic()
         self._io_stop = False
         self._leader: int | None = None  # ident of the blocking caller receiving for the pool
@@ -115,7 +117,9 @@ class Pool(RecoveryMixin):
         """Spawn the template, host the store and fork every rank; READY/FAILED arrive on ``startup``."""
         cfg = self.config
         self._start_timeout = start_timeout
-        self.template = TemplateProcess(list(cfg.imports), cfg.cwd, self._rank_exited, self._template_lost)
+        self.template = TemplateProcess(
+            list(cfg.imports), cfg.cwd, self._rank_exited, self._template_lost, cleanup_dir=self._ipc_dir
+        )
         import torch.distributed as dist  # after the template started: both import in parallel
 
         self._store = dist.TCPStore(  # type: ignore[attr-defined]

@@ -47,6 +47,7 @@ class TemplateProcess:
         cwd: str | None,
         on_exit: Callable[[RankExit], None],
         on_template_lost: Callable[[str], None],
+        cleanup_dir: str | None = None,
     ) -> None:
         self._on_exit = on_exit
         self._on_template_lost = on_template_lost
@@ -75,7 +76,8 @@ class TemplateProcess:
         finally:
             os.close(control_w)
         self._control = os.fdopen(control_r, "rb")
-        self._send({"control_fd": control_w, "imports": imports, "sys_path": _importable_sys_path()})
+        self._send({"control_fd": control_w, "imports": imports, "sys_path": _importable_sys_path(),
+                    "cleanup_dir": cleanup_dir})  # fmt: skip
         self._monitor = threading.Thread(target=self._watch, name="lightdist-monitor", daemon=True)
         self._output = threading.Thread(target=self._forward_output, name="lightdist-output", daemon=True)
         self._monitor.start()

@@ -34,15 +34,37 @@ _PR_SET_PDEATHSIG = 1
 def error_report(exc: BaseException) -> bytes:
     """An exception as plain data: the driver can always read it, whatever classes it has.
 
-    ``in_collective`` says whether it was raised inside torch.distributed (a timed-out or failed
-    collective): the group may then be unusable, so the driver rebuilds it before the next call.
+    ``in_collective`` says whether it came out of a collective (a timed-out or failed one, in
+    torch.distributed or in DDP's reducer): the group may then be unusable, so the driver rebuilds
+    it before the next call.
     """
     cls = type(exc)
     name = cls.__qualname__ if cls.__module__ in ("builtins", "__main__") else f"{cls.__module__}.{cls.__qualname__}"
     tb = "".join(traceback.format_exception(cls, exc, exc.__traceback__))
-    frames = traceback.extract_tb(exc.__traceback__)
-    in_collective = any(f"torch{os.sep}distributed{os.sep}" in frame.filename for frame in frames)
-    return protocol.dumps({"exc_type": name, "message": str(exc), "traceback": tb, "in_collective": in_collective})
+    return protocol.dumps({"exc_type": name, "message": str(exc), "traceback": tb, "in_collective": _from_collective(exc)})
+
+
+_COLLECTIVE_FILES = (f"torch{os.sep}distributed{os.sep}", f"torch{os.sep}nn{os.sep}parallel{os.sep}")
+_COLLECTIVE_MARKERS = ("gloo", "nccl", "processgroup", "connection closed by peer", "connection reset by peer")
+
+
+def _from_collective(exc: BaseException) -> bool:
+    # Walk the whole chain (user code often re-raises: `raise X from exc`). DDP runs its
+    # all-reduce from C++ autograd, so a failure there shows no torch.distributed frame: the
+    # backends' messages and torch's Dist*Error types tell instead.
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if type(current).__module__.startswith("torch.distributed") or type(current).__name__.startswith("Dist"):
+            return True
+        if any(f.filename and any(m in f.filename for m in _COLLECTIVE_FILES) for f in traceback.extract_tb(current.__traceback__)):
+            return True
+        message = str(current).lower()
+        if any(marker in message for marker in _COLLECTIVE_MARKERS):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def rank_main(boot: dict[str, Any], template_pid: int) -> int:

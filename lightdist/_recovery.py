@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 __all__ = ["RecoveryMixin"]
 
 log = logging.getLogger("lightdist")
+MAX_RECOVERY_RESTARTS = 3  # ranks dying again while recovery restarts them: give up after this many
 
 
 class RecoveryMixin:
@@ -53,7 +54,8 @@ class RecoveryMixin:
     _recovery_pending: set[int]
     _recovery_deadline: float | None
     _recovery_started: float
-    last_recovery_seconds: float
+    _recovery_restarts: int
+    last_recovery_seconds: float | None
 
     if TYPE_CHECKING:
         _queue: collections.deque[PendingCall]
@@ -78,6 +80,14 @@ class RecoveryMixin:
             log.warning("%s; recovering the pool", err)
             call = self.current
             if self.state == "recovering":
+                self._recovery_restarts += 1
+                if self._recovery_restarts > MAX_RECOVERY_RESTARTS:
+                    # A respawned rank that dies in setup every time would loop forever.
+                    self._on_broken(RuntimeError(
+                        f"the pool could not recover: ranks kept dying while it restarted them "
+                        f"({MAX_RECOVERY_RESTARTS} restarts; last: {err}); fix the cause and call start() again"
+                    ))  # fmt: skip
+                    return
                 self._recover(everything=True)  # a second failure: start every rank afresh
             elif call is not None:
                 call.pending.discard(info.rank)
@@ -109,6 +119,8 @@ class RecoveryMixin:
     def _recover(self, everything: bool = False) -> None:
         """Respawn lost ranks (setup runs again with the original kwargs) and rebuild the group on a
         fresh store prefix; the other ranks keep their state. Calls queue until it is done."""
+        if not everything:
+            self._recovery_restarts = 0  # a new episode (restarts within one are counted and capped)
         if everything:
             self._kill(set(range(self.world_size)), "was alive when recovery had to start over")
         self.state = "recovering"
@@ -146,6 +158,7 @@ class RecoveryMixin:
             self.startup.push(Event(ERROR, err))
         self.state = "broken"
         self.broken = err
+        self._idle_death = None  # superseded: the broken pool's error says more
         self._recovery_deadline = None
         for call in [*([self.current] if self.current else []), *self._queue]:
             if not call.failed:

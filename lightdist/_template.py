@@ -48,6 +48,7 @@ class Template:
         self.control_fd = control_fd
         self.parent = os.getppid()
         self.ranks: dict[int, _Rank] = {}  # by pid
+        self.cleanup_dir: str | None = None  # the pool's private ipc directory
         self.stdin_buf = b""
 
     # --- driver channels -------------------------------------------------------------------------
@@ -166,12 +167,20 @@ class Template:
             except OSError:
                 pass
 
+    def driver_gone(self) -> None:
+        """The driver died without stopping the pool: remove what it would have removed."""
+        if self.cleanup_dir:
+            import shutil
+
+            shutil.rmtree(self.cleanup_dir, ignore_errors=True)
+
     # --- main loop -------------------------------------------------------------------------------
     def serve(self) -> None:
         while True:
             watched = [0, *self._fds()]
             readable, _, _ = select.select(watched, [], [], 1.0)
             if os.getppid() != self.parent:  # the driver died without closing the pipe
+                self.driver_gone()
                 break
             by_fd = {fd: r for r in self.ranks.values() for fd in [r.pidfd, *r.partial]}
             for fd in readable:
@@ -179,6 +188,8 @@ class Template:
                     commands = self.read_commands()
                     if commands is None:
                         self.kill_all()
+                        if os.getppid() != self.parent:
+                            self.driver_gone()
                         return
                     for cmd in commands:
                         if cmd["op"] == "spawn":
@@ -221,6 +232,7 @@ def main() -> None:
     init = pickle.loads(_read_exact(0, size))
     control_fd = init["control_fd"]
     template = Template(control_fd)
+    template.cleanup_dir = init.get("cleanup_dir")
     try:
         os.environ.update(init.get("env", {}))
         for path in reversed(init.get("sys_path", [])):

@@ -59,7 +59,7 @@ _HEADER = struct.Struct("!BBQiQ")
 
 
 class Kind(enum.IntEnum):
-    """Message kinds. Driver → worker: CALL, CANCEL, PING, EXIT. Worker → driver: the rest."""
+    """Message kinds. Driver → worker: CALL, CANCEL, PING, EXIT, REBUILD. Worker → driver: the rest."""
 
     READY = 1  # setup finished on this rank
     FAILED = 2  # setup raised on this rank; payload: error report

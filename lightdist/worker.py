@@ -92,8 +92,8 @@ class DistributedWorker:
     def cancelled(self) -> bool:
         """True once the caller cancelled the running call (timeout, task cancel, Ctrl-C).
 
-        Long ``__call__`` bodies should poll it and return early. A rank that ignores it keeps the
-        pool busy until its call returns (or ``stop()`` escalates to signals).
+        Long ``__call__`` bodies should poll it and return early; a rank still running the call
+        ``grace_period`` seconds after the cancel is killed and replaced (its ``setup`` runs again).
         """
         return self._link is not None and self._link.cancel_event.is_set()
 

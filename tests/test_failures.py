@@ -292,7 +292,7 @@ class W(DistributedWorker):
 
 runner = DistributedRunner(W, world_size=2)
 runner.start_sync(timeout=120)
-print(runner._pool.template.pid, *runner.pids.values(), flush=True)
+print(runner._pool._ipc_dir, runner._pool.template.pid, *runner.pids.values(), flush=True)
 time.sleep(120)
 """
 
@@ -303,11 +303,13 @@ def test_workers_exit_when_the_driver_is_sigkilled(tmp_path: Path) -> None:
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
-        pids = [int(p) for p in proc.stdout.readline().split()]
-        assert len(pids) == 3 and all(pid_alive(p) for p in pids)
+        ipc_dir, *fields = proc.stdout.readline().split()
+        pids = [int(p) for p in fields]
+        assert len(pids) == 3 and all(pid_alive(p) for p in pids) and Path(ipc_dir).is_dir()
         proc.kill()
         proc.wait(timeout=10)
         assert wait_until(lambda: not any(pid_alive(p) for p in pids), 5), [p for p in pids if pid_alive(p)]
+        assert wait_until(lambda: not Path(ipc_dir).exists(), 5), "the template removes the pool's ipc directory"
     finally:
         proc.kill()
 
@@ -397,3 +399,61 @@ def test_calls_from_many_threads_each_get_their_own_result() -> None:
         for t in range(4):  # each thread's calls ran in the order it made them
             mine = [i for i in order if i // 100 == t]
             assert mine == sorted(mine)
+
+
+# --- recovery edge cases ------------------------------------------------------------------------
+
+
+class DDPInSetup(DistributedWorker):
+    """The seed's DDP pattern, with the hook that re-wraps the model after a group rebuild."""
+
+    def setup(self) -> None:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        self.ddp = DDP(torch.nn.Linear(4, 1))
+
+    def on_process_group_rebuilt(self) -> None:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        self.ddp = DDP(self.ddp.module)
+
+    def __call__(self, streaming: bool = False, fail: bool = False) -> str:
+        if fail and self.rank == 1:
+            raise ValueError("rank 1 gives up before backward")
+        self.ddp(torch.ones(2, 4)).sum().backward()  # rank 0 times out in DDP's all-reduce
+        return "ok"
+
+
+def test_collective_failure_inside_ddp_rebuilds_the_group() -> None:
+    """A gloo timeout raised from DDP's reducer (no torch.distributed frame) still counts as a
+    failed collective: the group is rebuilt, the hook re-wraps DDP, and later calls work."""
+    runner = DistributedRunner(DDPInSetup, world_size=2, timeout=2, grace_period=10)
+    runner.start_sync(timeout=120)
+    try:
+        with pytest.raises(WorkerError):
+            runner.invoke_sync({"fail": True}, timeout=60)
+        for _ in range(3):
+            assert runner.invoke_sync(timeout=60) == "ok"
+        assert runner._pool.recoveries == 1  # type: ignore[union-attr]
+    finally:
+        runner.stop_sync(timeout=2)
+
+
+class DiesInSetupWhenFlagged(DistributedWorker):
+    def setup(self, flag: str = "") -> None:
+        if self.rank == 1 and os.path.exists(flag):
+            os._exit(5)  # e.g. the OOM killer, every time the respawned rank loads its model
+
+
+def test_a_rank_that_keeps_dying_in_setup_breaks_the_pool_instead_of_looping(tmp_path: Path) -> None:
+    flag = tmp_path / "die"
+    runner = DistributedRunner(DiesInSetupWhenFlagged, world_size=2)
+    runner.start_sync(timeout=120, flag=str(flag))
+    try:
+        flag.touch()
+        os.kill(runner.pids[1], signal.SIGKILL)
+        assert wait_until(lambda: not runner.is_alive(), 10)
+        with pytest.raises(RuntimeError, match="ranks kept dying while it restarted them"):
+            runner.invoke_sync(timeout=10)
+    finally:
+        runner.stop_sync(timeout=1)

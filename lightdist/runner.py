@@ -17,7 +17,7 @@ import sys
 import threading
 import warnings
 import weakref
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -256,15 +256,20 @@ class DistributedRunner:
             pool.cancel(call)
             raise
 
-    def invoke_interruptible(self, payload: dict[str, Any] = {}) -> tuple[Any, bool]:  # noqa: B006
+    def invoke_interruptible(
+        self,
+        payload: dict[str, Any] = {},  # noqa: B006
+        on_item: Callable[[Any], None] | None = None,
+    ) -> tuple[Any, bool]:
         """Like :meth:`invoke_sync`, but Ctrl-C asks the ranks to stop and still waits for their reply.
 
         Returns ``(value, interrupted)``. Worker code that polls ``cancelled`` can return what it has
         (the Lightning layer returns the state of a fit stopped at a batch all ranks agreed on).
-        Ranks that do not return within ``grace_period`` are replaced and ``TimeoutError`` is raised;
-        a second Ctrl-C abandons the call (KeyboardInterrupt).
+        With ``on_item`` the call streams (``streaming=True``) and each item of rank 0 is passed to
+        it as it arrives, in order. Ranks that do not return within ``grace_period`` are replaced
+        and ``TimeoutError`` is raised; a second Ctrl-C abandons the call (KeyboardInterrupt).
         """
-        pool, call = self._submit(payload, streaming=False)
+        pool, call = self._submit(payload, streaming=on_item is not None)
         interrupted = False
         while True:
             try:
@@ -276,7 +281,9 @@ class DistributedRunner:
                 interrupted = True
                 pool.interrupt(call)
                 continue
-            if event.kind in (RESULT, ERROR):
+            if event.kind == ITEM and on_item is not None:
+                on_item(protocol.loads(event.value)[0])
+            elif event.kind in (RESULT, ERROR):
                 return _final_value(event), interrupted
 
     async def stream(

@@ -13,11 +13,12 @@ import os
 from typing import Any
 
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ProgressBar
 from lightning.pytorch.trainer import call
 from lightning.pytorch.trainer.states import TrainerFn
 
 from lightdist import protocol
+from lightdist.lightning.events import EventStreamer
 from lightdist.worker import DistributedWorker
 
 __all__ = ["CancelledByCaller", "TrainerWorker"]
@@ -31,7 +32,11 @@ class TrainerWorker(DistributedWorker):
         _apply_env(env or {})
         _apply_flags(flags or {})
         trainer, function, args, kwargs = protocol.loads(job)
-        trainer.callbacks.append(_StopWhenCancelled(self))  # this rank's copy only
+        # This rank's copy of the Trainer: the driver draws the one progress bar from rank 0's events.
+        trainer.callbacks[:] = [cb for cb in trainer.callbacks if not isinstance(cb, ProgressBar)]
+        trainer.callbacks.append(_StopWhenCancelled(self))
+        if streaming and self.rank == 0:
+            trainer.callbacks.append(EventStreamer(self))
         try:
             results = function(*args, **kwargs)
         except CancelledByCaller as exc:

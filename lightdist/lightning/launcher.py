@@ -21,6 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from lightdist import protocol
+from lightdist.lightning.events import DriverProgressBar
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -54,7 +55,28 @@ class _PoolLauncher(_Launcher):
         # Ctrl-C: the ranks agree on a batch, stop there and send back the state so far, which is
         # applied like any result. KeyboardInterrupt is not re-raised: Lightning would set SIGINT to
         # SIG_IGN for good and call sys.exit(1), which in a notebook disables "interrupt kernel".
-        out, interrupted = runner.invoke_interruptible({"job": job, "env": _seed_env(), "flags": _torch_flags()})
+        bar = DriverProgressBar() if trainer is not None and trainer.progress_bar_callback is not None else None
+        hub = self._strategy.hub
+
+        def on_event(event: dict[str, Any]) -> None:
+            if bar is not None:
+                bar(event)
+            hub.publish(event)
+
+        fn = trainer.state.fn.value if trainer is not None and trainer.state.fn is not None else None
+        outcome: dict[str, Any] = {"event": "end", "fn": fn, "interrupted": False, "error": None}
+        try:
+            out, interrupted = runner.invoke_interruptible(
+                {"job": job, "env": _seed_env(), "flags": _torch_flags()}, on_item=on_event
+            )
+            outcome["interrupted"] = interrupted
+        except BaseException as exc:
+            outcome["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+            hub.publish(outcome)
         if interrupted:
             rank_zero_info("Ctrl-C: every rank stopped at the same batch; the pool stays warm")
         if trainer is not None and out is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import warnings
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import torch
@@ -21,6 +22,7 @@ from typing_extensions import override
 
 from lightdist.lightning._worker import TrainerWorker
 from lightdist.lightning.environment import PoolEnvironment
+from lightdist.lightning.events import EventHub
 from lightdist.lightning.launcher import _PoolLauncher
 from lightdist.runner import DistributedRunner
 
@@ -44,13 +46,20 @@ class PoolStrategy(DDPStrategy):
         runner: an explicit pool (a started or unstarted ``DistributedRunner`` of
             :class:`~lightdist.lightning.TrainerWorker`); by default a process-wide pool per
             (world size, accelerator) is used.
+        on_event: called in the driver with each progress event of rank 0 while a call runs
+            (see :mod:`lightdist.lightning.events`); :meth:`events` is the ``async for`` form.
         **kwargs: as for ``DDPStrategy`` (e.g. ``find_unused_parameters``). ``timeout`` and
             ``process_group_backend`` do not apply: the pool owns the process group.
     """
 
     strategy_name = "lightdist"
 
-    def __init__(self, runner: DistributedRunner | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        runner: DistributedRunner | None = None,
+        on_event: Callable[[dict[str, Any]], None] | None = None,
+        **kwargs: Any,
+    ) -> None:
         for name in ("timeout", "process_group_backend", "start_method"):
             if name in kwargs:
                 kwargs.pop(name)
@@ -67,6 +76,16 @@ class PoolStrategy(DDPStrategy):
         kwargs.setdefault("cluster_environment", PoolEnvironment())
         super().__init__(**kwargs)
         self._runner = runner
+        self.hub = EventHub()
+        if on_event is not None:
+            self.hub.listeners.append(on_event)
+
+    def events(self) -> AsyncIterator[dict[str, Any]]:
+        """``async for event in strategy.events()``: the events of the next (or running) Trainer call
+        on this strategy, as rank 0 sends them, ending with an ``end`` event (see
+        :mod:`lightdist.lightning.events`). Start iterating before the call, e.g. from a server's
+        event loop while ``fit`` runs in a worker thread."""
+        return self.hub.events()
 
     # --- driver side -----------------------------------------------------------------------------
     @override
@@ -112,6 +131,7 @@ class PoolStrategy(DDPStrategy):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_runner"] = None  # the pool's handle stays in the driver
+        state["hub"] = None  # so do the event listeners
         return state
 
     # --- rank side -------------------------------------------------------------------------------

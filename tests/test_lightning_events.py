@@ -1,0 +1,119 @@
+"""Progress of a pool fit streamed to the driver while it runs: listeners, one driver-side progress
+bar, and an SSE endpoint forwarding the events of a running fit (issue: PoolStrategy, item 7)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import lightning as L
+import pytest
+import torch
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import StreamingResponse
+from starlette.routing import Route
+
+from lightdist import DistributedRunner, PoolStrategy, protocol
+from lightdist.lightning import TrainerWorker
+from lightdist.lightning import strategy as strategy_module
+from tests.conftest import wait_until
+from tests.test_lightning import Regressor, loader
+from tests.test_sse import serve
+
+STEP_S = 0.15
+
+
+class Slow(Regressor):
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        time.sleep(STEP_S)
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def shared_pool() -> Iterator[None]:
+    runner = DistributedRunner(TrainerWorker, world_size=2, accelerator="cpu", preload=("lightning",))
+    runner.start_sync(timeout=120)
+    strategy_module._pools[(2, "cpu")] = runner
+    yield
+    for r in list(strategy_module._pools.values()):
+        r.stop_sync()
+    strategy_module._pools.clear()
+
+
+def fit_trainer(strategy: PoolStrategy, **kwargs: Any) -> L.Trainer:
+    options: dict[str, Any] = dict(strategy=strategy, accelerator="cpu", devices=2, max_epochs=2, logger=False,
+                                   enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False)
+    options.update(kwargs)  # fmt: skip
+    return L.Trainer(**options)
+
+
+def test_every_step_arrives_in_order_while_the_fit_runs() -> None:
+    seen: list[tuple[float, dict[str, Any]]] = []
+    strategy = PoolStrategy(on_event=lambda event: seen.append((time.monotonic(), event)))
+    t = fit_trainer(strategy, val_check_interval=1.0)
+    t.fit(Slow(), loader(), loader())
+    returned = time.monotonic()
+    kinds = [e["event"] for _, e in seen]
+    assert kinds[0] == "start" and kinds[-1] == "end" and seen[-1][1]["error"] is None
+    batches = [e for _, e in seen if e["event"] == "train_batch"]
+    assert [e["step"] for e in batches] == list(range(1, 9))
+    assert all("train_loss" in e["metrics"] for e in batches)
+    assert [e["epoch"] for _, e in seen if e["event"] == "epoch_end"] == [0, 1]
+    assert [e["event"] for _, e in seen].count("validation") == 2
+    assert all("val_loss" in e["metrics"] for _, e in seen if e["event"] == "validation")
+    first_step_at = next(ts for ts, e in seen if e["event"] == "train_batch")
+    assert returned - first_step_at > 5 * STEP_S, "step 1 arrived only at the end: not streamed"
+
+
+def test_the_driver_draws_the_only_progress_bar(capsys: pytest.CaptureFixture[str]) -> None:
+    t = fit_trainer(PoolStrategy(), max_epochs=1, enable_progress_bar=True)
+    t.fit(Regressor(), loader())
+    err = ""
+
+    def settled() -> bool:  # rank output arrives asynchronously: give it time to show up if any
+        nonlocal err
+        err += capsys.readouterr().err
+        return False
+
+    wait_until(settled, 1.0)
+    assert "Epoch 0" in err and "4/4" in err, err
+    assert "[rank 0] Epoch" not in err and "[rank 1] Epoch" not in err, err
+
+
+def test_a_service_forwards_a_running_fit_as_server_sent_events() -> None:
+    strategy = PoolStrategy()
+    t = fit_trainer(strategy)
+    fit = threading.Thread(target=t.fit, args=(Slow(), loader()), name="test-fit")
+
+    async def endpoint(request: Request) -> StreamingResponse:
+        events = strategy.events()  # registered now: no event of the fit can be missed
+        fit.start()
+
+        async def sse() -> Any:
+            async for event in events:
+                yield protocol.encode_text_event(event)
+
+        return StreamingResponse(sse(), media_type="text/event-stream")
+
+    server, thread, port = serve(Starlette(routes=[Route("/fit", endpoint)]))
+    received: list[tuple[float, dict[str, Any]]] = []
+    try:
+        with httpx.stream("GET", f"http://127.0.0.1:{port}/fit", timeout=60) as response:
+            assert response.headers["content-type"].startswith("text/event-stream")
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    received.append((time.monotonic(), json.loads(line[len("data: ") :])))
+    finally:
+        fit.join(timeout=60)
+        server.should_exit = True
+        thread.join(timeout=30)
+    kinds = [e["event"] for _, e in received]
+    assert kinds[0] == "start" and kinds[-1] == "end"
+    assert [e["step"] for _, e in received if e["event"] == "train_batch"] == list(range(1, 9))
+    first, last = received[0][0], received[-1][0]
+    assert last - first > 5 * STEP_S, "the events came in one burst at the end, not as the fit ran"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -358,3 +359,47 @@ def test_tensorboard_sees_the_loss_while_the_fit_runs(tmp_path: Path) -> None:
     steps = [event.step for event in run.Scalars("train_loss")]
     assert len(steps) == 5 * STEPS_PER_EPOCH and steps == sorted(steps)
     assert seen_while_running < len(steps)
+
+
+class DiesOnceAtStep(Regressor):
+    """Rank 1 is SIGKILLed (as by the OOM killer) the first time it reaches step 10."""
+
+    def __init__(self, flag: str) -> None:
+        super().__init__()
+        self.flag = flag
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self.global_rank == 1 and self.trainer.global_step == 10 and not os.path.exists(self.flag):
+            Path(self.flag).touch()
+            os.kill(os.getpid(), 9)
+
+
+def test_max_restarts_resumes_a_fit_after_a_rank_dies(tmp_path: Path) -> None:
+    """With max_restarts=1, a rank killed mid-fit costs a restart from the last checkpoint on the
+    recovered pool, and the fit finishes with global_step == max_steps."""
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpts", every_n_train_steps=4, save_last=True)
+    steps: list[int] = []
+
+    def record(event: dict[str, Any]) -> None:
+        if event["event"] == "train_batch":
+            steps.append(event["step"])
+
+    strategy = PoolStrategy(max_restarts=1, on_event=record)
+    t = trainer(strategy=strategy, max_epochs=-1, max_steps=16, callbacks=[checkpoint],
+                enable_checkpointing=True)  # fmt: skip
+    with pytest.warns(UserWarning, match=r"rank 1 was killed by SIGKILL: resuming the fit from its last checkpoint"):
+        t.fit(DiesOnceAtStep(str(tmp_path / "died")), loader())
+    assert (tmp_path / "died").exists()
+    assert t.global_step == 16 and t.state.status.name == "FINISHED"
+    assert Path(checkpoint.last_model_path).name == "last.ckpt"
+    restart = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
+    assert steps[:restart] == list(range(1, restart + 1))  # the first attempt, up to the death
+    assert steps[restart] == 9, f"resumed from the step-8 checkpoint, not from scratch: {steps}"
+    assert steps[restart:] == list(range(9, 17))
+
+
+def test_without_max_restarts_a_dead_rank_fails_the_fit(tmp_path: Path) -> None:
+    from lightdist import WorkerDiedError
+
+    with pytest.raises(WorkerDiedError, match="rank 1 was killed by SIGKILL"):
+        trainer(max_epochs=-1, max_steps=16).fit(DiesOnceAtStep(str(tmp_path / "died")), loader())

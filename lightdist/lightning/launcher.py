@@ -17,10 +17,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies.launchers.launcher import _Launcher
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightdist import protocol
+from lightdist.errors import WorkerDiedError
 from lightdist.lightning.events import DriverProgressBar
 
 if TYPE_CHECKING:
@@ -65,10 +66,23 @@ class _PoolLauncher(_Launcher):
 
         fn = trainer.state.fn.value if trainer is not None and trainer.state.fn is not None else None
         outcome: dict[str, Any] = {"event": "end", "fn": fn, "interrupted": False, "error": None}
+        restarts = 0
         try:
-            out, interrupted = runner.invoke_interruptible(
-                {"job": job, "env": _seed_env(), "flags": _torch_flags()}, on_item=on_event
-            )
+            while True:
+                try:
+                    out, interrupted = runner.invoke_interruptible(
+                        {"job": job, "env": _seed_env(), "flags": _torch_flags()}, on_item=on_event
+                    )
+                    break
+                except WorkerDiedError as exc:
+                    if fn != "fit" or restarts >= self._strategy.max_restarts:
+                        raise
+                    restarts += 1
+                    rank_zero_warn(f"{exc}: resuming the fit from its last checkpoint on the recovered pool "
+                                   f"(restart {restarts} of {self._strategy.max_restarts})")  # fmt: skip
+                    # _fit_impl(model, train_dataloaders, val_dataloaders, datamodule, ckpt_path, ...)
+                    args = (*args[:4], "last", *args[5:])
+                    job = protocol.dumps((trainer, function, args, kwargs))
             outcome["interrupted"] = interrupted
         except BaseException as exc:
             outcome["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0]

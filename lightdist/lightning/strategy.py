@@ -48,6 +48,9 @@ class PoolStrategy(DDPStrategy):
             (world size, accelerator) is used.
         on_event: called in the driver with each progress event of rank 0 while a call runs
             (see :mod:`lightdist.lightning.events`); :meth:`events` is the ``async for`` form.
+        max_restarts: when a rank dies during ``fit``, resume the fit from its last checkpoint
+            (``ckpt_path="last"``: checkpoint with ``ModelCheckpoint(save_last=True)``) on the
+            recovered pool, up to this many times; 0 raises ``WorkerDiedError`` at once.
         **kwargs: as for ``DDPStrategy`` (e.g. ``find_unused_parameters``). ``timeout`` and
             ``process_group_backend`` do not apply: the pool owns the process group.
     """
@@ -58,8 +61,12 @@ class PoolStrategy(DDPStrategy):
         self,
         runner: DistributedRunner | None = None,
         on_event: Callable[[dict[str, Any]], None] | None = None,
+        max_restarts: int = 0,
         **kwargs: Any,
     ) -> None:
+        if isinstance(max_restarts, bool) or not isinstance(max_restarts, int) or max_restarts < 0:
+            raise ValueError(f"max_restarts must be an int >= 0, got {max_restarts!r}")
+        self.max_restarts = max_restarts
         for name in ("timeout", "process_group_backend", "start_method"):
             if name in kwargs:
                 kwargs.pop(name)

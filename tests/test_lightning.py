@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 from collections.abc import Iterator
 from pathlib import Path
@@ -236,9 +237,16 @@ def test_devices_that_do_not_match_an_explicit_pool_are_refused() -> None:
         trainer(strategy=PoolStrategy(runner=runner), devices=3)
 
 
+def test_num_nodes_other_than_one_is_refused() -> None:
+    with pytest.raises(ValueError, match="one host for now: use num_nodes=1"):
+        trainer(num_nodes=2)
+
+
 def test_ddp_arguments_that_no_longer_apply_warn() -> None:
     with pytest.warns(UserWarning, match="ignores timeout="):
         PoolStrategy(timeout=__import__("datetime").timedelta(seconds=5))
+    with pytest.warns(UserWarning, match="ignores process_group_backend="):
+        PoolStrategy(process_group_backend="nccl")
     with pytest.raises(TypeError, match="TrainerWorker"):
         PoolStrategy(runner=DistributedRunner(__import__("tests.conftest").conftest.Echo, world_size=2))
 
@@ -403,3 +411,28 @@ def test_without_max_restarts_a_dead_rank_fails_the_fit(tmp_path: Path) -> None:
 
     with pytest.raises(WorkerDiedError, match="rank 1 was killed by SIGKILL"):
         trainer(max_epochs=-1, max_steps=16).fit(DiesOnceAtStep(str(tmp_path / "died")), loader())
+
+
+def test_a_module_importable_only_through_a_driver_sys_path_insert(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Trainer's job references the model's class by module; the driver's sys.path travels
+    with each call and is applied before the job is unpickled in the ranks."""
+    (tmp_path / "user_models.py").write_text(
+        "import torch, lightning as L\n"
+        "class Tiny(L.LightningModule):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.layer = torch.nn.Linear(4, 1)\n"
+        "    def training_step(self, batch, batch_idx):\n"
+        "        return torch.nn.functional.mse_loss(self.layer(batch[0]), batch[1])\n"
+        "    def configure_optimizers(self):\n"
+        "        return torch.optim.SGD(self.parameters(), lr=0.1)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import user_models  # noqa: PLC0415
+
+    try:
+        t = trainer(max_epochs=1)
+        t.fit(user_models.Tiny(), loader())
+        assert t.global_step == STEPS_PER_EPOCH
+    finally:
+        sys.modules.pop("user_models", None)

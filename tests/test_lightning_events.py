@@ -71,7 +71,9 @@ def test_every_step_arrives_in_order_while_the_fit_runs() -> None:
 
 
 def test_the_driver_draws_the_only_progress_bar(capsys: pytest.CaptureFixture[str]) -> None:
-    t = fit_trainer(PoolStrategy(), max_epochs=1, enable_progress_bar=True)
+    from lightning.pytorch.callbacks import TQDMProgressBar  # the default is rich when rich is installed
+
+    t = fit_trainer(PoolStrategy(), max_epochs=1, enable_progress_bar=True, callbacks=[TQDMProgressBar()])
     t.fit(Regressor(), loader())
     err = ""
 
@@ -117,3 +119,14 @@ def test_a_service_forwards_a_running_fit_as_server_sent_events() -> None:
     assert [e["step"] for _, e in received if e["event"] == "train_batch"] == list(range(1, 9))
     first, last = received[0][0], received[-1][0]
     assert last - first > 5 * STEP_S, "the events came in one burst at the end, not as the fit ran"
+
+
+def test_a_rich_progress_bar_is_drawn_with_rich_in_the_driver(capsys: pytest.CaptureFixture[str]) -> None:
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    t = fit_trainer(PoolStrategy(), max_epochs=1, enable_progress_bar=True, callbacks=[RichProgressBar()])
+    t.fit(Regressor(), loader())
+    out = capsys.readouterr()
+    drawn = out.out + out.err
+    assert "Epoch 0" in drawn and "4/4" in drawn and "train_loss=" in drawn, drawn
+    assert "[rank 0] Epoch" not in drawn and "[rank 1] Epoch" not in drawn  # no bar drawn in a rank

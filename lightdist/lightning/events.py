@@ -87,30 +87,52 @@ class EventStreamer(Callback):
 
 
 class DriverProgressBar:
-    """The one progress bar of a pool fit, drawn by the driver from rank 0's events."""
+    """The one progress bar of a pool fit, drawn by the driver from rank 0's events: tqdm, or rich
+    when the Trainer was given Lightning's ``RichProgressBar`` (as Lightning users expect)."""
 
-    def __init__(self) -> None:
+    def __init__(self, rich: bool = False) -> None:
+        self.rich = rich
         self.bar: Any = None
+        self.task: Any = None
 
     def __call__(self, event: Event) -> None:
         kind = event["event"]
         if kind == "epoch_start":
-            from tqdm.auto import tqdm
-
             self.close()
-            self.bar = tqdm(total=event["num_training_batches"], desc=f"Epoch {event['epoch']}", file=sys.stderr,
-                            dynamic_ncols=True, leave=True)  # fmt: skip
+            self._open(f"Epoch {event['epoch']}", event["num_training_batches"])
         elif self.bar is not None and kind in ("train_batch", "validation", "epoch_end"):
-            if kind == "train_batch":
-                self.bar.update(1)
             shown = {k: f"{v:.4g}" for k, v in event["metrics"].items() if k != "epoch"}
-            self.bar.set_postfix(shown, refresh=kind != "train_batch")
+            self._advance(1 if kind == "train_batch" else 0, shown)
             if kind == "epoch_end":
                 self.close()
 
+    def _open(self, description: str, total: int | None) -> None:
+        if self.rich:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TimeElapsedColumn(), TextColumn("{task.fields[metrics]}"))  # fmt: skip
+            self.bar.start()
+            self.task = self.bar.add_task(description, total=total, metrics="")
+        else:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=description, file=sys.stderr, dynamic_ncols=True, leave=True)
+
+    def _advance(self, steps: int, metrics: dict[str, str]) -> None:
+        if self.rich:
+            self.bar.update(self.task, advance=steps, metrics=" ".join(f"{k}={v}" for k, v in metrics.items()))
+        else:
+            if steps:
+                self.bar.update(steps)
+            self.bar.set_postfix(metrics, refresh=not steps)
+
     def close(self) -> None:
         if self.bar is not None:
-            self.bar.close()
+            if self.rich:
+                self.bar.stop()
+            else:
+                self.bar.close()
             self.bar = None
 
 

@@ -56,7 +56,8 @@ class _PoolLauncher(_Launcher):
         # Ctrl-C: the ranks agree on a batch, stop there and send back the state so far, which is
         # applied like any result. KeyboardInterrupt is not re-raised: Lightning would set SIGINT to
         # SIG_IGN for good and call sys.exit(1), which in a notebook disables "interrupt kernel".
-        bar = DriverProgressBar() if trainer is not None and trainer.progress_bar_callback is not None else None
+        shown = trainer.progress_bar_callback if trainer is not None else None
+        bar = DriverProgressBar(rich=type(shown).__name__ == "RichProgressBar") if shown is not None else None
         hub = self._strategy.hub
 
         def on_event(event: dict[str, Any]) -> None:

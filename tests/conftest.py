@@ -3,12 +3,14 @@ variables and a torch.distributed group in the test process must be gone when it
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -134,6 +136,21 @@ class Echo(DistributedWorker):
     def __call__(self, streaming: bool = False, **payload: object) -> dict[str, object]:
         self.calls += 1
         return {"rank": self.rank, "tag": self.tag, "calls": self.calls, "payload": payload, "pid": os.getpid()}
+
+
+@contextlib.contextmanager
+def shared_lightning_pool(strategy_module: Any, worker_cls: type[DistributedWorker], preload: str) -> Iterator[None]:
+    """Start the process-wide 2-CPU-rank pool of a PoolStrategy flavour before a module's first test
+    (so every test's leak check sees it as already there); stop all its pools afterwards."""
+    runner = DistributedRunner(worker_cls, world_size=2, accelerator="cpu", preload=(preload,))
+    runner.start_sync(timeout=120)
+    strategy_module._pools[(2, "cpu")] = runner
+    try:
+        yield
+    finally:
+        for pool in list(strategy_module._pools.values()):
+            pool.stop_sync()
+        strategy_module._pools.clear()
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightdist import DistributedRunner, PoolStrategy
 from lightdist.lightning import TrainerWorker
 from lightdist.lightning import strategy as strategy_module
+from tests.conftest import shared_lightning_pool
 
 STEPS_PER_EPOCH = 4  # 64 samples, batch 8, 2 ranks
 
@@ -81,15 +82,8 @@ def trainer(**kwargs: object) -> L.Trainer:
 
 @pytest.fixture(scope="module", autouse=True)
 def shared_pool() -> Iterator[None]:
-    """The process-wide pool for 2 CPU ranks, started before the first test (so every test's leak
-    check sees it as already there) and stopped when this module is done."""
-    runner = DistributedRunner(TrainerWorker, world_size=2, accelerator="cpu", preload=("lightning",))
-    runner.start_sync(timeout=120)
-    strategy_module._pools[(2, "cpu")] = runner
-    yield
-    for runner in list(strategy_module._pools.values()):
-        runner.stop_sync()
-    strategy_module._pools.clear()
+    with shared_lightning_pool(strategy_module, TrainerWorker, "lightning"):
+        yield
 
 
 def fingerprint(model: torch.nn.Module) -> torch.Tensor:

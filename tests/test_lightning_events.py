@@ -18,10 +18,10 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.routing import Route
 
-from lightdist import DistributedRunner, PoolStrategy, protocol
+from lightdist import PoolStrategy, protocol
 from lightdist.lightning import TrainerWorker
 from lightdist.lightning import strategy as strategy_module
-from tests.conftest import wait_until
+from tests.conftest import wait_until, shared_lightning_pool
 from tests.test_lightning import Regressor, loader
 from tests.test_sse import serve
 
@@ -36,13 +36,8 @@ class Slow(Regressor):
 
 @pytest.fixture(scope="module", autouse=True)
 def shared_pool() -> Iterator[None]:
-    runner = DistributedRunner(TrainerWorker, world_size=2, accelerator="cpu", preload=("lightning",))
-    runner.start_sync(timeout=120)
-    strategy_module._pools[(2, "cpu")] = runner
-    yield
-    for r in list(strategy_module._pools.values()):
-        r.stop_sync()
-    strategy_module._pools.clear()
+    with shared_lightning_pool(strategy_module, TrainerWorker, "lightning"):
+        yield
 
 
 def fit_trainer(strategy: PoolStrategy, **kwargs: Any) -> L.Trainer:

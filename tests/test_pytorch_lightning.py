@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightdist.pytorch_lightning as lpl
+from tests.conftest import shared_lightning_pool
 
 
 class Regressor(pl.LightningModule):
@@ -33,14 +34,8 @@ def loader() -> DataLoader:
 
 @pytest.fixture(scope="module", autouse=True)
 def shared_pool() -> Iterator[None]:
-    runner = lpl.strategy.DistributedRunner(lpl.TrainerWorker, world_size=2, accelerator="cpu",
-                                            preload=("pytorch_lightning",))  # fmt: skip
-    runner.start_sync(timeout=120)
-    lpl.strategy._pools[(2, "cpu")] = runner
-    yield
-    for r in list(lpl.strategy._pools.values()):
-        r.stop_sync()
-    lpl.strategy._pools.clear()
+    with shared_lightning_pool(lpl.strategy, lpl.TrainerWorker, "pytorch_lightning"):
+        yield
 
 
 def test_pytorch_lightning_trainer_fits_on_the_pool() -> None:

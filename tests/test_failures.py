@@ -103,19 +103,27 @@ def test_error_on_rank1_while_rank0_waits_in_all_reduce(pool: DistributedRunner,
     assert after[0]["pid"] != before[0]["pid"], "the rank stuck in the collective was replaced"
 
 
-def test_error_on_rank0_only(pool: DistributedRunner) -> None:
+def call(pool: DistributedRunner, how: str, payload: dict) -> object:
+    if how == "invoke":
+        return pool.invoke_sync(payload, timeout=60)
+    return list(pool.stream_sync(payload, timeout=60))
+
+
+@pytest.mark.parametrize("how", ["invoke", "stream"])
+def test_error_on_rank0_only(pool: DistributedRunner, how: str) -> None:
     before = healthy(pool, "before")["ranks"]
-    err, took = timed(lambda: pool.invoke_sync({"mode": "raise", "who": "0", "token": "r0"}, timeout=60))
+    err, took = timed(lambda: call(pool, how, {"mode": "raise", "who": "0", "token": "r0"}))
     assert isinstance(err, WorkerError) and err.rank == 0 and "boom on rank 0 (r0)" in str(err)
     assert took < DETECT_S
     after = healthy(pool)["ranks"]
     assert after[0] == before[0] and after[1]["pid"] != before[1]["pid"]
 
 
-def test_error_on_every_rank_keeps_every_process(pool: DistributedRunner) -> None:
+@pytest.mark.parametrize("how", ["invoke", "stream"])
+def test_error_on_every_rank_keeps_every_process(pool: DistributedRunner, how: str) -> None:
     """Every rank raises before any collective: the error arrives, nothing is killed, the group stays."""
     before = healthy(pool, "before")["ranks"]
-    err, took = timed(lambda: pool.invoke_sync({"mode": "raise", "who": "all"}, timeout=60))
+    err, took = timed(lambda: call(pool, how, {"mode": "raise", "who": "all"}))
     assert isinstance(err, WorkerError) and err.exc_type == "ValueError" and took < DETECT_S
     assert healthy(pool)["ranks"] == before
     assert pool._pool.recoveries == 0  # type: ignore[union-attr]

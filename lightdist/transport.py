@@ -125,6 +125,7 @@ class Channel:
         self.rejected = 0  # frames dropped by verification
         self.last_rejection = ""
         self._lock = threading.Lock()
+        self._buffered: list[tuple[bytes | None, Message]] = []  # drained but not yet returned by recv()
 
     @classmethod
     def bind_router(cls, context: zmq.Context[zmq.Socket[bytes]], address: str, session: Session) -> tuple[Channel, str]:
@@ -200,17 +201,15 @@ class Channel:
     def recv(self, timeout: float | None) -> tuple[bytes | None, Message]:
         """Block until one verified message arrives; ``TimeoutError`` after ``timeout`` seconds."""
         deadline = deadline_after(timeout)
-        buffered: list[tuple[bytes | None, Message]] = getattr(self, "_buffered", [])
-        while not buffered:
-            buffered.extend(self.drain())
-            if buffered:
+        while not self._buffered:
+            self._buffered.extend(self.drain())
+            if self._buffered:
                 break
             left = remaining(deadline)
             if left == 0:
                 raise TimeoutError(f"no message within {timeout} s")
             self.wait(left)
-        self._buffered = buffered
-        return buffered.pop(0)
+        return self._buffered.pop(0)
 
     def close(self, linger_ms: int = 0) -> None:
         """Close the socket (safe twice). ``linger_ms`` > 0 lets queued frames leave first."""

@@ -51,7 +51,6 @@ class PendingCall:
     result_frames: tuple[bytes, ...] | None = None
     failed: bool = False  # a terminal error was already delivered
     cancelled: bool = False
-    dispatched_at: float | None = None
     failed_at: float | None = None  # when it failed or was cancelled: the grace period starts
     rebuild: bool = False  # an error came from inside torch.distributed: rebuild the group after
     held: tuple[float, BaseException] | None = None  # a collective's error, held until this time

@@ -345,7 +345,6 @@ class Pool(RecoveryMixin):
                 continue
             self.current = call
             call.pending = set(range(self.world_size))
-            call.dispatched_at = time.monotonic()
             self._send_to(Kind.CALL, call.id, call.frames)
 
     def _send_to(self, kind: Kind, call: int, payload: list[bytes], ranks: set[int] | None = None) -> None:

@@ -15,11 +15,12 @@ CPU) and a signed ZMQ command channel, then run any number of calls on them::
 
 import sys
 
-from lightdist.errors import PoolClosedError, TextEventError, WorkerDiedError, WorkerError
+from lightdist.errors import ConfigError, PoolClosedError, TextEventError, WorkerDiedError, WorkerError
 from lightdist.runner import DistributedRunner
 from lightdist.worker import DistributedWorker
 
 __all__ = [
+    "ConfigError",
     "DistributedRunner",
     "PoolStrategy",
     "DistributedWorker",

@@ -9,7 +9,14 @@ from __future__ import annotations
 
 import signal
 
-__all__ = ["PoolClosedError", "ProtocolError", "TextEventError", "WorkerDiedError", "WorkerError"]
+__all__ = [
+    "ConfigError",
+    "PoolClosedError",
+    "ProtocolError",
+    "TextEventError",
+    "WorkerDiedError",
+    "WorkerError",
+]
 
 
 class WorkerError(RuntimeError):
@@ -75,3 +82,12 @@ class ProtocolError(Exception):
 
 class TextEventError(TypeError):
     """A streamed value cannot be encoded as a server-sent event."""
+
+
+class ConfigError(ValueError):
+    """A setting is wrong: a missing file or directory, a value out of range.
+
+    Raised by recipes while they are built from a config, in the driver, before any worker starts.
+    The message names the setting the way the CLI spells it (``data.train_file: no such file: ...``);
+    the ``lightdist`` CLI prints it as one line and exits with status 2.
+    """

@@ -16,6 +16,6 @@ def test_mypy_strict() -> None:
 
 
 def test_ruff() -> None:
-    proc = subprocess.run([sys.executable, "-m", "ruff", "check", "lightdist", "tests"], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "ruff", "check", "lightdist", "recipes", "tests"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr

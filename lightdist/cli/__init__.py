@@ -1,0 +1,66 @@
+"""The ``lightdist`` command.
+
+::
+
+    lightdist fit --config configs/digits/pretrain-cpu.yaml        # LightningCLI, on the warm pool
+    lightdist validate | test | predict --config ... --ckpt_path ...
+    lightdist sweep --config X --grid model.lr=1e-3,1e-4            # every combination, one pool
+    lightdist recipes                                              # recipes and configs on disk
+    lightdist tensorboard --logdir runs                            # serve the run directory
+
+``fit / validate / test / predict`` are LightningCLI subcommands (``--config``, dotted overrides
+such as ``--trainer.max_epochs=3``, ``--print_config``) whose Trainer defaults to
+``strategy="lightdist"``. Each subcommand module is imported only when it runs, so ``lightdist
+recipes`` answers without importing torch.
+"""
+
+from __future__ import annotations
+
+import sys
+
+__all__ = ["main"]
+
+_USAGE = """\
+usage: lightdist {fit,validate,test,predict,sweep,recipes,tensorboard} ...
+
+  fit, validate, test, predict   run a LightningCLI config on a warm pool of ranks
+                                 (lightdist fit --config configs/digits/pretrain-cpu.yaml)
+  sweep                          run every combination of --grid overrides on one pool
+  recipes                        list the recipes and configs found on disk
+  tensorboard (or view)          serve a run directory with TensorBoard
+
+'lightdist <command> --help' describes each command.
+"""
+
+TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``lightdist`` console script; returns the exit status."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(_USAGE, end="")
+        return 0 if args else 2
+    command, rest = args[0], args[1:]
+    if command in TRAINER_COMMANDS:
+        from lightdist.cli._lightning import run_trainer_command
+
+        return run_trainer_command(command, rest)
+    if command == "sweep":
+        from lightdist.cli._sweep import main as sweep_main
+
+        return sweep_main(rest)
+    if command == "recipes":
+        from lightdist.cli._catalog import main as recipes_main
+
+        return recipes_main(rest)
+    if command in ("tensorboard", "view"):
+        from lightdist.cli._tensorboard import main as tensorboard_main
+
+        return tensorboard_main(rest)
+    print(f"lightdist: error: unknown command {command!r}\n\n{_USAGE}", end="", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":  # python -m lightdist.cli
+    sys.exit(main())

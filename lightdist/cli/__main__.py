@@ -1,0 +1,5 @@
+import sys
+
+from lightdist.cli import main
+
+sys.exit(main())

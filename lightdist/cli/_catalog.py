@@ -1,0 +1,130 @@
+"""``lightdist recipes``: the recipes and configs on disk, and ``--config`` name lookup.
+
+Nothing is registered by hand: a recipe is a module of the ``recipes`` package whose docstring opens
+with a ``lightdist ...`` command, and a config is a YAML file under ``configs/`` whose opening
+comments give its command and a one-line description. Both are read as text (``ast`` and YAML), so
+listing them imports neither torch nor the recipes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["ConfigInfo", "RecipeInfo", "configs_root", "find_configs", "find_recipes", "main", "resolve_config_args"]
+
+
+@dataclass(frozen=True)
+class RecipeInfo:
+    name: str  # module name inside the recipes package
+    path: Path
+    command: str  # the docstring's first line
+    description: str
+
+
+@dataclass(frozen=True)
+class ConfigInfo:
+    name: str  # path under configs/ without ".yaml", e.g. "digits/pretrain-cpu"
+    path: Path
+    command: str
+    description: str
+    expected: str
+    recipe: str | None  # module of model.class_path when it is in the recipes package
+
+
+def recipes_root() -> Path | None:
+    """The ``recipes`` package directory (found without importing it), or ``None``."""
+    spec = importlib.util.find_spec("recipes")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def configs_root() -> Path | None:
+    """The shipped ``configs/`` directory: beside the recipes package in a source checkout."""
+    root = recipes_root()
+    if root is not None and (root.parent / "configs").is_dir():
+        return root.parent / "configs"
+    return None
+
+
+def find_recipes(root: Path | None = None) -> list[RecipeInfo]:
+    root = root or recipes_root()
+    found = []
+    for path in sorted(root.glob("*.py")) if root else []:
+        if path.name.startswith("_"):
+            continue
+        doc = ast.get_docstring(ast.parse(path.read_text(), str(path))) or ""
+        lines = [line.strip() for line in doc.splitlines()]
+        if not lines or not lines[0].startswith("lightdist "):
+            continue  # a helper module, not a recipe
+        description = next((line for line in lines[1:] if line), "")
+        found.append(RecipeInfo(path.stem, path, lines[0], description))
+    return found
+
+
+def find_configs(root: Path | None = None) -> list[ConfigInfo]:
+    import yaml  # a dependency of jsonargparse
+
+    root = root or configs_root()
+    if root is None:
+        return []
+    found = []
+    for path in sorted(root.rglob("*.yaml")):
+        text = path.read_text()
+        comments = [line.lstrip("#").strip() for line in text.splitlines() if line.startswith("#")]
+        command = next((c for c in comments if c.startswith("lightdist ")), "")
+        expected = next((c.split(":", 1)[1].strip() for c in comments if c.startswith("expected:")), "")
+        description = next((c for c in comments if c and c != command and ":" not in c.split(" ", 1)[0]), "")
+        try:
+            body = yaml.safe_load(text) or {}
+            class_path = str(body.get("model", {}).get("class_path", ""))
+        except (yaml.YAMLError, AttributeError):
+            class_path = ""
+        parts = class_path.split(".")
+        recipe = parts[1] if len(parts) > 2 and parts[0] == "recipes" else None
+        found.append(ConfigInfo(str(path.relative_to(root).with_suffix("")), path, command, description, expected, recipe))
+    return found
+
+
+def resolve_config_args(args: list[str]) -> list[str]:
+    """Let ``--config digits/pretrain-cpu`` name a shipped config; real paths are left alone."""
+    root = configs_root()
+    out = list(args)
+    for i, arg in enumerate(out):
+        if arg == "--config" and i + 1 < len(out):
+            out[i + 1] = _resolve(out[i + 1], root)
+        elif arg.startswith("--config="):
+            out[i] = "--config=" + _resolve(arg.split("=", 1)[1], root)
+    return out
+
+
+def _resolve(value: str, root: Path | None) -> str:
+    if Path(value).exists() or root is None:
+        return value
+    for candidate in (root / value, root / f"{value}.yaml"):
+        if candidate.is_file():
+            return str(candidate)
+    return value  # jsonargparse reports the missing file, by the name the user gave
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="lightdist recipes", description="List the recipes and configs on disk.")
+    parser.parse_args(argv)
+    recipes, configs = find_recipes(), find_configs()
+    if not recipes and not configs:
+        print("lightdist recipes: no recipes/ package or configs/ directory found (they ship with the source tree)")
+        return 1
+    width = max([len(r.name) for r in recipes] + [len(c.name) for c in configs] + [10]) + 2
+    print(f"Recipes ({recipes_root()}):")
+    for recipe in recipes:
+        print(f"  {recipe.name:<{width}}{recipe.description}")
+    print(f"\nConfigs ({configs_root()}), run with: lightdist fit --config <name>")
+    for config in configs:
+        print(f"  {config.name:<{width}}{config.description}")
+        if config.expected:
+            print(f"  {'':<{width}}expected: {config.expected}")
+    return 0

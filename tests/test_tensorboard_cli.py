@@ -1,0 +1,200 @@
+"""``lightdist tensorboard`` / ``lightdist view``: the real console script serves a finished fit's
+TensorBoard logs over TensorBoard's HTTP API, stops cleanly on SIGINT/SIGTERM, leaves no process."""
+
+from __future__ import annotations
+
+import os
+import queue
+import shlex
+import signal
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightdist.cli._tensorboard import view_hint
+from lightdist.lightning import TrainerWorker
+from lightdist.lightning import strategy as strategy_module
+from tests.cli_helpers import LIGHTDIST, MARK, marked_processes
+from tests.conftest import descendants, pid_alive, shared_lightning_pool
+
+EPOCHS, STEPS_PER_EPOCH = 2, 4  # 64 samples, batch 8, 2 ranks
+VAL_ACC = [0.25, 0.5]  # what the module logs as val_acc after epochs 0 and 1 (exact in float32)
+
+
+class Demo(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 1)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = torch.nn.functional.mse_loss(self.layer(batch[0]), batch[1])
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self.log("val_acc", VAL_ACC[self.current_epoch], sync_dist=True)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def loader() -> DataLoader:
+    x = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
+    return DataLoader(TensorDataset(x, x.sum(1, keepdim=True)), batch_size=8)
+
+
+@dataclass
+class Run:
+    save_dir: Path  # what `--logdir` gets: the run shows as "demo/version_0"
+    log_dir: Path  # the version folder rank 0 wrote
+    train_loss: list[tuple[int, float]]  # (step, value) as TensorBoard's own reader finds them in the file
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
+    """One real fit on the shared 2-rank pool, logging with a TensorBoardLogger; the pool is stopped
+    before the module ends."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    save_dir = tmp_path_factory.mktemp("tb") / "runs"
+    with shared_lightning_pool(strategy_module, TrainerWorker, "lightning"):
+        logger = TensorBoardLogger(save_dir, name="demo")
+        trainer = L.Trainer(strategy="lightdist", accelerator="cpu", devices=2, max_epochs=EPOCHS, logger=logger,
+                            log_every_n_steps=1, num_sanity_val_steps=0, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+        trainer.fit(Demo(), loader(), loader())
+        log_dir = Path(logger.log_dir)
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    recorded = [(e.step, e.value) for e in events.Scalars("train_loss")]
+    assert len(recorded) == EPOCHS * STEPS_PER_EPOCH and len({v for _, v in recorded}) > 1
+    yield Run(save_dir, log_dir, recorded)
+
+
+class Board:
+    """``lightdist <command> --port 0 ...`` in a subprocess; ``url`` is read from its first stdout line."""
+
+    def __init__(self, command: str, *args: str | Path, stderr: Path) -> None:
+        self.mark = uuid.uuid4().hex  # inherited by anything it starts, found even after re-parenting
+        env = {**os.environ, MARK: self.mark}
+        self.stderr = stderr
+        with stderr.open("w") as err:
+            self.proc = subprocess.Popen([str(LIGHTDIST), command, "--port", "0", *map(str, args)],
+                                         stdout=subprocess.PIPE, stderr=err, text=True, env=env)  # fmt: skip
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.reader = threading.Thread(target=self._read, name="tb-cli-stdout", daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line)
+        self.lines.put(None)  # EOF: the process has exited
+
+    def url(self, timeout: float = 30.0) -> str:
+        try:
+            line = self.lines.get(timeout=timeout)
+        except queue.Empty:
+            pytest.fail(f"no URL line within {timeout}s; stderr: {self.stderr.read_text()}")
+        assert line, f"exited {self.proc.poll()} before printing a URL; stderr: {self.stderr.read_text()}"
+        assert line.startswith("TensorBoard ") and "press Ctrl-C to stop" in line, line
+        return line.split(" at ", 1)[1].split()[0]
+
+    def stop(self, sig: signal.Signals) -> int:
+        """Send ``sig``; return the exit status (within 10 s) after checking nothing was left running."""
+        started = descendants(self.proc.pid)  # e.g. a tensorboard-data-server, were it ever started
+        self.proc.send_signal(sig)
+        rc = self.proc.wait(timeout=10)
+        self.reader.join(timeout=5)
+        deadline = time.monotonic() + 5
+        while (marked_processes(self.mark) or any(map(pid_alive, started))) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not marked_processes(self.mark) and not any(map(pid_alive, started)), "processes outlived the CLI"
+        return rc
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self.reader.join(timeout=5)
+
+
+def poll_json(url: str, params: dict[str, str] | None, ready: Any, timeout: float = 30.0) -> Any:
+    """GET ``url`` until ``ready(json)`` holds: TensorBoard loads the logdir in a background thread."""
+    deadline = time.monotonic() + timeout
+    body: Any = None
+    while time.monotonic() < deadline:
+        response = httpx.get(url, params=params, timeout=5.0)
+        if response.status_code == 200:
+            body = response.json()
+            if ready(body):
+                return body
+        time.sleep(0.2)
+    pytest.fail(f"{url} {params}: not ready within {timeout}s; last answer: {body}")
+
+
+def test_tensorboard_serves_the_fits_scalars_and_stops_on_ctrl_c(run: Run, tmp_path: Path) -> None:
+    board = Board("tensorboard", "--logdir", run.save_dir, stderr=tmp_path / "stderr")
+    try:
+        url = board.url()
+        assert url.startswith("http://127.0.0.1:"), "loopback unless --host says otherwise"
+        assert poll_json(url + "data/runs", None, lambda runs: "demo/version_0" in runs) == ["demo/version_0"]
+        tags = poll_json(url + "data/plugin/scalars/tags", None, lambda t: "demo/version_0" in t)
+        assert {"train_loss", "val_acc"} <= set(tags["demo/version_0"])
+        # [wall_time, step, value] rows: the same pairs TensorBoard's reader found in the event file
+        params = {"run": "demo/version_0", "tag": "train_loss"}
+        rows = poll_json(url + "data/plugin/scalars/scalars", params, lambda r: len(r) >= len(run.train_loss))
+        assert [(step, value) for _, step, value in rows] == run.train_loss
+        params["tag"] = "val_acc"
+        rows = poll_json(url + "data/plugin/scalars/scalars", params, lambda r: len(r) >= len(VAL_ACC))
+        assert [value for _, _, value in rows] == VAL_ACC
+        assert not descendants(board.proc.pid), "the pure Python loader starts no tensorboard-data-server"
+        assert board.stop(signal.SIGINT) == 0
+    finally:
+        board.kill()
+    assert "Traceback" not in (tmp_path / "stderr").read_text()
+
+
+def test_view_alias_serves_the_hinted_dir_and_stops_on_sigterm(run: Run, tmp_path: Path) -> None:
+    """view_hint names the logger's root dir, so each version is a run; `view` is the same command."""
+    hint = view_hint(run.log_dir)
+    assert str(run.log_dir) in hint
+    command = shlex.split(hint.split("watch them live with: ", 1)[1])
+    assert command[:3] == ["lightdist", "tensorboard", "--logdir"] and len(command) == 4
+    assert Path(command[3]) == run.save_dir / "demo" and Path(command[3]).is_dir()
+    board = Board("view", *command[2:], stderr=tmp_path / "stderr")
+    try:
+        url = board.url()
+        assert poll_json(url + "data/runs", None, lambda runs: bool(runs)) == ["version_0"]
+        assert board.stop(signal.SIGTERM) == 0
+    finally:
+        board.kill()
+
+
+def test_missing_logdir_and_busy_port_are_one_line_errors(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-runs"
+    proc = subprocess.run([str(LIGHTDIST), "view", "--logdir", str(missing)], capture_output=True, text=True,
+                          timeout=30)  # fmt: skip
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and str(missing) in proc.stderr and "does not exist" in proc.stderr
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        proc = subprocess.run([str(LIGHTDIST), "tensorboard", "--logdir", str(tmp_path), "--port", port],
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and port in proc.stderr and "in use" in proc.stderr, proc.stderr

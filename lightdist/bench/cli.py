@@ -39,6 +39,18 @@ def _run_lightning(args: argparse.Namespace) -> dict[str, Any]:
     return run_lightning(args)
 
 
+def _run_recipes(args: argparse.Namespace) -> dict[str, Any]:
+    from lightdist.bench.recipes import run_recipes  # drives the lightdist CLI: only for this subcommand
+
+    return run_recipes(args)
+
+
+def _run_sweep(args: argparse.Namespace) -> dict[str, Any]:
+    from lightdist.bench.recipes import run_sweep
+
+    return run_sweep(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     description = "lightdist benchmarks: each number next to a baseline measured in the same run"
     parser = argparse.ArgumentParser(prog="python -m lightdist.bench", description=description)
@@ -64,6 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
     lightning.add_argument("--throughput-repeats", type=_positive, default=5,
                            help="throughput fits per contender (median)")
     lightning.set_defaults(func=_run_lightning)
+    recipes = commands.add_parser("recipes", parents=[common],
+                                  help="every shipped CPU config: metric, wall time, peak memory")  # fmt: skip
+    recipes.add_argument("--only", default="", help="run only the jobs whose name starts with this")
+    recipes.set_defaults(func=_run_recipes)
+    sweep = commands.add_parser("sweep", parents=[common],
+                                help="a 4-fit lightdist sweep vs the same fits as separate ddp_spawn commands")  # fmt: skip
+    sweep.add_argument("--repeats", type=_positive, default=2, help="runs per contender (best is reported)")
+    sweep.add_argument("--epochs", type=_positive, default=3, help="max_epochs of each fit")
+    sweep.set_defaults(func=_run_sweep)
     return parser
 
 

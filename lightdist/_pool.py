@@ -25,6 +25,7 @@ import logging
 import secrets
 import select
 import signal
+import socket
 import sys
 import threading
 import time
@@ -122,9 +123,18 @@ class Pool(RecoveryMixin):
         )
         import torch.distributed as dist  # after the template started: both import in parallel
 
-        self._store = dist.TCPStore(  # type: ignore[attr-defined]
-            cfg.master_addr, cfg.master_port or 0, None, True, wait_for_workers=False, use_libuv=True
-        )
+        # torch's TCPStore listens on every interface whatever host it is given; the store is
+        # unauthenticated, so it gets a socket bound to the pool's address alone, passed in by fd.
+        listener = _listen(cfg.master_addr, cfg.master_port or 0)
+        try:
+            self._store = dist.TCPStore(  # type: ignore[attr-defined]
+                cfg.master_addr, listener.getsockname()[1], None, True, wait_for_workers=False, use_libuv=True,
+                master_listen_fd=listener.fileno(),
+            )  # fmt: skip
+        except BaseException:
+            listener.close()
+            raise
+        listener.detach()  # the store owns the fd now and closes it; closing it here too could hit a reused fd
         for rank in range(self.world_size):
             self._spawn(rank)
 
@@ -487,3 +497,17 @@ class Pool(RecoveryMixin):
 
     def rank_pids(self) -> dict[int, int]:
         return dict(self.template.pids) if self.template is not None else {}
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` only (port 0: any free one), listening."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    listener = socket.socket(family, kind, proto)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(address)
+        listener.listen(1024)
+    except BaseException:
+        listener.close()
+        raise
+    return listener

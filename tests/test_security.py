@@ -216,3 +216,22 @@ def test_random_bytes_are_rejected(echo_pool: DistributedRunner, pool: Pool, rog
     reasons = _attack(echo_pool, pool, rogue, spy, messages)
     assert len(reasons) == len(messages)
     assert all(r == "bad signature" or r.startswith("expected at least 2 frames") for r in reasons)
+
+
+def _listening_addresses(port: int) -> set[str]:
+    """Local addresses (hex, as /proc/net/tcp* writes them) with a LISTEN socket on ``port``."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, _remote, state = line.split()[1:4]
+            address, port_hex = local.split(":")
+            if state == "0A" and int(port_hex, 16) == port:
+                found.add(address)
+    return found
+
+
+def test_the_rendezvous_store_listens_on_the_pool_address_only(pool: Pool) -> None:
+    # torch's TCPStore alone listens on every interface ("::"), reachable from the network without
+    # any authentication; the pool hands it a socket bound to master_addr (127.0.0.1 here).
+    addresses = _listening_addresses(pool._store.port)
+    assert addresses == {"0100007F"}, addresses  # 127.0.0.1, little-endian hex

@@ -35,9 +35,10 @@ from typing import Any
 import zmq
 
 from lightdist import protocol
+from lightdist._attach import AGENT_PREFIX, AgentHost, AttachMixin
 from lightdist._calls import ERROR, ITEM, READY, RESULT, Event, PendingCall, encode_call, worker_error
 from lightdist._recovery import RecoveryMixin
-from lightdist._procs import TemplateProcess
+from lightdist._procs import RankHost, TemplateProcess
 from lightdist.errors import PoolClosedError, WorkerDiedError, WorkerError
 from lightdist.protocol import Kind, Message, Session
 from lightdist.transport import Channel, Waker, private_ipc_dir, remaining, remove_ipc_dir, thread_waker
@@ -66,26 +67,50 @@ class PoolConfig:
     keepalive_payload: dict[str, Any]
     keepalive_interval: float | None
     grace_period: float = 2.0  # seconds a rank gets to finish a failed or cancelled call
+    nodes: int | None = None  # hosts to wait for (agents attach over TCP); None: ranks on this machine
+    curve: Any = None  # DriverKeys: CURVE server keys and client allow-list for a TCP channel
 
 
-class Pool(RecoveryMixin):
+class Pool(RecoveryMixin, AttachMixin):
     """One started pool. Created by ``DistributedRunner.start``; dead after :meth:`close`."""
 
     def __init__(self, config: PoolConfig) -> None:
         self.config = config
         self.world_size = config.world_size
-        self.key = protocol.new_key()
+        # A multi-host pool shares its signing key with the agents through the key file.
+        self.key = config.curve.hmac_key if config.curve is not None else protocol.new_key()
         self.state = "starting"  # -> ready <-> recovering; -> broken; -> stopping -> closed
         self.broken: BaseException | None = None
         self._ipc_dir: str | None = None
         self._context = zmq.Context()
+        self._auth: Any = None
+        if config.curve is not None:
+            from lightdist.keys import AllowListAuthenticator
+
+            self._auth = AllowListAuthenticator(self._context, config.curve.allowed_clients).start()
         self.session = Session(self.key, sender=DRIVER_SENDER, rank=protocol.DRIVER_RANK)
         self.session.peers = set()
         address = config.worker_address
         if address is None:
             self._ipc_dir = private_ipc_dir()
             address = f"ipc://{self._ipc_dir}/pool.sock"
-        self.channel, self.address = Channel.bind_router(self._context, address, self.session)
+        self._rank_hosts: dict[int, RankHost | None] = {}  # where each rank runs (None: its host was lost)
+        self._agents: dict[str, AgentHost] = {}  # attached hosts by agent sender name (spares included)
+        self._spares: list[AgentHost] = []
+        self._fenced: set[str] = set()  # agents declared lost: they are told so if they speak again
+        self._homeless: set[int] = set()  # ranks of a lost host, waiting for a spare
+        self.host_generation = 1
+        if config.nodes is not None:
+            self.session.newcomer_prefix = AGENT_PREFIX  # agents introduce themselves (HELLO)
+        try:
+            self.channel, self.address = Channel.bind_router(self._context, address, self.session,
+                                                             curve=config.curve)  # fmt: skip
+        except BaseException:
+            if self._auth is not None:
+                self._auth.stop()
+            self._context.destroy(linger=0)
+            remove_ipc_dir(self._ipc_dir)
+            raise
         self._senders: dict[int, str] = {}  # rank -> sender name (= ZMQ identity) of its live process
         self._incarnation = collections.Counter[int]()
         self._ids = itertools.count(1)
@@ -115,12 +140,16 @@ class Pool(RecoveryMixin):
 
     # --- start -----------------------------------------------------------------------------------
     def launch(self, start_timeout: float) -> None:
-        """Spawn the template, host the store and fork every rank; READY/FAILED arrive on ``startup``."""
+        """Spawn the template, host the store and fork every rank; READY/FAILED arrive on ``startup``.
+
+        With ``nodes`` set, host the store only: ranks are spawned once the hosts' agents attached
+        (see :mod:`lightdist._attach`)."""
         cfg = self.config
         self._start_timeout = start_timeout
-        self.template = TemplateProcess(
-            list(cfg.imports), cfg.cwd, self._rank_exited, self._template_lost, cleanup_dir=self._ipc_dir
-        )
+        if cfg.nodes is None:
+            self.template = TemplateProcess(
+                list(cfg.imports), cfg.cwd, self._rank_exited, self._template_lost, cleanup_dir=self._ipc_dir
+            )
         import torch.distributed as dist  # after the template started: both import in parallel
 
         # torch's TCPStore listens on every interface whatever host it is given; the store is
@@ -135,11 +164,24 @@ class Pool(RecoveryMixin):
             listener.close()
             raise
         listener.detach()  # the store owns the fd now and closes it; closing it here too could hit a reused fd
-        for rank in range(self.world_size):
-            self._spawn(rank)
+        if self.template is not None:
+            for rank in range(self.world_size):
+                self._rank_hosts[rank] = self.template
+                self._spawn(rank)
+        else:
+            with self._lock:
+                self._maybe_form()  # agents may have said HELLO while the store was starting
+            self._io_waker.wake()  # start the heartbeat timer
 
     def _spawn(self, rank: int) -> None:
-        assert self.template is not None
+        host = self._rank_hosts.get(rank)
+        if host is None:
+            if not self._place_homeless():
+                self._homeless.add(rank)
+                log.warning("rank %d waits for a host: start another agent (a spare host)", rank)
+                return
+            host = self._rank_hosts[rank]
+            assert host is not None
         self._incarnation[rank] += 1
         # The sender name is also the ZMQ identity: a random part keeps a local client from taking
         # the name first (a ROUTER ignores a second peer with an identity already in use).
@@ -167,7 +209,7 @@ class Pool(RecoveryMixin):
             "cwd": cfg.cwd,
             "sys_path": list(cfg.sys_path),
             "argv": list(sys.argv),  # worker code from a script may read its arguments
-        }
+        }  # a remote host's AgentHost fills in local_rank / local_world_size from its rank range
         with self._lock:  # accept the new sender before it can possibly send
             old = self._senders.get(rank)
             if old is not None:
@@ -175,7 +217,7 @@ class Pool(RecoveryMixin):
             self._senders[rank] = sender
             self.channel.accept_from(sender)
         try:
-            self.template.spawn(rank, boot)
+            host.spawn(rank, boot)
         except OSError as exc:  # the template is gone; its monitor reports why
             self._on_broken(RuntimeError(f"cannot start rank {rank}: the template process is gone ({exc})"))
 
@@ -326,6 +368,10 @@ class Pool(RecoveryMixin):
                 ))  # fmt: skip
             else:
                 due.append(self._recovery_deadline)
+        if self._agents or self._fenced:
+            beat = self._heartbeat(now)
+            if beat is not None:
+                due.append(beat)
         interval = self.config.keepalive_interval
         if interval is not None and self.state == "ready" and self.current is None and not self._queue:
             if now - self._last_activity >= interval:
@@ -384,6 +430,9 @@ class Pool(RecoveryMixin):
 
     def _route(self, msg: Message) -> None:
         h = msg.header
+        if h.sender.startswith(AGENT_PREFIX):
+            self._on_agent_message(msg)
+            return
         if self._senders.get(h.rank) != h.sender:
             return  # a previous life of this rank
         kind, call = h.kind, self.current
@@ -470,20 +519,28 @@ class Pool(RecoveryMixin):
             self.current = None
             if was_ready or self._senders:
                 self._send_to(Kind.EXIT, 0, [])
-        template = self.template
-        if template is not None:
-            if not template.wait_ranks_gone(timeout):
-                template.signal_ranks(signal.SIGTERM)
-                if not template.wait_ranks_gone(min(2.0, max(timeout, 0.5))):
-                    template.signal_ranks(signal.SIGKILL)
-                    template.wait_ranks_gone(5.0)
-            template.close()
+        hosts = self._hosts()
+        deadline = time.monotonic() + timeout
+        for host in hosts:
+            host.wait_ranks_gone(max(0.0, deadline - time.monotonic()))
+        stuck = [host for host in hosts if host.pids]
+        for host in stuck:
+            host.signal_ranks(signal.SIGTERM)
+        term_deadline = time.monotonic() + min(2.0, max(timeout, 0.5))
+        for host in stuck:
+            if not host.wait_ranks_gone(max(0.0, term_deadline - time.monotonic())):
+                host.signal_ranks(signal.SIGKILL)
+                host.wait_ranks_gone(5.0)
+        for host in hosts:
+            host.close()
         self._io_stop = True
         self._io_waker.wake()
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout=5)
         self.channel.close()
         self._io_waker.close()
+        if self._auth is not None:
+            self._auth.stop()
         self._context.term()
         self._store = None
         remove_ipc_dir(self._ipc_dir)
@@ -491,12 +548,21 @@ class Pool(RecoveryMixin):
 
     def kill(self) -> None:
         """Immediate teardown (failed start, interpreter exit): no EXIT, no grace."""
-        if self.template is not None:
-            self.template.signal_ranks(signal.SIGKILL)
+        for host in self._hosts():
+            host.signal_ranks(signal.SIGKILL)
         self.close(timeout=0.0)
 
+    def _hosts(self) -> list[RankHost]:
+        """Every host with ranks or attached (the local template, agents, spares), once each."""
+        hosts: list[RankHost] = [] if self.template is None else [self.template]
+        hosts += [host for host in self._agents.values() if host not in hosts]
+        return hosts
+
     def rank_pids(self) -> dict[int, int]:
-        return dict(self.template.pids) if self.template is not None else {}
+        pids: dict[int, int] = {}
+        for host in self._hosts():
+            pids.update(host.pids)
+        return pids
 
 
 def _listen(host: str, port: int) -> socket.socket:

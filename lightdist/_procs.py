@@ -20,9 +20,9 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-__all__ = ["RankExit", "TemplateProcess"]
+__all__ = ["RankExit", "RankHost", "TemplateProcess"]
 
 _LEN = struct.Struct("!I")
 _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,6 +36,20 @@ class RankExit:
     sender: str  # which life of the rank: a respawned rank has a new sender name
     exitcode: int | None
     signal: int | None
+    detail: str = ""  # why, when the driver knows more than the exit status (a lost host)
+
+
+class RankHost(Protocol):
+    """Where ranks run: this machine's template process, or a remote host's agent
+    (:class:`lightdist._attach.AgentHost`). The pool only ever talks to ranks' processes through this."""
+
+    name: str
+    pids: dict[int, int]  # rank -> pid of its live process on this host
+
+    def spawn(self, rank: int, boot: dict[str, Any]) -> None: ...
+    def signal_ranks(self, sig: int, ranks: list[int] | None = None) -> None: ...
+    def wait_ranks_gone(self, timeout: float) -> bool: ...
+    def close(self, grace: float = 2.0) -> None: ...
 
 
 class TemplateProcess:
@@ -48,8 +62,11 @@ class TemplateProcess:
         on_exit: Callable[[RankExit], None],
         on_template_lost: Callable[[str], None],
         cleanup_dir: str | None = None,
+        on_spawned: Callable[[int, int, str], None] | None = None,
     ) -> None:
+        self.name = "local"  # the host, in messages; a remote host's agent names it
         self._on_exit = on_exit
+        self._on_spawned = on_spawned
         self._on_template_lost = on_template_lost
         self._lock = threading.Lock()
         self.pids: dict[int, int] = {}  # rank -> pid of the live process
@@ -161,6 +178,8 @@ class TemplateProcess:
                     self.pids[event["rank"]] = event["pid"]
                     self.senders[event["rank"]] = event["sender"]
                     self._spawned.notify_all()
+                if self._on_spawned is not None:
+                    self._on_spawned(event["rank"], event["pid"], event["sender"])
             elif kind == "exit":
                 with self._spawned:
                     if self.pids.get(event["rank"]) == event["pid"]:

@@ -74,7 +74,8 @@ def rank_main(boot: dict[str, Any], template_pid: int) -> int:
     context = zmq.Context()
     session = Session(boot["key"], sender=boot["sender"], rank=boot["rank"])
     session.accept_from(boot["driver_sender"], after_seq=boot["driver_seq"])
-    channel = Channel.connect_dealer(context, boot["address"], boot["sender"].encode(), session)
+    channel = Channel.connect_dealer(context, boot["address"], boot["sender"].encode(), session,
+                                     curve=boot.get("curve"))  # fmt: skip
     link = Link(channel)
     link.start()
     try:

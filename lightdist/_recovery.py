@@ -11,7 +11,6 @@ store prefix, keeping their ``setup`` state. Calls queue meanwhile. Everything h
 from __future__ import annotations
 
 import logging
-import os
 import pickle
 import signal
 import threading
@@ -19,7 +18,7 @@ import time
 from typing import TYPE_CHECKING
 
 from lightdist._calls import ERROR, Event, PendingCall, worker_error
-from lightdist._procs import RankExit
+from lightdist._procs import RankExit, RankHost
 from lightdist.errors import WorkerDiedError
 from lightdist.protocol import Kind
 
@@ -44,6 +43,7 @@ class RecoveryMixin:
     current: PendingCall | None
     startup: PendingCall
     template: TemplateProcess | None
+    _rank_hosts: dict[int, RankHost | None]
     recoveries: int
     _senders: dict[int, str]
     _dead: set[int]
@@ -72,7 +72,7 @@ class RecoveryMixin:
         with self._lock:
             if self.state in ("stopping", "closed", "broken") or self._senders.get(info.rank) != info.sender:
                 return  # expected, or a previous life of the rank (killed by us and replaced)
-            err = WorkerDiedError(info.rank, info.exitcode, info.signal)
+            err = WorkerDiedError(info.rank, info.exitcode, info.signal, info.detail)
             if self.state == "starting":
                 self.startup.push(Event(ERROR, err))
                 return
@@ -104,16 +104,12 @@ class RecoveryMixin:
             self._on_broken(RuntimeError(f"the pool's template process is gone: {detail}"))
 
     def _kill(self, ranks: set[int], why: str) -> None:
-        assert self.template is not None
-        pids = self.template.pids
         for rank in sorted(ranks - self._dead):
-            pid = pids.get(rank)
-            log.warning("killing rank %d (pid %s): it %s", rank, pid, why)
-            if pid is not None:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            host = self._rank_hosts.get(rank)
+            pid = host.pids.get(rank) if host is not None else None
+            log.warning("killing rank %d (pid %s on %s): it %s", rank, pid, getattr(host, "name", "?"), why)
+            if host is not None and pid is not None:
+                host.signal_ranks(signal.SIGKILL, [rank])
             self._dead.add(rank)
 
     def _recover(self, everything: bool = False) -> None:

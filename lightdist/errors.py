@@ -56,6 +56,7 @@ class WorkerDiedError(RuntimeError):
         self.rank = rank
         self.exitcode = exitcode
         self.signal = signal_number
+        self.detail = detail
         if signal_number is not None:
             try:
                 how = f"was killed by {signal.Signals(signal_number).name}"
@@ -69,7 +70,7 @@ class WorkerDiedError(RuntimeError):
         super().__init__(text)
 
     def __reduce__(self):  # type: ignore[no-untyped-def]
-        return (type(self), (self.rank, self.exitcode, self.signal))
+        return (type(self), (self.rank, self.exitcode, self.signal, self.detail))
 
 
 class PoolClosedError(RuntimeError):

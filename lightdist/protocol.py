@@ -59,7 +59,9 @@ _HEADER = struct.Struct("!BBQiQ")
 
 
 class Kind(enum.IntEnum):
-    """Message kinds. Driver → worker: CALL, CANCEL, PING, EXIT, REBUILD. Worker → driver: the rest."""
+    """Message kinds. Driver → worker: CALL, CANCEL, PING, EXIT, REBUILD. Worker → driver: READY to
+    REBUILT. HELLO to FENCED are between the driver and the agent of a host (a multi-host pool); the
+    header's call field carries the agent's generation there."""
 
     READY = 1  # setup finished on this rank
     FAILED = 2  # setup raised on this rank; payload: error report
@@ -73,6 +75,12 @@ class Kind(enum.IntEnum):
     EXIT = 10  # driver: run teardown and exit; worker: reply once teardown has run
     REBUILD = 11  # driver: re-join the process group under a new store prefix; payload: the prefix
     REBUILT = 12  # worker: the group is rebuilt (FAILED with a report if that raised)
+    HELLO = 13  # agent: attach me; payload: JSON host facts
+    ASSIGN = 14  # driver: your generation, lease and the settings of your ranks; payload: JSON
+    SPAWN = 15  # driver: fork this rank; payload: the rank's bootstrap (pickled)
+    HOST_EVENT = 16  # agent: a rank spawned or exited, the template failed; payload: JSON
+    KILL = 17  # driver: signal these ranks; payload: JSON {"ranks": [...], "signal": n}
+    FENCED = 18  # driver: your generation is over (you were declared lost); kill your ranks and exit
 
 
 _KINDS = {int(k): k for k in Kind}
@@ -143,6 +151,9 @@ class Session:
         self._seq = first_seq
         self._last_seen: dict[str, int] = {}
         self.peers: set[str] | None = None  # None: any sender that signs with the key
+        # Senders not (yet) in ``peers`` whose signed messages are still accepted: a host's agent
+        # introduces itself with HELLO under a name the driver cannot know in advance.
+        self.newcomer_prefix: str | None = None
 
     @property
     def seq(self) -> int:
@@ -187,7 +198,9 @@ class Session:
             raise ProtocolError("bad signature")
         header = parse_header(body[0])  # signed but malformed: a bug, not an attack
         if self.peers is not None and header.sender not in self.peers:
-            raise ProtocolError(f"stale or unknown sender {header.sender!r}")
+            newcomer = self.newcomer_prefix is not None and header.sender.startswith(self.newcomer_prefix)
+            if not newcomer:
+                raise ProtocolError(f"stale or unknown sender {header.sender!r}")
         last = self._last_seen.get(header.sender, 0)
         if header.seq <= last:
             raise ProtocolError(f"replayed frame from {header.sender!r}: seq {header.seq} <= {last}")

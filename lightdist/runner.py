@@ -65,6 +65,13 @@ class DistributedRunner:
             ``("lightning",)`` so every rank starts with Lightning already imported.
         grace_period: seconds a rank gets to finish a call that failed elsewhere or was cancelled
             (it sees ``cancelled``); then it is killed and replaced (see docs/failures.md).
+        nodes: a pool across hosts: wait for this many ``lightdist agent`` processes (one per host)
+            to attach, then give each a contiguous range of ``world_size`` ranks. Needs ``listen``
+            and ``key_file``; see docs/multinode.md.
+        listen: ``tcp://ADDR:PORT`` the driver listens on for agents and their ranks (port 0: any
+            free port, read it back from :attr:`address`); the rendezvous store listens on ADDR too.
+        key_file: the driver's key file (``lightdist keys create DIR`` makes one): the HMAC key and
+            the CURVE server keys with the allow-list of client keys.
     """
 
     def __init__(
@@ -85,6 +92,9 @@ class DistributedRunner:
         backend: str | None = None,
         preload: tuple[str, ...] = (),
         grace_period: float = 2.0,
+        nodes: int | None = None,
+        listen: str | None = None,
+        key_file: str | os.PathLike[str] | None = None,
     ) -> None:
         _check_worker_cls(worker_cls)
         _check_world_size(world_size)
@@ -100,6 +110,8 @@ class DistributedRunner:
             raise ValueError(f"grace_period must be a number of seconds >= 0, got {grace_period!r}")
         if accelerator not in ("auto", "cpu", "cuda"):
             raise ValueError(f"accelerator must be 'auto', 'cpu' or 'cuda', got {accelerator!r}")
+        if nodes is not None:
+            _check_attach(nodes, listen, key_file, world_size)
         if set_device is not None:
             warnings.warn("set_device is deprecated and ignored", DeprecationWarning, stacklevel=2)
         self.worker_cls = worker_cls
@@ -117,6 +129,9 @@ class DistributedRunner:
         self.backend = backend
         self.preload = tuple(preload)
         self.grace_period = float(grace_period)
+        self.nodes = nodes
+        self.listen = listen
+        self.key_file = key_file
         self._pool: Pool | None = None
         self._lifecycle = threading.Lock()  # start/stop never overlap
 
@@ -189,12 +204,14 @@ class DistributedRunner:
                 pg_timeout=float(self.timeout),
                 accelerator=self.accelerator,
                 backend=self.backend,
-                master_addr=self.master_addr,
+                master_addr=self._listen_host() or self.master_addr,
                 master_port=self.master_port,
-                worker_address=None if self.worker_port is None else f"tcp://{self.worker_addr}:{self.worker_port}",
+                worker_address=self._worker_address(),
                 keepalive_payload=self.keepalive_payload,
                 keepalive_interval=self.keepalive_interval,
                 grace_period=self.grace_period,
+                nodes=self.nodes,
+                curve=self._driver_keys(),
             )
             pool = Pool(config)
             self._pool = pool
@@ -206,6 +223,26 @@ class DistributedRunner:
                 self._pool = None
                 raise
             return pool
+
+    def _worker_address(self) -> str | None:
+        if self.listen is not None:
+            return self.listen
+        return None if self.worker_port is None else f"tcp://{self.worker_addr}:{self.worker_port}"
+
+    def _listen_host(self) -> str | None:
+        return None if self.listen is None else self.listen.removeprefix("tcp://").rsplit(":", 1)[0].strip("[]")
+
+    def _driver_keys(self) -> Any:
+        if self.key_file is None:
+            return None
+        from lightdist.keys import load_driver_keys
+
+        return load_driver_keys(self.key_file)
+
+    @property
+    def address(self) -> str | None:
+        """The address ranks (and agents) connect to, once started: ``tcp://...`` or ``ipc://...``."""
+        return self._pool.address if self._pool is not None else None
 
     def _abort_launched(self, launch: asyncio.Future[Pool]) -> None:
         if not launch.cancelled() and launch.exception() is None:
@@ -452,6 +489,8 @@ def _started(pool: Pool, event: Event) -> bool:
 
 
 def _raise_start_error(exc: BaseException, timeout: float, pool: Pool) -> None:
+    if isinstance(exc, TimeoutError) and pool.config.nodes is not None and not pool._rank_hosts:
+        raise TimeoutError(f"the pool did not form within {timeout} s: {pool.attach_status()}") from None
     if isinstance(exc, TimeoutError):
         waiting = sorted(pool.startup.pending)
         raise TimeoutError(
@@ -459,6 +498,18 @@ def _raise_start_error(exc: BaseException, timeout: float, pool: Pool) -> None:
             "every worker process was stopped. Raise start(timeout=...) if setup is slow"
         ) from None
     raise exc
+
+
+def _check_attach(nodes: Any, listen: str | None, key_file: Any, world_size: int) -> None:
+    if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1:
+        raise ValueError(f"nodes must be a positive int (the number of hosts to wait for), got {nodes!r}")
+    if listen is None or not listen.startswith("tcp://") or ":" not in listen[6:]:
+        raise ValueError(f"a pool across hosts needs listen='tcp://ADDR:PORT' (the driver's address), got {listen!r}")
+    if key_file is None:
+        raise ValueError("a pool across hosts needs key_file= (create one with: lightdist keys create DIR)")
+    if world_size % nodes:
+        raise ValueError(f"world_size {world_size} is not a multiple of nodes {nodes}: each host runs the same "
+                         "number of ranks")  # fmt: skip
 
 
 def _check_worker_cls(worker_cls: Any) -> None:

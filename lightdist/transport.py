@@ -18,6 +18,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import zmq
 
@@ -128,9 +129,17 @@ class Channel:
         self._buffered: list[tuple[bytes | None, Message]] = []  # drained but not yet returned by recv()
 
     @classmethod
-    def bind_router(cls, context: zmq.Context[zmq.Socket[bytes]], address: str, session: Session) -> tuple[Channel, str]:
+    def bind_router(
+        cls, context: zmq.Context[zmq.Socket[bytes]], address: str, session: Session, curve: Any = None
+    ) -> tuple[Channel, str]:
+        """``curve``: the driver's :class:`~lightdist.keys.DriverKeys` (a TCP pool); the context must
+        already have its allow-list authenticator."""
         sock = context.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
+        if curve is not None:
+            from lightdist.keys import secure_server
+
+            secure_server(sock, curve)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an unroutable send raises instead of vanishing
         sock.setsockopt(zmq.RCVHWM, 0)  # the driver drains continuously; never drop stream items
         sock.setsockopt(zmq.SNDHWM, 0)
@@ -143,13 +152,24 @@ class Channel:
 
     @classmethod
     def connect_dealer(
-        cls, context: zmq.Context[zmq.Socket[bytes]], address: str, identity: bytes, session: Session
+        cls, context: zmq.Context[zmq.Socket[bytes]], address: str, identity: bytes, session: Session,
+        curve: Any = None,
+        before_connect: Any = None,
     ) -> Channel:
+        """``curve``: a :class:`~lightdist.keys.ClientKeys` for a driver that requires CURVE;
+        ``before_connect(socket)`` runs just before ``connect`` (a socket monitor must be attached
+        by then to see the handshake)."""
         sock = context.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        if curve is not None:
+            from lightdist.keys import secure_client
+
+            secure_client(sock, curve)
         sock.setsockopt(zmq.IDENTITY, identity)
         sock.setsockopt(zmq.SNDHWM, 0)  # stream items queue in the socket rather than block a sender
         sock.setsockopt(zmq.RCVHWM, 0)
+        if before_connect is not None:
+            before_connect(sock)
         sock.connect(address)
         return cls(sock, session, routed=False)
 

@@ -275,11 +275,11 @@ def _raw_header(version: int = 1, kind: int = int(Kind.READY), sender: bytes = b
         (_raw_header(version=2), "version 2"),
         (_raw_header(version=0), "version 0"),
         (_raw_header(kind=0), "unknown message kind 0"),
-        (_raw_header(kind=13), "unknown message kind 13"),
+        (_raw_header(kind=19), "unknown message kind 19"),
         (_raw_header(kind=255), "unknown message kind 255"),
         (_raw_header(sender=b"\xff\xfe"), "not UTF-8"),
     ],
-    ids=["empty", "truncated", "version 2", "version 0", "kind 0", "kind 13", "kind 255", "bad utf-8"],
+    ids=["empty", "truncated", "version 2", "version 0", "kind 0", "kind 19", "kind 255", "bad utf-8"],
 )
 def test_signed_but_malformed_header_is_refused(header: bytes, reason: str) -> None:
     """A header that passes the signature check but does not parse raises ``ProtocolError``."""
@@ -288,10 +288,10 @@ def test_signed_but_malformed_header_is_refused(header: bytes, reason: str) -> N
 
 
 def test_every_kind_round_trips() -> None:
-    """All message kinds (1..12) pack and parse."""
+    """All message kinds (1..18) pack and parse."""
     tx, rx = _pair()
     assert [rx.unpack(tx.pack(k)).kind for k in Kind] == list(Kind)
-    assert [int(k) for k in Kind] == list(range(1, 13))
+    assert [int(k) for k in Kind] == list(range(1, 19))
 
 
 # --- (de)serialisation -----------------------------------------------------------------------------
@@ -514,3 +514,18 @@ def test_keys_equal_as_json_strings_are_refused() -> None:
     """{1: ..., "1": ...} would silently lose one value in JSON: refused, naming the keys."""
     with pytest.raises(TextEventError, match="equal as JSON strings"):
         protocol.encode_text_event({1: "a", "1": "b"})
+
+
+def test_newcomers_are_accepted_by_prefix_only() -> None:
+    """A driver waiting for agents accepts signed HELLOs from unknown ``agent.`` senders, nothing else."""
+    rx = Session(KEY, "driver", DRIVER_RANK)
+    rx.accept_from("r0.1")
+    rx.newcomer_prefix = "agent."
+    hello = Session(KEY, "agent.h1.abc", -2).pack(Kind.HELLO, 0, [b"{}"])
+    assert rx.unpack(hello).header.sender == "agent.h1.abc"
+    with pytest.raises(ProtocolError, match="replayed"):
+        rx.unpack(hello)  # the sequence floor applies to newcomers too
+    with pytest.raises(ProtocolError, match="unknown sender"):
+        rx.unpack(Session(KEY, "r9.1", 9).pack(Kind.READY))
+    with pytest.raises(ProtocolError, match="bad signature"):
+        rx.unpack(Session(os.urandom(32), "agent.evil", -2).pack(Kind.HELLO, 0, [b"{}"]))

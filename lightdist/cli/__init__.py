@@ -7,6 +7,8 @@
     lightdist sweep --config X --grid model.lr=1e-3,1e-4            # every combination, one pool
     lightdist recipes                                              # recipes and configs on disk
     lightdist tensorboard --logdir runs                            # serve the run directory
+    lightdist agent --connect tcp://DRIVER:PORT --key-file F       # attach this host to a pool
+    lightdist keys create DIR                                      # key files for a pool across hosts
 
 ``fit / validate / test / predict`` are LightningCLI subcommands (``--config``, dotted overrides
 such as ``--trainer.max_epochs=3``, ``--print_config``) whose Trainer defaults to
@@ -21,13 +23,15 @@ import sys
 __all__ = ["main"]
 
 _USAGE = """\
-usage: lightdist {fit,validate,test,predict,sweep,recipes,tensorboard} ...
+usage: lightdist {fit,validate,test,predict,sweep,recipes,tensorboard,agent,keys} ...
 
   fit, validate, test, predict   run a LightningCLI config on a warm pool of ranks
                                  (lightdist fit --config configs/digits/pretrain-cpu.yaml)
   sweep                          run every combination of --grid overrides on one pool
   recipes                        list the recipes and configs found on disk
   tensorboard (or view)          serve a run directory with TensorBoard
+  agent                          attach this host's ranks to a driver's pool (one per host)
+  keys                           create key files for a pool across hosts
 
 'lightdist <command> --help' describes each command.
 """
@@ -58,8 +62,40 @@ def main(argv: list[str] | None = None) -> int:
         from lightdist.cli._tensorboard import main as tensorboard_main
 
         return tensorboard_main(rest)
+    if command == "agent":
+        from lightdist.agent import main as agent_main
+
+        return agent_main(rest)
+    if command == "keys":
+        return _keys(rest)
     print(f"lightdist: error: unknown command {command!r}\n\n{_USAGE}", end="", file=sys.stderr)
     return 2
+
+
+def _keys(argv: list[str]) -> int:
+    import argparse
+
+    from lightdist.keys import KeyFileError, add_client, create_pool_keys
+
+    parser = argparse.ArgumentParser(prog="lightdist keys", description="Key files for a pool across hosts.")
+    commands = parser.add_subparsers(dest="action", required=True)
+    create = commands.add_parser("create", help="a driver file and a client file (mode 0600) in DIR")
+    create.add_argument("directory")
+    add = commands.add_parser("add-client", help="a new client file, allowed by the driver file")
+    add.add_argument("driver_file")
+    add.add_argument("client_file")
+    args = parser.parse_args(argv)
+    try:
+        if args.action == "create":
+            driver, client = create_pool_keys(args.directory)
+            print(f"driver key file: {driver}  (keep it on the driver's host)")
+            print(f"client key file: {client}  (copy it to every agent host, mode 0600)")
+        else:
+            print(f"client key file: {add_client(args.driver_file, args.client_file)}")
+    except KeyFileError as error:
+        print(f"lightdist keys: error: {error}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":  # python -m lightdist.cli

@@ -1,0 +1,276 @@
+"""Hosts attached by agents: the driver's side of a pool that spans machines.
+
+One ``lightdist agent`` per host (started by ``srun``, a pod, ssh or Ray) connects to the driver's
+ROUTER over TCP and says HELLO with its host facts. When the expected number of hosts is attached
+the driver *forms* the pool: it gives each host a contiguous range of ranks, sends it ASSIGN (its
+generation, lease and heartbeat) and then one SPAWN per rank; the agent forks the ranks with the
+single-host template, and the ranks connect to the driver themselves. From then on an agent is a
+:class:`~lightdist._procs.RankHost` like the local template: it reports rank exits (HOST_EVENT) and
+signals ranks on request (KILL).
+
+Liveness: the driver PINGs every agent each ``HEARTBEAT_S``; an agent not heard from for
+``HOST_TIMEOUT_S`` is *lost*: its ranks are reported dead (the running call fails with
+``WorkerDiedError`` naming the host), its name is fenced (anything it sends later is answered with
+FENCED, so a healed host's agent kills its old ranks and exits), and its ranks move to a spare host
+(an agent that attached beyond the expected count) or wait for a new agent until the recovery
+deadline. An agent that hears nothing from the driver for its lease kills its ranks and exits, so a
+dead driver takes every host down.
+
+Everything here runs under ``Pool._lock`` (the I/O thread or a leading caller routes messages).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from lightdist._procs import RankExit
+from lightdist.protocol import Kind, Message
+
+if TYPE_CHECKING:
+    from lightdist._pool import Pool
+
+__all__ = ["AGENT_PREFIX", "AgentHost", "AttachMixin", "HEARTBEAT_S", "HOST_TIMEOUT_S", "LEASE_S"]
+
+log = logging.getLogger("lightdist")
+AGENT_PREFIX = "agent."  # sender names of agents; also their ZMQ identities
+HEARTBEAT_S = 0.5
+HOST_TIMEOUT_S = 2.0  # silence after which the driver declares a host lost
+LEASE_S = 3.0  # silence after which an agent gives up on the driver: > HOST_TIMEOUT_S, see above
+
+
+class AgentHost:
+    """The driver's handle on one attached host (its agent); any thread may call the methods."""
+
+    def __init__(self, pool: Pool, sender: str, facts: dict[str, Any]) -> None:
+        self._pool = pool
+        self.sender = sender
+        self.name = str(facts.get("host") or sender)
+        self.nproc = int(facts["nproc"])
+        self.facts = facts
+        self.ranks: list[int] = []  # global ranks, in local-rank order
+        self.pids: dict[int, int] = {}
+        self.lost = False
+        self.last_heard = self.last_ping = time.monotonic()
+        self._changed = threading.Condition()
+
+    def _send(self, kind: Kind, payload: list[bytes], call: int = 0) -> None:
+        self._pool.channel.send(kind, call or self._pool.host_generation, payload, to=[self.sender.encode()])
+
+    def assign(self, ranks: list[int], node_rank: int, num_nodes: int) -> None:
+        self.ranks = list(ranks)
+        cfg = self._pool.config
+        settings = {"ranks": ranks, "node_rank": node_rank, "num_nodes": num_nodes, "lease_s": LEASE_S,
+                    "heartbeat_s": HEARTBEAT_S, "imports": list(cfg.imports), "cwd": cfg.cwd}  # fmt: skip
+        self._send(Kind.ASSIGN, [json.dumps(settings).encode()])
+
+    def spawn(self, rank: int, boot: dict[str, Any]) -> None:
+        boot = {**boot, "local_rank": self.ranks.index(rank), "local_world_size": len(self.ranks)}
+        self._send(Kind.SPAWN, [pickle.dumps(boot, protocol=5)])
+
+    def signal_ranks(self, sig: int, ranks: list[int] | None = None) -> None:
+        targets = self.ranks if ranks is None else [r for r in ranks if r in self.ranks]
+        if targets and not self.lost:
+            self._send(Kind.KILL, [json.dumps({"ranks": targets, "signal": int(sig)}).encode()])
+
+    def ping(self) -> None:
+        self.last_ping = time.monotonic()
+        self._send(Kind.PING, [])
+
+    def note_spawned(self, rank: int, pid: int) -> None:
+        with self._changed:
+            self.pids[rank] = pid
+            self._changed.notify_all()
+
+    def note_exited(self, rank: int, pid: int) -> None:
+        with self._changed:
+            if self.pids.get(rank) == pid:
+                del self.pids[rank]
+            self._changed.notify_all()
+
+    def mark_lost(self) -> dict[int, int]:
+        """This host is gone: forget its processes (returned: the ones that were alive)."""
+        with self._changed:
+            self.lost = True
+            gone, self.pids = self.pids, {}
+            self._changed.notify_all()
+        return gone
+
+    def wait_ranks_gone(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while self.pids and not self.lost:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._changed.wait(left)
+        return True
+
+    def close(self, grace: float = 2.0) -> None:
+        """The pool is stopping: the agent stops its template (killing what is left) and exits."""
+        if not self.lost:
+            self._send(Kind.EXIT, [])
+
+
+class AttachMixin:
+    """The attach / form / heartbeat / host-loss part of :class:`~lightdist._pool.Pool`."""
+
+    # Provided by Pool (see there).
+    if TYPE_CHECKING:
+        _agents: dict[str, AgentHost]
+        _spares: list[AgentHost]
+        _fenced: set[str]
+        _homeless: set[int]
+        _rank_hosts: dict[int, Any]
+        _store: Any
+        host_generation: int
+        state: str
+        world_size: int
+        channel: Any
+        config: Any
+
+        def _spawn(self, rank: int) -> None: ...
+        def _rank_exited(self, info: RankExit) -> None: ...
+        def _on_broken(self, err: BaseException) -> None: ...
+
+    def attach_status(self) -> str:
+        """For a start that timed out: which hosts attached, how many are missing."""
+        expected = self.config.nodes or 0
+        names = sorted(host.name for host in self._agents.values())
+        return (f"{len(names)} of {expected} hosts attached ({', '.join(names) or 'none'}); start "
+                f"'lightdist agent --connect {self.channel_address_for_agents()} --key-file ...' on each missing host")  # fmt: skip
+
+    def channel_address_for_agents(self) -> str:
+        return str(self.config.worker_address)
+
+    def _on_agent_message(self, msg: Message) -> None:
+        h = msg.header
+        if h.sender in self._fenced:
+            self.channel.send(Kind.FENCED, 0, [], to=[h.sender.encode()])
+            return
+        host = self._agents.get(h.sender)
+        if host is None:
+            if h.kind is Kind.HELLO:
+                self._on_hello(h.sender, json.loads(msg.payload[0]))
+            return
+        host.last_heard = time.monotonic()
+        if h.kind is Kind.HOST_EVENT:
+            self._on_host_event(host, json.loads(msg.payload[0]))
+
+    def _on_hello(self, sender: str, facts: dict[str, Any]) -> None:
+        self.channel.accept_from(sender)
+        host = AgentHost(self, sender, facts)  # type: ignore[arg-type]
+        self._agents[sender] = host
+        log.info("host %s attached (%d ranks)", host.name, host.nproc)
+        if self.state == "starting" and not self._rank_hosts:
+            self._maybe_form()
+        else:
+            self._spares.append(host)
+            self._rehost()
+
+    def _maybe_form(self) -> None:
+        """Form the pool once the store is up and the expected hosts attached (HELLOs may come first)."""
+        if self.state == "starting" and not self._rank_hosts and self._store is not None:
+            if len(self._agents) >= (self.config.nodes or 0):
+                self._form()
+
+    def _form(self) -> None:
+        ordered = sorted(self._agents.values(), key=_placement_order)
+        hosts, self._spares = ordered[: self.config.nodes], ordered[self.config.nodes :]
+        total = sum(host.nproc for host in hosts)
+        if total != self.world_size:
+            layout = ", ".join(f"{host.name}: {host.nproc}" for host in hosts)
+            self._on_broken(ValueError(
+                f"the attached hosts bring {total} ranks ({layout}) but world_size is {self.world_size}; "
+                "make --nproc-per-node times the number of hosts equal world_size"))  # fmt: skip
+            return
+        first = 0
+        for node_rank, host in enumerate(hosts):
+            ranks = list(range(first, first + host.nproc))
+            first += host.nproc
+            host.assign(ranks, node_rank, len(hosts))
+            for rank in ranks:
+                self._rank_hosts[rank] = host
+        for rank in range(self.world_size):
+            self._spawn(rank)
+
+    def _on_host_event(self, host: AgentHost, event: dict[str, Any]) -> None:
+        kind = event["ev"]
+        if kind == "spawned":
+            host.note_spawned(event["rank"], event["pid"])
+        elif kind == "exit":
+            host.note_exited(event["rank"], event["pid"])
+            self._rank_exited(RankExit(event["rank"], event["pid"], event["sender"], event["code"], event["signal"],
+                                       f"on host {host.name}"))  # fmt: skip
+        elif kind == "lost":  # the agent's template process failed
+            self._host_lost(host, f"its template process failed: {event.get('detail', '')}")
+
+    def _heartbeat(self, now: float) -> float | None:
+        """PING due agents, declare silent ones lost; seconds until the next heartbeat work."""
+        due = None
+        for host in list(self._agents.values()):
+            if now - host.last_heard > HOST_TIMEOUT_S:
+                self._host_lost(host, f"no heartbeat for {now - host.last_heard:.1f} s")
+                continue
+            if now - host.last_ping >= HEARTBEAT_S:
+                host.ping()
+            next_work = min(host.last_ping + HEARTBEAT_S, host.last_heard + HOST_TIMEOUT_S)
+            due = next_work if due is None else min(due, next_work)
+        return due
+
+    def _host_lost(self, host: AgentHost, why: str) -> None:
+        log.warning("host %s lost: %s", host.name, why)
+        self._agents.pop(host.sender, None)
+        if host in self._spares:
+            self._spares.remove(host)
+        self._fenced.add(host.sender)
+        self.channel.send(Kind.FENCED, 0, [], to=[host.sender.encode()])  # reaches it if it is only slow
+        self.channel.forget(host.sender)
+        if self.state in ("stopping", "closed", "broken"):
+            host.mark_lost()
+            return
+        senders = {rank: self._senders.get(rank, "") for rank in host.ranks}  # type: ignore[attr-defined]
+        alive = host.mark_lost()
+        for rank in host.ranks:
+            self._rank_hosts[rank] = None  # re-hosted when a spare or a new agent attaches
+        self._homeless |= set(host.ranks)
+        if self.state == "starting":
+            self._on_broken(RuntimeError(f"host {host.name} was lost while the pool started: {why}"))
+            return
+        for rank in host.ranks:
+            # a rank that already exited was reported then; the others die with their host
+            if rank in alive:
+                self._rank_exited(RankExit(rank, alive[rank], senders[rank], None, None,
+                                           f"host {host.name} was lost ({why})"))  # fmt: skip
+
+    def _place_homeless(self) -> bool:
+        """Give the ranks of a lost host to a spare host with room; False while there is none."""
+        for spare in self._spares:
+            if spare.nproc >= len(self._homeless):
+                self._spares.remove(spare)
+                ranks, self._homeless = sorted(self._homeless), set()
+                spare.assign(ranks, node_rank=len(self._agents) - 1, num_nodes=len(self._agents))
+                for rank in ranks:
+                    self._rank_hosts[rank] = spare
+                log.warning("ranks %s moved to host %s", ranks, spare.name)
+                return True
+        return False
+
+    def _rehost(self) -> None:
+        """A host attached while ranks were waiting for one: place them there and start them."""
+        if self._homeless and self.state == "recovering":
+            waiting = sorted(self._homeless)
+            if self._place_homeless():
+                for rank in waiting:
+                    self._spawn(rank)
+
+
+def _placement_order(host: AgentHost) -> tuple[int, str, str]:
+    # A launcher's node index (SLURM_NODEID, a pod's completion index, torchrun's GROUP_RANK) is a
+    # hint that keeps rank ranges in the cluster's order; the host name breaks ties.
+    hint = host.facts.get("node_hint")
+    return (int(hint) if isinstance(hint, int) else 1 << 30, host.name, host.sender)

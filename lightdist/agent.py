@@ -1,0 +1,258 @@
+"""``lightdist agent``: attach this host's ranks to a driver's pool.
+
+::
+
+    lightdist agent --connect tcp://DRIVER:PORT --key-file pool.client.key --nproc-per-node 2
+
+One agent per host, started however the cluster starts things (``srun --ntasks-per-node=1``, a pod
+per node, ssh, Ray). It connects to the driver, says HELLO with this host's facts, receives its rank
+range and settings (ASSIGN), and forks its ranks with the same template process a single-host pool
+uses, so a rank that dies on a healthy host is respawned in place. The ranks connect to the driver
+themselves; the agent relays their exits (HOST_EVENT), signals them on request (KILL) and answers the
+driver's heartbeat. If the driver is silent for the lease the agent kills its ranks and exits: a
+dead driver takes every host down. A driver that declared this host lost answers FENCED: the agent
+kills its ranks and exits, so a healed host never rejoins an old generation.
+
+Launcher variables (``SLURM_*``, torchrun's ``RANK``/``WORLD_SIZE``/...) are read as hints for
+placement only and removed before the ranks start: the pool's layout is the only truth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import pickle
+import secrets
+import select
+import signal
+import socket
+import sys
+import time
+from typing import Any
+
+import zmq
+
+from lightdist._attach import AGENT_PREFIX
+from lightdist._procs import RankExit, TemplateProcess
+from lightdist.protocol import Kind, Session
+from lightdist.transport import Channel
+
+__all__ = ["LAUNCHER_VARIABLES", "Agent", "main", "route_interface"]
+
+log = logging.getLogger("lightdist")
+AGENT_RANK = -2
+CONNECT_TIMEOUT_S = 300.0  # waiting for the driver to come up (srun may start agents first)
+# Prefixes and names of variables that launchers set for their own rank model.
+LAUNCHER_VARIABLES = ("SLURM_", "PMI_", "PMIX_", "OMPI_", "TORCHELASTIC_", "RANK", "LOCAL_RANK", "WORLD_SIZE",
+                      "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK", "ROLE_WORLD_SIZE",
+                      "MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "JOB_COMPLETION_INDEX")  # fmt: skip
+
+
+def node_hint(env: dict[str, str]) -> int | None:
+    """This host's index in the launcher's own numbering, if it says: a placement hint only."""
+    for name in ("SLURM_NODEID", "JOB_COMPLETION_INDEX", "GROUP_RANK", "NODE_RANK"):
+        if env.get(name, "").isdigit():
+            return int(env[name])
+    return None
+
+
+def route_interface(address: str) -> tuple[str, str | None]:
+    """(local IP, interface name) this host uses to reach ``tcp://host:port``.
+
+    gloo and NCCL advertise an address to their peers; without ``GLOO_SOCKET_IFNAME`` they may pick
+    one the other hosts cannot reach (in a network namespace gloo advertised 127.0.0.1)."""
+    host, port = address.removeprefix("tcp://").rsplit(":", 1)
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        probe.connect((host.strip("[]"), int(port)))  # UDP: picks the route, sends nothing
+        local_ip = str(probe.getsockname()[0])
+    finally:
+        probe.close()
+    return local_ip, _interface_of(local_ip)
+
+
+def _interface_of(ip: str) -> str | None:
+    import fcntl
+    import struct
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        for _, name in socket.if_nameindex():
+            try:
+                packed = fcntl.ioctl(sock.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))  # SIOCGIFADDR
+            except OSError:
+                continue
+            if socket.inet_ntoa(packed[20:24]) == ip:
+                return name
+    finally:
+        sock.close()
+    return None
+
+
+class Agent:
+    """One host's agent. ``run()`` returns the process exit status."""
+
+    def __init__(self, connect: str, hmac_key: bytes, nproc: int, curve: Any = None, host: str | None = None,
+                 connect_timeout: float = CONNECT_TIMEOUT_S) -> None:  # fmt: skip
+        self.connect = connect
+        self.nproc = nproc
+        self.curve = curve
+        self.host = host or socket.gethostname()
+        self.connect_timeout = connect_timeout
+        self.sender = f"{AGENT_PREFIX}{self.host}.{secrets.token_hex(6)}"
+        self.session = Session(hmac_key, sender=self.sender, rank=AGENT_RANK)
+        self.session.accept_from("driver")
+        self.generation = 0
+        self.lease = connect_timeout  # until ASSIGN says otherwise
+        self.template: TemplateProcess | None = None
+        self.local_ip, self.ifname = route_interface(connect)
+        self._context = zmq.Context()
+        self._monitor: zmq.Socket[bytes] | None = None
+        self.channel = Channel.connect_dealer(self._context, connect, self.sender.encode(), self.session,
+                                              curve=curve, before_connect=self._attach_monitor)  # fmt: skip
+
+    def _attach_monitor(self, sock: zmq.Socket[bytes]) -> None:
+        # A refused CURVE client raises nothing (its sends just queue): watch the handshake instead.
+        events = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+        self._monitor = sock.get_monitor_socket(events)
+
+    def _handshake_failure(self) -> str | None:
+        from zmq.utils.monitor import recv_monitor_message
+
+        from lightdist.keys import describe_handshake_failure
+
+        while self._monitor is not None and self._monitor.poll(0):
+            event = recv_monitor_message(self._monitor)
+            text = describe_handshake_failure(int(event["event"]), int(event["value"]))
+            if text is not None:
+                return text
+        return None
+
+    def run(self) -> int:
+        try:
+            return self._serve()
+        finally:
+            self._shutdown()
+
+    def _serve(self) -> int:
+        self._hello()
+        last_heard = time.monotonic()
+        last_hello = last_heard
+        while True:
+            now = time.monotonic()
+            if now - last_heard > self.lease:
+                print(f"lightdist agent: no word from the driver for {self.lease:.1f} s; stopping this "
+                      "host's ranks", file=sys.stderr, flush=True)  # fmt: skip
+                return 1
+            if self.generation == 0 and now - last_hello > 2.0:
+                self._hello()  # the driver may have restarted its pool
+                last_hello = now
+            select.select([self.channel.fd, self.channel.waker.fd], [], [], 0.25)
+            self.channel.waker.clear()
+            if self.generation == 0:
+                refused = self._handshake_failure()
+                if refused is not None:
+                    print(f"lightdist agent: cannot attach to {self.connect}: {refused}", file=sys.stderr, flush=True)
+                    return 2
+            for _, msg in self.channel.drain():
+                last_heard = time.monotonic()
+                status = self._handle(msg.kind, msg.header.call, msg.payload)
+                if status is not None:
+                    return status
+
+    def _hello(self) -> None:
+        facts = {"host": self.host, "nproc": self.nproc, "pid": os.getpid(), "ip": self.local_ip,
+                 "ifname": self.ifname, "node_hint": node_hint(dict(os.environ))}  # fmt: skip
+        self.channel.send(Kind.HELLO, 0, [json.dumps(facts).encode()])
+
+    def _handle(self, kind: Kind, call: int, payload: tuple[bytes, ...]) -> int | None:
+        if kind is Kind.PING:
+            self.channel.send(Kind.PONG, self.generation)
+        elif kind is Kind.ASSIGN:
+            self._assign(call, json.loads(payload[0]))
+        elif kind is Kind.SPAWN:
+            boot = pickle.loads(payload[0])  # signed by the driver: trusted
+            if self.curve is not None:
+                boot["curve"] = self.curve  # the rank connects with this host's client keys
+            assert self.template is not None
+            self.template.spawn(boot["rank"], boot)
+        elif kind is Kind.KILL:
+            order = json.loads(payload[0])
+            if self.template is not None:
+                self.template.signal_ranks(int(order["signal"]), list(order["ranks"]))
+        elif kind is Kind.EXIT:
+            return 0
+        elif kind is Kind.FENCED:
+            print("lightdist agent: the driver declared this host lost; stopping its ranks", file=sys.stderr,
+                  flush=True)  # fmt: skip
+            return 1
+        return None
+
+    def _assign(self, generation: int, settings: dict[str, Any]) -> None:
+        self.generation = generation
+        self.lease = float(settings["lease_s"])
+        _scrub_launcher_environment()
+        if self.ifname:  # unless the user chose already
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", self.ifname)
+            os.environ.setdefault("NCCL_SOCKET_IFNAME", self.ifname)
+        if self.template is None:
+            self.template = TemplateProcess(list(settings["imports"]), settings.get("cwd"), self._rank_exited,
+                                            self._template_lost, on_spawned=self._rank_spawned)  # fmt: skip
+        log.info("agent %s: ranks %s (generation %d)", self.host, settings["ranks"], generation)
+
+    def _event(self, **event: Any) -> None:
+        self.channel.send(Kind.HOST_EVENT, self.generation, [json.dumps(event).encode()])
+
+    def _rank_spawned(self, rank: int, pid: int, sender: str) -> None:  # template monitor thread
+        self._event(ev="spawned", rank=rank, pid=pid, sender=sender)
+
+    def _rank_exited(self, info: RankExit) -> None:  # template monitor thread
+        self._event(ev="exit", rank=info.rank, pid=info.pid, sender=info.sender, code=info.exitcode,
+                    signal=info.signal)  # fmt: skip
+
+    def _template_lost(self, detail: str) -> None:
+        self._event(ev="lost", detail=detail)
+
+    def _shutdown(self) -> None:
+        if self.template is not None:
+            self.template.signal_ranks(signal.SIGKILL)
+            self.template.close(grace=2.0)
+        if self._monitor is not None:
+            self.channel.socket.disable_monitor()
+            self._monitor.close(linger=0)
+        self.channel.close()
+        self._context.term()
+
+
+def _scrub_launcher_environment() -> None:
+    for name in list(os.environ):
+        if name.startswith(LAUNCHER_VARIABLES):
+            del os.environ[name]
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="lightdist agent", description="Attach this host's ranks to a pool.")
+    parser.add_argument("--connect", required=True, metavar="tcp://DRIVER:PORT", help="the driver's address")
+    parser.add_argument("--key-file", required=True, help="the pool's client key file (see docs/multinode.md)")
+    parser.add_argument("--nproc-per-node", type=int, default=1, help="ranks on this host (one per GPU)")
+    parser.add_argument("--host-name", default=None, help="this host's name in messages (default: hostname)")
+    parser.add_argument("--connect-timeout", type=float, default=CONNECT_TIMEOUT_S,
+                        help="seconds to wait for the driver to assign this host its ranks")  # fmt: skip
+    args = parser.parse_args(argv)
+    if not args.connect.startswith("tcp://") or ":" not in args.connect[6:]:
+        parser.error(f"--connect {args.connect!r}: expected tcp://HOST:PORT")
+    if args.nproc_per_node < 1:
+        parser.error("--nproc-per-node must be at least 1")
+    from lightdist.keys import load_client_keys
+
+    try:
+        keys = load_client_keys(args.key_file)
+    except (OSError, ValueError) as error:
+        print(f"lightdist agent: error: {error}", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # srun / kubelet stop: clean up the ranks
+    agent = Agent(args.connect, keys.hmac_key, args.nproc_per_node, curve=keys, host=args.host_name,
+                  connect_timeout=args.connect_timeout)  # fmt: skip
+    return agent.run()

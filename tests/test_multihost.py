@@ -1,0 +1,240 @@
+"""A pool across hosts, with each "host" a real ``lightdist agent`` process on this machine's loopback.
+
+The driver is this test process (``DistributedRunner(nodes=..., listen=..., key_file=...)``); agents
+run the real console entry point and fork their ranks with the real template; CURVE, the allow-list
+and HMAC signing are all on. A host fault is applied to the agent's whole process tree (agent,
+template, ranks): SIGKILL is a crash, SIGSTOP a freeze. ``tests/test_netns.py``-based tests repeat
+the network-level faults (partitions) with one network namespace per host.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lightdist import DistributedRunner, DistributedWorker, WorkerDiedError
+from lightdist._attach import HOST_TIMEOUT_S, LEASE_S
+from lightdist.keys import create_pool_keys
+from tests.conftest import descendants, free_port, pid_alive, wait_until
+
+
+class Gather(DistributedWorker):
+    """Every rank's view of itself, gathered to rank 0, plus an all-reduce across hosts."""
+
+    def __call__(self, streaming: bool = False, sleep: float = 0.0) -> dict[str, Any]:
+        import torch
+        import torch.distributed as dist
+
+        deadline = time.monotonic() + sleep
+        while time.monotonic() < deadline and not self.cancelled:
+            time.sleep(0.02)
+        total = torch.tensor([float(self.rank + 1)])
+        dist.all_reduce(total)
+        me = {"rank": self.rank, "local_rank": self.local_rank, "pid": os.getpid(),
+              "env": {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "SLURM_NODEID", "MASTER_ADDR",
+                                                     "GLOO_SOCKET_IFNAME", "LIGHTDIST_TEST_HOST")}}  # fmt: skip
+        everyone: list[Any] = [None] * self.world_size
+        dist.all_gather_object(everyone, me)
+        return {"sum": total.item(), "ranks": everyone}
+
+
+class Hosts:
+    """Agents started as local processes; whatever is left is killed at the end."""
+
+    def __init__(self, client_key: Path) -> None:
+        self.client_key = client_key
+        self.agents: dict[str, subprocess.Popen[str]] = {}
+
+    def start(self, name: str, address: str, nproc: int = 2, env: dict[str, str] | None = None,
+              key: Path | None = None) -> subprocess.Popen[str]:  # fmt: skip
+        argv = [sys.executable, "-m", "lightdist.cli", "agent", "--connect", address, "--key-file",
+                str(key or self.client_key), "--nproc-per-node", str(nproc), "--host-name", name,
+                "--connect-timeout", "30"]  # fmt: skip
+        full_env = {**os.environ, **(env or {}), "LIGHTDIST_TEST_HOST": name}
+        proc = subprocess.Popen(argv, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.agents[name] = proc
+        return proc
+
+    def tree(self, name: str) -> set[int]:
+        proc = self.agents[name]
+        return {proc.pid, *descendants(proc.pid)} if proc.poll() is None else set(descendants(proc.pid))
+
+    def signal(self, name: str, sig: int) -> None:
+        for pid in self.tree(name):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def output(self, name: str, timeout: float = 10.0) -> str:
+        out, _ = self.agents[name].communicate(timeout=timeout)
+        return out
+
+    def close(self) -> None:
+        for name, proc in self.agents.items():
+            if proc.poll() is None:
+                self.signal(name, signal.SIGCONT)
+                self.signal(name, signal.SIGKILL)
+            proc.communicate(timeout=10)
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> tuple[Path, Path]:
+    return create_pool_keys(tmp_path / "keys")
+
+
+@pytest.fixture
+def hosts(keys: tuple[Path, Path]) -> Iterator[Hosts]:
+    h = Hosts(keys[1])
+    try:
+        yield h
+    finally:
+        h.close()
+
+
+def runner(keys: tuple[Path, Path], nodes: int = 2, world_size: int = 4) -> tuple[DistributedRunner, str]:
+    address = f"tcp://127.0.0.1:{free_port()}"
+    pool = DistributedRunner(Gather, world_size=world_size, nodes=nodes, listen=address, key_file=keys[0],
+                             accelerator="cpu", timeout=30)  # fmt: skip
+    return pool, address
+
+
+def test_two_hosts_form_one_pool_in_launcher_order(keys: tuple[Path, Path], hosts: Hosts) -> None:
+    pool, address = runner(keys)
+    # launcher variables are placement hints only: SLURM_NODEID=0 puts "b" first; the rest is scrubbed
+    hosts.start("a", address, env={"SLURM_NODEID": "1", "RANK": "7", "MASTER_ADDR": "10.9.9.9"})
+    hosts.start("b", address, env={"SLURM_NODEID": "0"})
+    pool.start_sync(timeout=60)
+    try:
+        out = pool.invoke_sync({}, timeout=30)
+        assert out["sum"] == 1 + 2 + 3 + 4
+        by_rank = {r["rank"]: r for r in out["ranks"]}
+        assert [by_rank[r]["env"]["LIGHTDIST_TEST_HOST"] for r in range(4)] == ["b", "b", "a", "a"]
+        assert [by_rank[r]["local_rank"] for r in range(4)] == [0, 1, 0, 1]
+        for rank, info in by_rank.items():
+            assert info["env"]["RANK"] == str(rank) and info["env"]["LOCAL_RANK"] == str(info["local_rank"])
+            assert info["env"]["SLURM_NODEID"] is None and info["env"]["MASTER_ADDR"] != "10.9.9.9"
+            assert info["env"]["GLOO_SOCKET_IFNAME"] == "lo"  # the interface that reaches the driver
+        again = pool.invoke_sync({}, timeout=30)
+        assert {r["pid"] for r in again["ranks"]} == {r["pid"] for r in out["ranks"]}  # warm: same processes
+    finally:
+        pool.stop_sync()
+    for name in ("a", "b"):
+        assert hosts.agents[name].wait(timeout=10) == 0, hosts.output(name)
+
+
+def test_start_names_the_attached_hosts_and_what_is_missing(keys: tuple[Path, Path], hosts: Hosts) -> None:
+    pool, address = runner(keys)
+    hosts.start("only", address)
+    with pytest.raises(TimeoutError, match=r"1 of 2 hosts attached \(only\)"):
+        pool.start_sync(timeout=8)
+    assert hosts.agents["only"].wait(timeout=LEASE_S + 5) == 0  # told to exit: nothing left running
+
+
+def test_a_client_key_from_another_pool_is_refused(keys: tuple[Path, Path], hosts: Hosts, tmp_path: Path) -> None:
+    pool, address = runner(keys, nodes=1, world_size=2)
+    _, stranger = create_pool_keys(tmp_path / "other-pool")
+    hosts.start("intruder", address, key=stranger)
+    with pytest.raises(TimeoutError, match="0 of 1 hosts attached"):
+        pool.start_sync(timeout=5)
+    assert hosts.agents["intruder"].wait(timeout=10) == 2
+    assert "cannot attach" in hosts.output("intruder")
+
+
+def test_a_crashed_host_fails_the_call_naming_it_and_a_spare_takes_over(keys: tuple[Path, Path], hosts: Hosts) -> None:
+    pool, address = runner(keys)
+    hosts.start("a", address, env={"SLURM_NODEID": "0"})
+    hosts.start("b", address, env={"SLURM_NODEID": "1"})
+    pool.start_sync(timeout=60)
+    try:
+        hosts.start("spare", address)  # attaches beyond the expected count: kept as a spare
+        first = pool.invoke_sync({}, timeout=30)
+        started = time.monotonic()
+        crash_at = started + 1.0
+
+        def crash() -> None:
+            while time.monotonic() < crash_at:
+                time.sleep(0.01)
+            hosts.signal("b", signal.SIGKILL)
+
+        import threading
+
+        killer = threading.Thread(target=crash)
+        killer.start()
+        with pytest.raises(WorkerDiedError, match="host b was lost") as info:
+            pool.invoke_sync({"sleep": 30.0}, timeout=60)
+        killer.join()
+        detected = time.monotonic() - crash_at
+        assert detected < HOST_TIMEOUT_S + 1.5, f"took {detected:.1f} s to report the lost host"
+        assert info.value.rank in (2, 3)
+        # the pool re-forms on the spare: ranks 2-3 now run there, and the next call is correct
+        out = pool.invoke_sync({}, timeout=60)
+        assert out["sum"] == 10
+        hosts_of = {r["rank"]: r["env"]["LIGHTDIST_TEST_HOST"] for r in out["ranks"]}
+        assert hosts_of == {0: "a", 1: "a", 2: "spare", 3: "spare"}
+        assert {r["pid"] for r in out["ranks"]}.isdisjoint({r["pid"] for r in first["ranks"] if r["rank"] >= 2})
+    finally:
+        pool.stop_sync()
+
+
+def test_a_frozen_host_is_declared_lost_and_fenced_when_it_thaws(keys: tuple[Path, Path], hosts: Hosts) -> None:
+    pool, address = runner(keys)
+    hosts.start("a", address, env={"SLURM_NODEID": "0"})
+    hosts.start("b", address, env={"SLURM_NODEID": "1"})
+    pool.start_sync(timeout=60)
+    try:
+        pool.invoke_sync({}, timeout=30)
+        frozen = hosts.tree("b")
+        hosts.signal("b", signal.SIGSTOP)
+        assert wait_until(lambda: 2 not in pool.pids, HOST_TIMEOUT_S + 2), "the frozen host was never declared lost"
+        hosts.start("spare", address)
+        with pytest.raises(WorkerDiedError, match="host b was lost"):
+            pool.invoke_sync({}, timeout=30)  # the call after an idle loss hears of it
+        hosts.signal("b", signal.SIGCONT)  # healed: the agent learns it was fenced and takes its ranks down
+        assert wait_until(lambda: not any(pid_alive(p) for p in frozen), LEASE_S + 5), "old ranks survived"
+        assert hosts.agents["b"].wait(timeout=5) == 1
+        out = pool.invoke_sync({}, timeout=60)
+        assert out["sum"] == 10 and {r["env"]["LIGHTDIST_TEST_HOST"] for r in out["ranks"]} == {"a", "spare"}
+    finally:
+        pool.stop_sync()
+
+
+DRIVER = """
+import sys, time
+from lightdist import DistributedRunner
+from tests.test_multihost import Gather
+pool = DistributedRunner(Gather, world_size=2, nodes=1, listen=sys.argv[1], key_file=sys.argv[2], accelerator="cpu")
+pool.start_sync(timeout=60)
+print("ready", *pool.pids.values(), flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_killed_driver_takes_every_host_down_within_the_lease(keys: tuple[Path, Path], hosts: Hosts) -> None:
+    address = f"tcp://127.0.0.1:{free_port()}"
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER, address, str(keys[0])], cwd=Path(__file__).parents[1],
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        hosts.start("a", address)
+        assert driver.stdout is not None
+        line = driver.stdout.readline()
+        assert line.startswith("ready"), line
+        ranks = [int(pid) for pid in line.split()[1:]]
+        tree = hosts.tree("a")
+        assert set(ranks) <= tree
+        driver.kill()
+        killed = time.monotonic()
+        assert wait_until(lambda: not any(pid_alive(p) for p in tree), LEASE_S + 2.0)
+        assert time.monotonic() - killed <= LEASE_S + 1.0 + 0.5  # lease + 1 s, plus polling slack
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+        driver.communicate(timeout=10)

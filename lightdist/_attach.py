@@ -53,6 +53,7 @@ class AgentHost:
         self.nproc = int(facts["nproc"])
         self.facts = facts
         self.ranks: list[int] = []  # global ranks, in local-rank order
+        self.node_rank = 0
         self.pids: dict[int, int] = {}
         self.lost = False
         self.last_heard = self.last_ping = time.monotonic()
@@ -63,13 +64,17 @@ class AgentHost:
 
     def assign(self, ranks: list[int], node_rank: int, num_nodes: int) -> None:
         self.ranks = list(ranks)
+        self.node_rank = node_rank
         cfg = self._pool.config
         settings = {"ranks": ranks, "node_rank": node_rank, "num_nodes": num_nodes, "lease_s": LEASE_S,
                     "heartbeat_s": HEARTBEAT_S, "imports": list(cfg.imports), "cwd": cfg.cwd}  # fmt: skip
         self._send(Kind.ASSIGN, [json.dumps(settings).encode()])
 
     def spawn(self, rank: int, boot: dict[str, Any]) -> None:
-        boot = {**boot, "local_rank": self.ranks.index(rank), "local_world_size": len(self.ranks)}
+        # a one-rank `lightdist worker` (torchrun) keeps the local rank its launcher gave it: its GPU
+        local = self.facts.get("local_rank", self.ranks.index(rank))
+        boot = {**boot, "local_rank": local, "local_world_size": self.facts.get("local_world_size", len(self.ranks)),
+                "node_rank": self.node_rank}  # fmt: skip
         self._send(Kind.SPAWN, [pickle.dumps(boot, protocol=5)])
 
     def signal_ranks(self, sig: int, ranks: list[int] | None = None) -> None:
@@ -253,7 +258,8 @@ class AttachMixin:
             if spare.nproc >= len(self._homeless):
                 self._spares.remove(spare)
                 ranks, self._homeless = sorted(self._homeless), set()
-                spare.assign(ranks, node_rank=len(self._agents) - 1, num_nodes=len(self._agents))
+                # the spare takes the lost host's place in the layout (hosts hold equal rank ranges)
+                spare.assign(ranks, node_rank=ranks[0] // len(ranks), num_nodes=self.config.nodes or 1)
                 for rank in ranks:
                     self._rank_hosts[rank] = spare
                 log.warning("ranks %s moved to host %s", ranks, spare.name)

@@ -110,6 +110,7 @@ def _apply_environment(boot: dict[str, Any]) -> None:
         WORLD_SIZE=str(boot["world_size"]),
         LOCAL_RANK=str(boot["local_rank"]),
         LOCAL_WORLD_SIZE=str(boot["local_world_size"]),
+        NODE_RANK=str(boot.get("node_rank", 0)),  # the host's index in a pool across hosts
     )
     sys.argv = list(boot.get("argv", sys.argv))
     if boot.get("cwd"):

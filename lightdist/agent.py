@@ -39,7 +39,7 @@ from lightdist._procs import RankExit, TemplateProcess
 from lightdist.protocol import Kind, Session
 from lightdist.transport import Channel
 
-__all__ = ["LAUNCHER_VARIABLES", "Agent", "main", "route_interface"]
+__all__ = ["LAUNCHER_VARIABLES", "Agent", "main", "route_interface", "worker_main"]
 
 log = logging.getLogger("lightdist")
 AGENT_RANK = -2
@@ -95,8 +95,9 @@ class Agent:
     """One host's agent. ``run()`` returns the process exit status."""
 
     def __init__(self, connect: str, hmac_key: bytes, nproc: int, curve: Any = None, host: str | None = None,
-                 connect_timeout: float = CONNECT_TIMEOUT_S) -> None:  # fmt: skip
+                 connect_timeout: float = CONNECT_TIMEOUT_S, extra_facts: dict[str, Any] | None = None) -> None:  # fmt: skip
         self.connect = connect
+        self.extra_facts = dict(extra_facts or {})
         self.nproc = nproc
         self.curve = curve
         self.host = host or socket.gethostname()
@@ -164,7 +165,7 @@ class Agent:
 
     def _hello(self) -> None:
         facts = {"host": self.host, "nproc": self.nproc, "pid": os.getpid(), "ip": self.local_ip,
-                 "ifname": self.ifname, "node_hint": node_hint(dict(os.environ))}  # fmt: skip
+                 "ifname": self.ifname, "node_hint": node_hint(dict(os.environ)), **self.extra_facts}  # fmt: skip
         self.channel.send(Kind.HELLO, 0, [json.dumps(facts).encode()])
 
     def _handle(self, kind: Kind, call: int, payload: tuple[bytes, ...]) -> int | None:
@@ -232,6 +233,24 @@ def _scrub_launcher_environment() -> None:
             del os.environ[name]
 
 
+def worker_main(argv: list[str]) -> int:
+    """``lightdist worker``: one rank per process, for launchers that insist on starting every rank
+    (torchrun). It attaches as a one-rank host named ``<hostname>/<LOCAL_RANK>``, placed by torchrun's
+    ``RANK``, on the GPU of its ``LOCAL_RANK``. Recovery is weaker than with agents: a rank that dies
+    is not respawned in place (torchrun restarts all local ranks instead), see docs/multinode.md."""
+    parser = argparse.ArgumentParser(prog="lightdist worker", description="Attach this process as one rank.")
+    parser.add_argument("--connect", required=True, metavar="tcp://DRIVER:PORT", help="the driver's address")
+    parser.add_argument("--key-file", required=True, help="the pool's client key file")
+    parser.add_argument("--connect-timeout", type=float, default=CONNECT_TIMEOUT_S)
+    args = parser.parse_args(argv)
+    env = dict(os.environ)
+    local_rank = int(env.get("LOCAL_RANK", "0"))
+    facts = {"local_rank": local_rank, "local_world_size": int(env.get("LOCAL_WORLD_SIZE", "1"))}
+    if env.get("RANK", "").isdigit():
+        facts["node_hint"] = int(env["RANK"])  # torchrun's global rank orders the one-rank "hosts"
+    return _run(args.connect, args.key_file, 1, f"{socket.gethostname()}/{local_rank}", args.connect_timeout, facts)
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="lightdist agent", description="Attach this host's ranks to a pool.")
     parser.add_argument("--connect", required=True, metavar="tcp://DRIVER:PORT", help="the driver's address")
@@ -241,18 +260,24 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--connect-timeout", type=float, default=CONNECT_TIMEOUT_S,
                         help="seconds to wait for the driver to assign this host its ranks")  # fmt: skip
     args = parser.parse_args(argv)
-    if not args.connect.startswith("tcp://") or ":" not in args.connect[6:]:
-        parser.error(f"--connect {args.connect!r}: expected tcp://HOST:PORT")
     if args.nproc_per_node < 1:
         parser.error("--nproc-per-node must be at least 1")
+    return _run(args.connect, args.key_file, args.nproc_per_node, args.host_name, args.connect_timeout, {})
+
+
+def _run(connect: str, key_file: str, nproc: int, host: str | None, connect_timeout: float,
+         facts: dict[str, Any]) -> int:  # fmt: skip
+    if not connect.startswith("tcp://") or ":" not in connect[6:]:
+        print(f"lightdist agent: error: --connect {connect!r}: expected tcp://HOST:PORT", file=sys.stderr)
+        return 2
     from lightdist.keys import load_client_keys
 
     try:
-        keys = load_client_keys(args.key_file)
+        keys = load_client_keys(key_file)
     except (OSError, ValueError) as error:
         print(f"lightdist agent: error: {error}", file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # srun / kubelet stop: clean up the ranks
-    agent = Agent(args.connect, keys.hmac_key, args.nproc_per_node, curve=keys, host=args.host_name,
-                  connect_timeout=args.connect_timeout)  # fmt: skip
+    agent = Agent(connect, keys.hmac_key, nproc, curve=keys, host=host, connect_timeout=connect_timeout,
+                  extra_facts=facts)  # fmt: skip
     return agent.run()

@@ -231,8 +231,8 @@ def test_devices_that_do_not_match_an_explicit_pool_are_refused() -> None:
         trainer(strategy=PoolStrategy(runner=runner), devices=3)
 
 
-def test_num_nodes_other_than_one_is_refused() -> None:
-    with pytest.raises(ValueError, match="one host for now: use num_nodes=1"):
+def test_num_nodes_needs_an_attached_pool() -> None:
+    with pytest.raises(ValueError, match="num_nodes=2 needs a pool attached across that many hosts"):
         trainer(num_nodes=2)
 
 

@@ -238,3 +238,29 @@ def test_a_killed_driver_takes_every_host_down_within_the_lease(keys: tuple[Path
         if driver.poll() is None:
             driver.kill()
         driver.communicate(timeout=10)
+
+
+def test_torchrun_started_workers_attach_one_rank_each(keys: tuple[Path, Path]) -> None:
+    address = f"tcp://127.0.0.1:{free_port()}"
+    pool = DistributedRunner(Gather, world_size=2, nodes=2, listen=address, key_file=keys[0], accelerator="cpu")
+    # torchrun starts every rank itself (and its own rendezvous); each `lightdist worker` attaches
+    # as a one-rank host, placed by torchrun's RANK and keeping its LOCAL_RANK
+    torchrun = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "lightdist.cli", "worker", "--connect", address, "--key-file", str(keys[1]), "--connect-timeout", "30"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        pool.start_sync(timeout=60)
+        out = pool.invoke_sync({}, timeout=30)
+        assert out["sum"] == 3
+        assert [(r["rank"], r["local_rank"]) for r in out["ranks"]] == [(0, 0), (1, 1)]
+        assert all(r["env"]["MASTER_ADDR"] is None for r in out["ranks"]), "torchrun's variables are scrubbed"
+        pool.stop_sync()
+        output, _ = torchrun.communicate(timeout=20)
+        assert torchrun.returncode == 0, output
+    finally:
+        pool.stop_sync()
+        if torchrun.poll() is None:
+            os.killpg(torchrun.pid, signal.SIGKILL)
+            torchrun.communicate(timeout=10)

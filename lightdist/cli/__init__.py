@@ -23,7 +23,7 @@ import sys
 __all__ = ["main"]
 
 _USAGE = """\
-usage: lightdist {fit,validate,test,predict,sweep,recipes,tensorboard,agent,keys} ...
+usage: lightdist {fit,validate,test,predict,sweep,recipes,tensorboard,agent,worker,keys} ...
 
   fit, validate, test, predict   run a LightningCLI config on a warm pool of ranks
                                  (lightdist fit --config configs/digits/pretrain-cpu.yaml)
@@ -31,6 +31,7 @@ usage: lightdist {fit,validate,test,predict,sweep,recipes,tensorboard,agent,keys
   recipes                        list the recipes and configs found on disk
   tensorboard (or view)          serve a run directory with TensorBoard
   agent                          attach this host's ranks to a driver's pool (one per host)
+  worker                         attach this process as one rank (for torchrun)
   keys                           create key files for a pool across hosts
 
 'lightdist <command> --help' describes each command.
@@ -66,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         from lightdist.agent import main as agent_main
 
         return agent_main(rest)
+    if command == "worker":
+        from lightdist.agent import worker_main
+
+        return worker_main(rest)
     if command == "keys":
         return _keys(rest)
     print(f"lightdist: error: unknown command {command!r}\n\n{_USAGE}", end="", file=sys.stderr)

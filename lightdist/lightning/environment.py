@@ -67,7 +67,7 @@ class PoolEnvironment(ClusterEnvironment):
 
     @override
     def node_rank(self) -> int:
-        return 0
+        return int(os.environ.get("NODE_RANK", 0))  # set by the pool from its layout, like RANK
 
     @override
     def teardown(self) -> None:

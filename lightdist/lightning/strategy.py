@@ -102,8 +102,13 @@ class PoolStrategy(DDPStrategy):
 
     def _check_layout(self) -> None:
         world = self.num_nodes * self.num_processes
-        if self.num_nodes != 1:
-            raise ValueError("PoolStrategy runs on one host for now: use num_nodes=1")
+        if self.num_nodes != 1 and (self._runner is None or self._runner.nodes != self.num_nodes):
+            raise ValueError(
+                f"num_nodes={self.num_nodes} needs a pool attached across that many hosts: "
+                f"PoolStrategy(runner=DistributedRunner(TrainerWorker, world_size={world}, "
+                f"nodes={self.num_nodes}, listen='tcp://ADDR:PORT', key_file=...)) and one "
+                "'lightdist agent' per host (see docs/multinode.md)"
+            )
         if self._runner is not None and self._runner.world_size != world:
             raise ValueError(
                 f"the Trainer asks for {world} devices but the pool passed as runner= has "

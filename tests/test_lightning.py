@@ -270,6 +270,21 @@ def test_predict_with_structured_outputs() -> None:
         assert g.keys() == e.keys() and torch.allclose(g["y"], e["y"]) and torch.equal(g["x0"], e["x0"])
 
 
+class RowPredictions(Regressor):
+    """One dict per sample, with a string: the shape recipes return for JSON-lines output."""
+
+    def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> list[dict[str, object]]:
+        return [{"x0": float(x[0]), "tag": f"s{float(x[0]):.4f}"} for x in batch[0]]
+
+
+def test_predict_rows_per_sample_come_back_in_dataset_order_without_padding() -> None:
+    model = RowPredictions()
+    single = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    expected = single.predict(model, loader(n=21))  # 21 samples over 2 ranks: one padded repeat
+    got = trainer().predict(model, loader(n=21))
+    assert got == expected
+
+
 class HoldsALock(Regressor):
     def __init__(self) -> None:
         super().__init__()

@@ -191,8 +191,21 @@ def _gather_predictions(trainer: Any, results: Any, rank: int) -> Any:
 
 
 def _in_dataset_order(batches: list[tuple[list[int], Any]], batch_size: int) -> list[Any]:
+    """Every rank's batches as one list of batches in dataset order, padding repeats dropped.
+
+    Two output shapes can be split per sample: (nested) tensors batched along dim 0, and a list
+    with one item per sample (``[{"label": ..., "text": ...}, ...]``, as recipes return). Anything
+    else comes back batch by batch, ordered by each batch's first sample.
+    """
     from torch.utils._pytree import tree_flatten, tree_unflatten
 
+    if all(isinstance(out, list) and len(out) == len(idx) for idx, out in batches):
+        items: dict[int, Any] = {}
+        for idx, out in batches:
+            for sample_index, item in zip(idx, out):
+                items.setdefault(sample_index, item)  # first occurrence wins: the sampler pads with repeats
+        order = sorted(items)
+        return [[items[i] for i in order[start : start + batch_size]] for start in range(0, len(order), batch_size)]
     samples: dict[int, Any] = {}
     for idx, out in batches:
         leaves, spec = tree_flatten(out)
@@ -200,8 +213,9 @@ def _in_dataset_order(batches: list[tuple[list[int], Any]], batch_size: int) -> 
             import warnings
 
             warnings.warn(
-                "predict outputs are not tensors batched along dim 0, so they cannot be put back in "
-                "dataset order sample by sample; returning all ranks' batches ordered by their first sample",
+                "predict outputs are neither tensors batched along dim 0 nor lists with one item per sample, "
+                "so they cannot be put back in dataset order sample by sample; returning all ranks' batches "
+                "ordered by their first sample",
                 stacklevel=2,
             )
             return [out for idx, out in sorted(batches, key=lambda b: b[0][0] if b[0] else 0)]

@@ -558,6 +558,14 @@ class Pool(RecoveryMixin, AttachMixin):
         hosts += [host for host in self._agents.values() if host not in hosts]
         return hosts
 
+    def host_ranks(self) -> dict[str, list[int]]:
+        """``{host name: ranks}`` of the hosts that hold ranks (spares hold none)."""
+        out: dict[str, list[int]] = {}
+        for rank, host in sorted(self._rank_hosts.items()):
+            if host is not None:
+                out.setdefault(host.name, []).append(rank)
+        return out
+
     def rank_pids(self) -> dict[int, int]:
         pids: dict[int, int] = {}
         for host in self._hosts():

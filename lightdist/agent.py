@@ -52,7 +52,7 @@ LAUNCHER_VARIABLES = ("SLURM_", "PMI_", "PMIX_", "OMPI_", "TORCHELASTIC_", "RANK
 
 def node_hint(env: dict[str, str]) -> int | None:
     """This host's index in the launcher's own numbering, if it says: a placement hint only."""
-    for name in ("SLURM_NODEID", "JOB_COMPLETION_INDEX", "GROUP_RANK", "NODE_RANK"):
+    for name in ("LIGHTDIST_NODE_INDEX", "SLURM_NODEID", "JOB_COMPLETION_INDEX", "GROUP_RANK", "NODE_RANK"):
         if env.get(name, "").isdigit():
             return int(env[name])
     return None

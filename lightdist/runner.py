@@ -240,6 +240,11 @@ class DistributedRunner:
         return load_driver_keys(self.key_file)
 
     @property
+    def hosts(self) -> dict[str, list[int]]:
+        """``{host name: ranks}``: ``{"local": [...]}`` on one machine; each agent's host across hosts."""
+        return self._pool.host_ranks() if self._pool is not None else {}
+
+    @property
     def address(self) -> str | None:
         """The address ranks (and agents) connect to, once started: ``tcp://...`` or ``ipc://...``."""
         return self._pool.address if self._pool is not None else None

@@ -207,6 +207,26 @@ def test_a_frozen_host_is_declared_lost_and_fenced_when_it_thaws(keys: tuple[Pat
         pool.stop_sync()
 
 
+def test_a_dead_rank_on_a_healthy_host_is_respawned_there(keys: tuple[Path, Path], hosts: Hosts) -> None:
+    pool, address = runner(keys)
+    hosts.start("a", address, env={"SLURM_NODEID": "0"})
+    hosts.start("b", address, env={"SLURM_NODEID": "1"})
+    pool.start_sync(timeout=60)
+    try:
+        before = pool.pids
+        os.kill(before[3], signal.SIGKILL)
+        with pytest.raises(WorkerDiedError, match="rank 3 was killed by SIGKILL: on host b"):
+            pool.invoke_sync({"sleep": 30.0}, timeout=60)
+        out = pool.invoke_sync({}, timeout=60)
+        assert out["sum"] == 10
+        after = {r["rank"]: r for r in out["ranks"]}
+        assert after[3]["env"]["LIGHTDIST_TEST_HOST"] == "b" and after[3]["pid"] != before[3]
+        assert after[3]["pid"] in hosts.tree("b"), "respawned by host b's own template"
+        assert pool.hosts == {"a": [0, 1], "b": [2, 3]}
+    finally:
+        pool.stop_sync()
+
+
 DRIVER = """
 import sys, time
 from lightdist import DistributedRunner

@@ -1,0 +1,157 @@
+"""A pool across hosts where every host is a network namespace (issue: scale-out).
+
+``h1`` runs the driver (``tests/netns_driver.py``), the others run ``lightdist agent``; they reach
+each other only through a bridge that lives in its own namespace, so the addresses, interfaces and
+partitions are real. Faults: a host's link taken down (partition), its processes frozen (SIGSTOP)
+or killed (crash). Skipped where network namespaces cannot be made (needs root; see tests/netns.py).
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lightdist._attach import HOST_TIMEOUT_S, LEASE_S
+from lightdist.keys import create_pool_keys
+from tests.netns import Cluster, Host, netns_cluster  # noqa: F401  (the fixture)
+from tests.conftest import wait_until
+
+ROOT = Path(__file__).resolve().parents[1]
+PORT = 29400
+
+
+class Driver:
+    """The driver process in a host namespace, spoken to by JSON lines."""
+
+    def __init__(self, host: Host, key: Path, nodes: int, world_size: int) -> None:
+        self.address = f"tcp://{host.ip}:{PORT}"
+        self.proc = host.popen([sys.executable, "-m", "tests.netns_driver", self.address, str(key),
+                                str(nodes), str(world_size)], cwd=ROOT, stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, text=True)  # fmt: skip
+        self.lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line)
+
+    def reply(self, timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                return dict(json.loads(self.lines.get(timeout=0.2)))
+            except queue.Empty:
+                if self.proc.poll() is not None:
+                    raise AssertionError(f"the driver exited with {self.proc.returncode}") from None
+        raise AssertionError(f"the driver said nothing for {timeout} s")
+
+    def call(self, payload: dict[str, Any] | None = None) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"payload": payload or {}}) + "\n")
+        self.proc.stdin.flush()
+
+    def stop(self) -> None:
+        if self.proc.stdin is not None and not self.proc.stdin.closed:
+            self.proc.stdin.close()  # the driver stops its pool and exits
+        self.proc.wait(timeout=20)
+
+
+def agent(host: Host, driver: Driver, key: Path, name: str, nproc: int = 2, hint: int | None = None) -> Any:
+    env = {"SLURM_NODEID": str(hint)} if hint is not None else {}
+    import os
+
+    return host.popen([sys.executable, "-m", "lightdist.cli", "agent", "--connect", driver.address, "--key-file",
+                       str(key), "--nproc-per-node", str(nproc), "--host-name", name, "--connect-timeout", "30"],
+                      env={**os.environ, **env, "LIGHTDIST_TEST_HOST": name}, stdout=subprocess.DEVNULL)  # fmt: skip
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> tuple[Path, Path]:
+    return create_pool_keys(tmp_path / "keys")
+
+
+@pytest.fixture
+def pool(netns_cluster: Callable[[int], Cluster], keys: tuple[Path, Path]) -> Iterator[tuple[Cluster, Driver]]:  # noqa: F811
+    cluster = netns_cluster(4)
+    driver = Driver(cluster.hosts[0], keys[0], nodes=2, world_size=4)
+    agent(cluster.hosts[1], driver, keys[1], "h2", hint=0)
+    agent(cluster.hosts[2], driver, keys[1], "h3", hint=1)
+    ready = driver.reply(timeout=90)
+    assert ready["ready"] and ready["hosts"] == {"h2": [0, 1], "h3": [2, 3]}
+    try:
+        yield cluster, driver
+    finally:
+        driver.stop()
+
+
+def test_namespaced_hosts_form_one_pool_over_their_own_interfaces(pool: tuple[Cluster, Driver]) -> None:
+    cluster, driver = pool
+    driver.call()
+    reply = driver.reply(timeout=30)
+    assert reply["ok"], reply
+    ranks = reply["out"]["ranks"]
+    assert reply["out"]["sum"] == 10
+    assert [r["env"]["LIGHTDIST_TEST_HOST"] for r in ranks] == ["h2", "h2", "h3", "h3"]
+    # gloo advertises the interface that routes to the driver; 127.0.0.1 would not reach the peers
+    assert {r["env"]["GLOO_SOCKET_IFNAME"] for r in ranks} == {"eth0"}
+
+
+def test_a_partitioned_host_is_lost_in_2_s_a_spare_takes_over_and_it_never_rejoins(
+    pool: tuple[Cluster, Driver], keys: tuple[Path, Path]
+) -> None:
+    cluster, driver = pool
+    spare_host, lost_host = cluster.hosts[3], cluster.hosts[2]
+    agent(spare_host, driver, keys[1], "spare")
+    time.sleep(1.0)  # the spare attaches
+    old_ranks = set(lost_host.pids())
+    driver.call({"sleep": 60.0})
+    time.sleep(1.0)
+    lost_host.link_down()  # pulled cable: no error anywhere, just silence
+    cut = time.monotonic()
+    reply = driver.reply(timeout=30)
+    detected = time.monotonic() - cut
+    assert not reply["ok"] and reply["type"] == "WorkerDiedError" and "host h3 was lost" in reply["error"], reply
+    assert detected < HOST_TIMEOUT_S + 1.5, f"{detected:.1f} s to declare the partitioned host lost"
+    driver.call()
+    reply = driver.reply(timeout=60)
+    assert reply["ok"] and reply["out"]["sum"] == 10, reply
+    assert reply["hosts"] == {"h2": [0, 1], "spare": [2, 3]}
+    # healed: the old agent was fenced (or its lease ran out); its ranks die, nothing rejoins
+    lost_host.link_up()
+    assert wait_until(lambda: not (set(lost_host.pids()) & old_ranks), LEASE_S + 3), "old ranks survived"
+    driver.call()
+    reply = driver.reply(timeout=30)
+    assert reply["ok"] and reply["hosts"] == {"h2": [0, 1], "spare": [2, 3]}
+
+
+def test_a_frozen_host_fails_the_call_naming_it(pool: tuple[Cluster, Driver]) -> None:
+    cluster, driver = pool
+    driver.call({"sleep": 60.0})
+    time.sleep(1.0)
+    cluster.hosts[1].kill_all(signal.SIGSTOP)
+    frozen = time.monotonic()
+    reply = driver.reply(timeout=30)
+    assert not reply["ok"] and "host h2 was lost" in reply["error"], reply
+    assert time.monotonic() - frozen < HOST_TIMEOUT_S + 1.5
+    cluster.hosts[1].kill_all(signal.SIGCONT)
+    assert wait_until(lambda: not cluster.hosts[1].pids(), LEASE_S + 3), "the thawed host kept its processes"
+
+
+def test_a_crashed_driver_host_takes_every_agent_down_within_the_lease(pool: tuple[Cluster, Driver]) -> None:
+    cluster, driver = pool
+    cluster.hosts[0].kill_all(signal.SIGKILL)
+    crashed = time.monotonic()
+    agents = cluster.hosts[1:3]
+    assert wait_until(lambda: not any(h.pids() for h in agents), LEASE_S + 2), "agents outlived the driver"
+    assert time.monotonic() - crashed <= LEASE_S + 1.5

@@ -3,6 +3,7 @@
 ``python -m lightdist.bench lightning [--fits 5] [--steps 20] [--throughput-steps 300] [--json out.json]``
 ``python -m lightdist.bench recipes [--only digits] [--json out.json]``
 ``python -m lightdist.bench sweep [--repeats 2] [--epochs 3] [--json out.json]``
+``python -m lightdist.bench multihost [--repeats 3] [--calls 500] [--json out.json]``
 
 ``pool`` measures a real pool on this machine and prints one table, each number next to a baseline or
 floor measured in the same command, so that the ratio holds however busy the machine is:

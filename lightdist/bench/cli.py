@@ -51,6 +51,12 @@ def _run_sweep(args: argparse.Namespace) -> dict[str, Any]:
     return run_sweep(args)
 
 
+def _run_multihost(args: argparse.Namespace) -> dict[str, Any]:
+    from lightdist.bench.multihost import run_multihost
+
+    return run_multihost(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     description = "lightdist benchmarks: each number next to a baseline measured in the same run"
     parser = argparse.ArgumentParser(prog="python -m lightdist.bench", description=description)
@@ -85,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--repeats", type=_positive, default=2, help="runs per contender (best is reported)")
     sweep.add_argument("--epochs", type=_positive, default=3, help="max_epochs of each fit")
     sweep.set_defaults(func=_run_sweep)
+    multihost = commands.add_parser("multihost", parents=[common],
+                                    help="a pool across 2 hosts (local agents): attach, invoke, host loss")  # fmt: skip
+    multihost.add_argument("--repeats", type=_positive, default=3, help="rounds (median is reported)")
+    multihost.add_argument("--calls", type=_positive, default=500, help="timed invoke calls per round")
+    multihost.set_defaults(func=_run_multihost)
     return parser
 
 

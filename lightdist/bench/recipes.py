@@ -134,7 +134,8 @@ def _jobs(scratch: Path) -> list[Job]:
 
 def run_recipes(args: argparse.Namespace) -> dict[str, Any]:
     scratch = Path(tempfile.mkdtemp(prefix="lightdist-bench-recipes-"))
-    rows, raw = [], []
+    rows: list[tuple[str, str, str, str]] = []
+    raw = []
     for job in _jobs(scratch):
         if args.only and not job.label.strip().startswith(args.only):
             continue
@@ -143,13 +144,15 @@ def run_recipes(args: argparse.Namespace) -> dict[str, Any]:
         if result.returncode != 0:
             print(result.stdout[-3000:], file=sys.stderr)
         shown = f"{job.metric} {value:.4f}" if value is not None else f"exit {result.returncode}"
-        rows.append(Row(job.label, shown, f"{result.seconds:.1f} s", f"{result.peak_mib:,.0f} MiB", "-", "info"))
+        rows.append((job.label, shown, f"{result.seconds:.1f} s", f"{result.peak_mib:,.0f} MiB"))
         raw.append({"job": job.label, "args": job.args, "metric": job.metric, "value": value,
                     "seconds": result.seconds, "peak_mib": result.peak_mib, "returncode": result.returncode})  # fmt: skip
         print(f"{job.label}: {shown}, {result.seconds:.1f} s, peak {result.peak_mib:,.0f} MiB", flush=True)
+    header = ("command", "metric", "wall time", "peak memory (PSS, all processes)")
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(4)]
     print()
-    print("columns: metric | value | wall time | peak memory (PSS of all processes)")
-    print(format_table(rows))
+    for row in [header, tuple("-" * w for w in widths), *rows]:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)))
     print(f"\nscratch directory: {scratch}")
     return {"machine": machine(), "jobs": raw}
 
@@ -162,9 +165,9 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
     combos = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
     grid_args = [arg for key, values in grid.items() for arg in ("--grid", f"{key}={','.join(values)}")]
     results: dict[str, list[float]] = {"sweep": [], "ddp_spawn": [], "pool per command": []}
-    for _ in range(args.repeats):  # alternate contenders so machine load hits all alike
-        sweep = measure(["sweep", *common, *grid_args, "--sweep_dir", str(scratch / "sweep")], scratch)
-        if sweep.returncode != 0:
+    for repeat in range(args.repeats):  # alternate contenders so machine load hits all alike
+        sweep = measure(["sweep", *common, *grid_args, "--sweep_dir", str(scratch / f"sweep-{repeat}")], scratch)
+        if sweep.returncode != 0 or "failed:" in sweep.stdout:
             raise SystemExit(sweep.stdout[-3000:])
         results["sweep"].append(sweep.seconds)
         for name, extra in (("ddp_spawn", ["--trainer.strategy=ddp_spawn"]), ("pool per command", [])):

@@ -1,0 +1,149 @@
+"""``python -m lightdist.bench multihost``: a pool across 2 hosts (agents), timed.
+
+Each "host" is a real ``lightdist agent`` process on this machine (loopback TCP, CURVE on), so
+network latency is not in the numbers: what they show is lightdist's own cost. Measured, median of
+``--repeats``:
+
+- attach: ``start_sync()`` with both agents already running, until every rank is READY, next to a
+  single-host pool of the same size started in the same run;
+- a no-op ``invoke_sync`` across the 2 hosts (p50, p99) next to the same call on the single-host
+  pool (ipc socket, no CURVE);
+- a crashed host (SIGKILL of the agent's process tree) during a call: until ``WorkerDiedError``
+  (the heartbeat's detection time), and until the next call succeeds on a spare host.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from lightdist import DistributedRunner, DistributedWorker, WorkerDiedError
+from lightdist.bench.common import Row, format_table, machine, percentile
+
+
+class _Sleeper(DistributedWorker):
+    def __call__(self, streaming: bool = False, sleep: float = 0.0) -> int:
+        deadline = time.monotonic() + sleep
+        while time.monotonic() < deadline and not self.cancelled:
+            time.sleep(0.01)
+        return self.rank
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _agent(address: str, key: Path, name: str) -> subprocess.Popen[bytes]:
+    argv = [sys.executable, "-m", "lightdist.cli", "agent", "--connect", address, "--key-file", str(key),
+            "--nproc-per-node", "1", "--host-name", name, "--connect-timeout", "60"]  # fmt: skip
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def _tree(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            children.setdefault(int(stat[stat.rindex(")") + 2 :].split()[1]), []).append(int(entry.name))
+    out, stack = [pid], [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            out.append(child)
+            stack.append(child)
+    return out
+
+
+def _kill_tree(proc: subprocess.Popen[bytes]) -> None:
+    for pid in _tree(proc.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=10)
+
+
+def _latency(runner: DistributedRunner, calls: int) -> list[float]:
+    for _ in range(50):
+        runner.invoke_sync({})
+    samples = []
+    for _ in range(calls):
+        started = time.perf_counter()
+        runner.invoke_sync({})
+        samples.append(time.perf_counter() - started)
+    return samples
+
+
+def _one_round(keys: tuple[Path, Path], calls: int) -> dict[str, Any]:
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    agents = {name: _agent(address, keys[1], name) for name in ("a", "b", "spare")}
+    pool = DistributedRunner(_Sleeper, world_size=2, nodes=2, listen=address, key_file=keys[0], accelerator="cpu")
+    local = DistributedRunner(_Sleeper, world_size=2, accelerator="cpu")
+    out: dict[str, Any] = {}
+    try:
+        time.sleep(3.0)  # let the agents import and connect: attach time is the pool's, not Python's start
+        started = time.perf_counter()
+        pool.start_sync(timeout=120)
+        out["attach"] = time.perf_counter() - started
+        started = time.perf_counter()
+        local.start_sync(timeout=120)
+        out["local_start"] = time.perf_counter() - started
+        out["multi"] = _latency(pool, calls)
+        out["local"] = _latency(local, calls)
+        victim = next(name for name, proc in agents.items() if proc.pid and pool.pids.get(1) in _tree(proc.pid))
+        timer = threading.Timer(0.5, _kill_tree, args=(agents[victim],))
+        timer.start()
+        crashed_at = time.perf_counter() + 0.5
+        try:
+            pool.invoke_sync({"sleep": 60.0}, timeout=120)
+        except WorkerDiedError:
+            out["detect"] = time.perf_counter() - crashed_at
+        timer.join()
+        pool.invoke_sync({}, timeout=120)
+        out["recover"] = time.perf_counter() - crashed_at
+    finally:
+        pool.stop_sync()
+        local.stop_sync()
+        for proc in agents.values():
+            if proc.poll() is None:
+                _kill_tree(proc)
+    return out
+
+
+def run_multihost(args: argparse.Namespace) -> dict[str, Any]:
+    from lightdist.keys import create_pool_keys
+
+    keys = create_pool_keys(tempfile.mkdtemp(prefix="lightdist-bench-keys-"))
+    rounds = [_one_round(keys, args.calls) for _ in range(args.repeats)]
+    med = {k: statistics.median(r[k] for r in rounds) for k in ("attach", "local_start", "detect", "recover")}
+    multi = [s for r in rounds for s in r["multi"]]
+    local = [s for r in rounds for s in r["local"]]
+    p50m, p50l = percentile(multi, 50) * 1e6, percentile(local, 50) * 1e6
+    rows = [
+        Row("attach 2 hosts x 1 rank (agents running)", f"{med['attach']:.2f} s", f"{med['local_start']:.2f} s",
+            f"{med['attach'] / med['local_start']:.2f}x", "-", "info"),
+        Row("invoke p50 across hosts (tcp+CURVE)", f"{p50m:.0f} us", f"{p50l:.0f} us", f"{p50m / p50l:.2f}x", "-", "info"),
+        Row("invoke p99 across hosts", f"{percentile(multi, 99) * 1e6:.0f} us",
+            f"{percentile(local, 99) * 1e6:.0f} us", "-", "-", "info"),
+        Row("crashed host -> WorkerDiedError", f"{med['detect']:.2f} s", "-", "-", "<= 2 s + 0.5 s", "info"),
+        Row("crashed host -> next call ok (spare)", f"{med['recover']:.2f} s", "-", "-", "-", "info"),
+    ]  # fmt: skip
+    print(f"2 hosts as local agent processes (loopback), {args.repeats} rounds, {args.calls} calls each; "
+          "baseline: a single-host pool of the same size")  # fmt: skip
+    print(format_table(rows))
+    return {"machine": machine(), "rounds": [{k: v for k, v in r.items() if k not in ("multi", "local")} for r in rounds]}

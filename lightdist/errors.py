@@ -62,6 +62,8 @@ class WorkerDiedError(RuntimeError):
                 how = f"was killed by {signal.Signals(signal_number).name}"
             except ValueError:
                 how = f"was killed by signal {signal_number}"
+        elif exitcode is None:
+            how = "was lost"  # no exit status to tell: its host is gone
         else:
             how = f"exited with code {exitcode}"
         text = f"rank {rank} {how}"

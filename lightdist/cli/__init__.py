@@ -42,7 +42,16 @@ TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``lightdist`` console script; returns the exit status."""
-    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _main(list(sys.argv[1:] if argv is None else argv))
+    except BrokenPipeError:  # `lightdist recipes | head`: the reader left, which is not an error
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 141
+
+
+def _main(args: list[str]) -> int:
     if not args or args[0] in ("-h", "--help", "help"):
         print(_USAGE, end="")
         return 0 if args else 2

@@ -194,6 +194,13 @@ def test_sweep_runs_every_combination_on_one_pool(tmp_path: Path) -> None:
     assert len({row["metrics"]["train_loss"] for row in rows}) == 4
 
 
+def test_sweep_refuses_a_directory_with_runs(tmp_path: Path) -> None:
+    (tmp_path / "old" / "lr=1").mkdir(parents=True)
+    proc = run_cli("sweep", "--config", "digits/pretrain-cpu", "--grid", "model.lr=1e-3,1e-2", "--sweep_dir",
+                   tmp_path / "old", *TINY, cwd=tmp_path, check=False)  # fmt: skip
+    assert proc.returncode == 2 and "already holds runs" in proc.stderr
+
+
 def test_sweep_bad_grid(tmp_path: Path) -> None:
     for grid, message in (("model.lr", "expected KEY=V1,V2"), ("model.nope=1,2", "model.nope")):
         proc = run_cli("sweep", "--config", "digits/pretrain-cpu", "--grid", grid, *TINY, cwd=tmp_path, check=False)

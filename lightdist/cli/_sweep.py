@@ -156,6 +156,10 @@ def main(argv: list[str]) -> int:
         return 2
     args = resolve_config_args(rest)
     sweep_dir = Path(known.sweep_dir or _default_dir(args))
+    if sweep_dir.exists() and any(sweep_dir.iterdir()):
+        print(f"lightdist sweep: error: --sweep_dir {str(sweep_dir)!r} already holds runs; choose another "
+              "directory or remove it", file=sys.stderr)  # fmt: skip
+        return 2
     combos = combinations(grid)
     print(f"lightdist sweep: {len(combos)} combinations on one pool; TensorBoard runs in {sweep_dir}", flush=True)
     print(f"  watch them with: lightdist tensorboard --logdir {sweep_dir}", flush=True)

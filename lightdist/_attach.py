@@ -130,6 +130,7 @@ class AttachMixin:
         _spares: list[AgentHost]
         _fenced: set[str]
         _homeless: set[int]
+        _lost_groups: list[list[int]]
         _rank_hosts: dict[int, Any]
         _store: Any
         host_generation: int
@@ -242,7 +243,9 @@ class AttachMixin:
         alive = host.mark_lost()
         for rank in host.ranks:
             self._rank_hosts[rank] = None  # re-hosted when a spare or a new agent attaches
-        self._homeless |= set(host.ranks)
+        if host.ranks:
+            self._lost_groups.append(list(host.ranks))
+            self._homeless |= set(host.ranks)
         if self.state == "starting":
             self._on_broken(RuntimeError(f"host {host.name} was lost while the pool started: {why}"))
             return
@@ -252,26 +255,28 @@ class AttachMixin:
                 self._rank_exited(RankExit(rank, alive[rank], senders[rank], None, None,
                                            f"host {host.name} was lost ({why})"))  # fmt: skip
 
-    def _place_homeless(self) -> bool:
-        """Give the ranks of a lost host to a spare host with room; False while there is none."""
-        for spare in self._spares:
-            if spare.nproc >= len(self._homeless):
-                self._spares.remove(spare)
-                ranks, self._homeless = sorted(self._homeless), set()
-                # the spare takes the lost host's place in the layout (hosts hold equal rank ranges)
-                spare.assign(ranks, node_rank=ranks[0] // len(ranks), num_nodes=self.config.nodes or 1)
-                for rank in ranks:
-                    self._rank_hosts[rank] = spare
-                log.warning("ranks %s moved to host %s", ranks, spare.name)
-                return True
-        return False
+    def _place_homeless(self) -> None:
+        """Give each lost host's ranks, as a group, to a spare host with room for them."""
+        for group in list(self._lost_groups):
+            spare = next((host for host in self._spares if host.nproc >= len(group)), None)
+            if spare is None:
+                continue
+            self._spares.remove(spare)
+            self._lost_groups.remove(group)
+            # the spare takes the lost host's place in the layout (hosts hold equal rank ranges)
+            spare.assign(group, node_rank=group[0] // len(group), num_nodes=self.config.nodes or 1)
+            for rank in group:
+                self._rank_hosts[rank] = spare
+            log.warning("ranks %s moved to host %s", group, spare.name)
+        self._homeless = {rank for group in self._lost_groups for rank in group}
 
     def _rehost(self) -> None:
         """A host attached while ranks were waiting for one: place them there and start them."""
         if self._homeless and self.state == "recovering":
             waiting = sorted(self._homeless)
-            if self._place_homeless():
-                for rank in waiting:
+            self._place_homeless()
+            for rank in waiting:
+                if self._rank_hosts.get(rank) is not None:
                     self._spawn(rank)
 
 

@@ -98,7 +98,8 @@ class Pool(RecoveryMixin, AttachMixin):
         self._agents: dict[str, AgentHost] = {}  # attached hosts by agent sender name (spares included)
         self._spares: list[AgentHost] = []
         self._fenced: set[str] = set()  # agents declared lost: they are told so if they speak again
-        self._homeless: set[int] = set()  # ranks of a lost host, waiting for a spare
+        self._homeless: set[int] = set()  # ranks of lost hosts, waiting for a spare
+        self._lost_groups: list[list[int]] = []  # ...as one group per lost host (a spare takes a group)
         self.host_generation = 1
         if config.nodes is not None:
             self.session.newcomer_prefix = AGENT_PREFIX  # agents introduce themselves (HELLO)
@@ -176,12 +177,11 @@ class Pool(RecoveryMixin, AttachMixin):
     def _spawn(self, rank: int) -> None:
         host = self._rank_hosts.get(rank)
         if host is None:
-            if not self._place_homeless():
-                self._homeless.add(rank)
+            self._place_homeless()
+            host = self._rank_hosts.get(rank)
+            if host is None:
                 log.warning("rank %d waits for a host: start another agent (a spare host)", rank)
                 return
-            host = self._rank_hosts[rank]
-            assert host is not None
         self._incarnation[rank] += 1
         # The sender name is also the ZMQ identity: a random part keeps a local client from taking
         # the name first (a ROUTER ignores a second peer with an identity already in use).

@@ -313,20 +313,27 @@ class DistributedRunner:
         """
         pool, call = self._submit(payload, streaming=on_item is not None)
         interrupted = False
-        while True:
+        final: Event | None = None
+        while final is None:
+            # Ctrl-C may land anywhere in here, in on_item too (drawing a progress bar takes a good
+            # share of the main thread's time): every spot must turn it into the same interrupt.
             try:
                 event = pool.wait_event(call, None)
+                if event.kind == ITEM and on_item is not None:
+                    on_item(protocol.loads(event.value)[0])
+                elif event.kind in (RESULT, ERROR):
+                    final = event
             except KeyboardInterrupt:
                 if interrupted:
                     pool.cancel(call)
                     raise
                 interrupted = True
                 pool.interrupt(call)
-                continue
-            if event.kind == ITEM and on_item is not None:
-                on_item(protocol.loads(event.value)[0])
-            elif event.kind in (RESULT, ERROR):
-                return _final_value(event), interrupted
+        while True:
+            try:
+                return _final_value(final), interrupted
+            except KeyboardInterrupt:  # while unpickling the result: it is still here, try again
+                interrupted = True
 
     async def stream(
         self,

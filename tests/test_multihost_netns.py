@@ -39,6 +39,7 @@ class Driver:
                                 str(nodes), str(world_size)], cwd=ROOT, stdin=subprocess.PIPE,
                                stdout=subprocess.PIPE, text=True)  # fmt: skip
         self.lines: queue.Queue[str] = queue.Queue()
+        self.store_port = 0
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
@@ -89,6 +90,7 @@ def pool(netns_cluster: Callable[[int], Cluster], keys: tuple[Path, Path]) -> It
     agent(cluster.hosts[2], driver, keys[1], "h3", hint=1)
     ready = driver.reply(timeout=90)
     assert ready["ready"] and ready["hosts"] == {"h2": [0, 1], "h3": [2, 3]}
+    driver.store_port = ready["store_port"]
     try:
         yield cluster, driver
     finally:
@@ -105,6 +107,84 @@ def test_namespaced_hosts_form_one_pool_over_their_own_interfaces(pool: tuple[Cl
     assert [r["env"]["LIGHTDIST_TEST_HOST"] for r in ranks] == ["h2", "h2", "h3", "h3"]
     # gloo advertises the interface that routes to the driver; 127.0.0.1 would not reach the peers
     assert {r["env"]["GLOO_SOCKET_IFNAME"] for r in ranks} == {"eth0"}
+    # in the driver's namespace, the channel and the store listen on the pool's address only
+    listening = _listening(driver.proc.pid)
+    ip_hex = "".join(f"{int(part):02X}" for part in reversed(cluster.hosts[0].ip.split(".")))
+    assert listening[PORT] == {ip_hex} and listening[driver.store_port] == {ip_hex}, listening
+
+
+def _listening(pid: int) -> dict[int, set[str]]:
+    """{port: local addresses} of the LISTEN sockets in ``pid``'s network namespace (IPv4 and IPv6)."""
+    found: dict[int, set[str]] = {}
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            local, _remote, state = line.split()[1:4]
+            address, port = local.split(":")
+            if state == "0A":
+                found.setdefault(int(port, 16), set()).add(address)
+    return found
+
+
+ROGUE = """
+import sys, time, zmq
+from lightdist.keys import load_client_keys, secure_client
+from lightdist.protocol import Kind, Session
+address, mode, key_file, evil = sys.argv[1], sys.argv[2], sys.argv[3], bytes.fromhex(sys.argv[4])
+ctx = zmq.Context()
+sock = ctx.socket(zmq.DEALER)
+sock.setsockopt(zmq.LINGER, 0)
+sock.setsockopt(zmq.IDENTITY, b"agent.rogue")
+if mode != "plain":
+    keys = load_client_keys(key_file)
+    if mode == "unlisted":  # the right server key, a client keypair the driver never allowed
+        import dataclasses
+        public, secret = zmq.curve_keypair()
+        keys = dataclasses.replace(keys, public_key=public, secret_key=secret)
+    secure_client(sock, keys)
+sock.connect(address)
+forger = Session(b"not the pool's key, 32 bytes....", "agent.rogue", -2)
+for kind in (Kind.HELLO, Kind.HOST_EVENT, Kind.RESULT, Kind.CALL):
+    sock.send_multipart(forger.pack(kind, 1, [evil]))          # forged signature
+    sock.send_multipart([b"x" * 32, b"garbage", evil])         # not even a header
+time.sleep(1.5)
+sock.close(linger=0)
+ctx.term()
+"""
+
+
+def test_a_third_host_without_keys_or_with_forged_frames_executes_nothing(
+    pool: tuple[Cluster, Driver], keys: tuple[Path, Path], tmp_path: Path
+) -> None:
+    import pickle
+
+    cluster, driver = pool
+    rogue_host = cluster.hosts[3]
+    marker = tmp_path / "pwned"
+    evil = pickle.dumps(_Opener(str(marker)))
+    _, stranger = create_pool_keys(tmp_path / "stranger")
+    driver.call()
+    before = driver.reply(timeout=30)
+    # no CURVE at all / another pool's keys / a client key the driver does not allow / the pool's own
+    # client key (stolen, say) with frames signed by a wrong HMAC key
+    for mode, key in (("plain", keys[1]), ("stranger", stranger), ("unlisted", keys[1]), ("forged", keys[1])):
+        rogue_host.run([sys.executable, "-c", ROGUE, driver.address, mode, str(key), evil.hex()], timeout=30)
+    driver.call()
+    after = driver.reply(timeout=30)
+    assert after["ok"] and after["out"]["sum"] == 10, after  # still serving, same pool
+    assert after["hosts"] == before["hosts"]
+    assert not marker.exists(), "a rogue frame was unpickled"
+    assert after["denied"] > before["denied"], "the unknown CURVE key was refused at the handshake"
+    assert after["rejected"] >= before["rejected"] + 8, "the forged frames were dropped by the signature check"
+
+
+class _Opener:
+    """Unpickling this anywhere creates ``path``."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
+        return (open, (self.path, "w"))
 
 
 def test_a_partitioned_host_is_lost_in_2_s_a_spare_takes_over_and_it_never_rejoins(

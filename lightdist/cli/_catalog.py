@@ -77,7 +77,8 @@ def find_configs(root: Path | None = None) -> list[ConfigInfo]:
         text = path.read_text()
         comments = [line.lstrip("#").strip() for line in text.splitlines() if line.startswith("#")]
         command = next((c for c in comments if c.startswith("lightdist ")), "")
-        expected = next((c.split(":", 1)[1].strip() for c in comments if c.startswith("expected:")), "")
+        # "expected: ..." or "expected (measured ...): ..."
+        expected = next((c.split(":", 1)[1].strip() for c in comments if c.startswith("expected") and ":" in c), "")
         description = next((c for c in comments if c and c != command and ":" not in c.split(" ", 1)[0]), "")
         try:
             body = yaml.safe_load(text) or {}

@@ -147,8 +147,12 @@ class AttachMixin:
         """For a start that timed out: which hosts attached, how many are missing."""
         expected = self.config.nodes or 0
         names = sorted(host.name for host in self._agents.values())
-        return (f"{len(names)} of {expected} hosts attached ({', '.join(names) or 'none'}); start "
-                f"'lightdist agent --connect {self.channel_address_for_agents()} --key-file ...' on each missing host")  # fmt: skip
+        attached = f"{len(names)} of {expected} hosts attached ({', '.join(names) or 'none'})"
+        if self.config.host_names is not None:
+            missing = [name for name in self.config.host_names if name not in names]
+            attached += f"; missing: {', '.join(missing)}"
+        return (f"{attached}; start 'lightdist agent --connect {self.channel_address_for_agents()} "
+                "--key-file ...' on each missing host")
 
     def channel_address_for_agents(self) -> str:
         return str(self.config.worker_address)
@@ -181,12 +185,20 @@ class AttachMixin:
     def _maybe_form(self) -> None:
         """Form the pool once the store is up and the expected hosts attached (HELLOs may come first)."""
         if self.state == "starting" and not self._rank_hosts and self._store is not None:
-            if len(self._agents) >= (self.config.nodes or 0):
+            if len(self._chosen_hosts()) >= (self.config.nodes or 0):
                 self._form()
 
+    def _chosen_hosts(self) -> list[AgentHost]:
+        """The hosts that form the pool, in rank order: by name when named, else by placement hint."""
+        names = self.config.host_names
+        if names is not None:
+            by_name = {host.name: host for host in self._agents.values()}
+            return [by_name[name] for name in names if name in by_name]
+        return sorted(self._agents.values(), key=_placement_order)[: self.config.nodes]
+
     def _form(self) -> None:
-        ordered = sorted(self._agents.values(), key=_placement_order)
-        hosts, self._spares = ordered[: self.config.nodes], ordered[self.config.nodes :]
+        hosts = self._chosen_hosts()
+        self._spares = [host for host in self._agents.values() if host not in hosts]
         total = sum(host.nproc for host in hosts)
         if total != self.world_size:
             layout = ", ".join(f"{host.name}: {host.nproc}" for host in hosts)

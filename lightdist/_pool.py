@@ -68,6 +68,7 @@ class PoolConfig:
     keepalive_interval: float | None
     grace_period: float = 2.0  # seconds a rank gets to finish a failed or cancelled call
     nodes: int | None = None  # hosts to wait for (agents attach over TCP); None: ranks on this machine
+    host_names: tuple[str, ...] | None = None  # the hosts to wait for by name, in rank order
     curve: Any = None  # DriverKeys: CURVE server keys and client allow-list for a TCP channel
 
 
@@ -506,6 +507,10 @@ class Pool(RecoveryMixin, AttachMixin):
         """EXIT → ``timeout`` → SIGTERM → grace → SIGKILL; then release sockets, store and files."""
         with self._lock:
             was_ready = self.state == "ready"
+            if self.state == "recovering":
+                # Survivors re-joining the group wait for peers that may never come (a lost host):
+                # they cannot see EXIT until then, so waiting the full timeout would only delay stop.
+                timeout = min(timeout, self.config.grace_period)
             self.state = "stopping"
             closed = PoolClosedError("the pool was stopped")
             for call in [*([self.current] if self.current else []), *self._queue]:

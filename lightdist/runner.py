@@ -17,7 +17,7 @@ import sys
 import threading
 import warnings
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +67,8 @@ class DistributedRunner:
             (it sees ``cancelled``); then it is killed and replaced (see docs/failures.md).
         nodes: a pool across hosts: wait for this many ``lightdist agent`` processes (one per host)
             to attach, then give each a contiguous range of ``world_size`` ranks. Needs ``listen``
-            and ``key_file``; see docs/multinode.md.
+            and ``key_file``; see docs/multinode.md. ``host_names`` instead waits for those hosts
+            (agents' ``--host-name``), in that order, and a start that times out names the missing.
         listen: ``tcp://ADDR:PORT`` the driver listens on for agents and their ranks (port 0: any
             free port, read it back from :attr:`address`); the rendezvous store listens on ADDR too.
         key_file: the driver's key file (``lightdist keys create DIR`` makes one): the HMAC key and
@@ -93,6 +94,7 @@ class DistributedRunner:
         preload: tuple[str, ...] = (),
         grace_period: float = 2.0,
         nodes: int | None = None,
+        host_names: Sequence[str] | None = None,
         listen: str | None = None,
         key_file: str | os.PathLike[str] | None = None,
     ) -> None:
@@ -110,6 +112,9 @@ class DistributedRunner:
             raise ValueError(f"grace_period must be a number of seconds >= 0, got {grace_period!r}")
         if accelerator not in ("auto", "cpu", "cuda"):
             raise ValueError(f"accelerator must be 'auto', 'cpu' or 'cuda', got {accelerator!r}")
+        if host_names is not None:
+            host_names = _check_host_names(host_names, nodes)
+            nodes = len(host_names)
         if nodes is not None:
             _check_attach(nodes, listen, key_file, world_size)
         if set_device is not None:
@@ -130,6 +135,7 @@ class DistributedRunner:
         self.preload = tuple(preload)
         self.grace_period = float(grace_period)
         self.nodes = nodes
+        self.host_names = host_names
         self.listen = listen
         self.key_file = key_file
         self._pool: Pool | None = None
@@ -211,6 +217,7 @@ class DistributedRunner:
                 keepalive_interval=self.keepalive_interval,
                 grace_period=self.grace_period,
                 nodes=self.nodes,
+                host_names=None if self.host_names is None else tuple(self.host_names),
                 curve=self._driver_keys(),
             )
             pool = Pool(config)
@@ -510,6 +517,15 @@ def _raise_start_error(exc: BaseException, timeout: float, pool: Pool) -> None:
             "every worker process was stopped. Raise start(timeout=...) if setup is slow"
         ) from None
     raise exc
+
+
+def _check_host_names(host_names: Sequence[str], nodes: int | None) -> list[str]:
+    names = [host_names] if isinstance(host_names, str) else list(host_names)
+    if not names or not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
+        raise ValueError(f"host_names must be distinct, non-empty host names, got {host_names!r}")
+    if nodes is not None and nodes != len(names):
+        raise ValueError(f"nodes={nodes} but {len(names)} host_names were given; give one or the other")
+    return names
 
 
 def _check_attach(nodes: Any, listen: str | None, key_file: Any, world_size: int) -> None:

@@ -135,8 +135,27 @@ def test_start_names_the_attached_hosts_and_what_is_missing(keys: tuple[Path, Pa
     pool, address = runner(keys)
     hosts.start("only", address)
     with pytest.raises(TimeoutError, match=r"1 of 2 hosts attached \(only\)"):
-        pool.start_sync(timeout=8)
+        pool.start_sync(timeout=4)
     assert hosts.agents["only"].wait(timeout=LEASE_S + 5) == 0  # told to exit: nothing left running
+
+
+def test_named_hosts_set_the_order_and_a_timeout_names_the_missing_one(keys: tuple[Path, Path], hosts: Hosts) -> None:
+    address = f"tcp://127.0.0.1:{free_port()}"
+    pool = DistributedRunner(Gather, world_size=4, host_names=["a", "b"], listen=address, key_file=keys[0],
+                             accelerator="cpu")  # fmt: skip
+    hosts.start("b", address, env={"SLURM_NODEID": "0"})  # the hint loses to the names given
+    with pytest.raises(TimeoutError, match=r"1 of 2 hosts attached \(b\); missing: a"):
+        pool.start_sync(timeout=5)
+    assert hosts.agents["b"].wait(timeout=LEASE_S + 5) == 0
+    hosts.start("b2", address)
+    pool = DistributedRunner(Gather, world_size=4, host_names=["a", "b2"], listen=address, key_file=keys[0],
+                             accelerator="cpu")  # fmt: skip
+    hosts.start("a", address, env={"SLURM_NODEID": "1"})
+    pool.start_sync(timeout=60)
+    try:
+        assert pool.hosts == {"a": [0, 1], "b2": [2, 3]}
+    finally:
+        pool.stop_sync()
 
 
 def test_a_client_key_from_another_pool_is_refused(keys: tuple[Path, Path], hosts: Hosts, tmp_path: Path) -> None:

@@ -63,6 +63,8 @@ class AgentHost:
         self._pool.channel.send(kind, call or self._pool.host_generation, payload, to=[self.sender.encode()])
 
     def assign(self, ranks: list[int], node_rank: int, num_nodes: int) -> None:
+        """Give this host its ranks. A spare is assigned none: it still gets its lease (so a dead
+        driver takes it down too) and starts its template, ready to take over a lost host's ranks."""
         self.ranks = list(ranks)
         self.node_rank = node_rank
         cfg = self._pool.config
@@ -147,15 +149,21 @@ class AttachMixin:
         """For a start that timed out: which hosts attached, how many are missing."""
         expected = self.config.nodes or 0
         names = sorted(host.name for host in self._agents.values())
-        attached = f"{len(names)} of {expected} hosts attached ({', '.join(names) or 'none'})"
         if self.config.host_names is not None:
+            wanted = [name for name in names if name in self.config.host_names]
             missing = [name for name in self.config.host_names if name not in names]
-            attached += f"; missing: {', '.join(missing)}"
+            attached = f"{len(wanted)} of {expected} hosts attached ({', '.join(wanted) or 'none'}); missing: "
+            attached += ", ".join(missing)
+            others = [name for name in names if name not in self.config.host_names]
+            if others:
+                attached += f" (also attached, not asked for: {', '.join(others)})"
+        else:
+            attached = f"{len(names)} of {expected} hosts attached ({', '.join(names) or 'none'})"
         return (f"{attached}; start 'lightdist agent --connect {self.channel_address_for_agents()} "
                 "--key-file ...' on each missing host")
 
     def channel_address_for_agents(self) -> str:
-        return str(self.config.worker_address)
+        return str(getattr(self, "address", self.config.worker_address))  # the bound one (port 0 resolved)
 
     def _on_agent_message(self, msg: Message) -> None:
         h = msg.header
@@ -180,6 +188,7 @@ class AttachMixin:
             self._maybe_form()
         else:
             self._spares.append(host)
+            host.assign([], node_rank=-1, num_nodes=self.config.nodes or 1)  # see _assign_spares
             self._rehost()
 
     def _maybe_form(self) -> None:
@@ -199,12 +208,13 @@ class AttachMixin:
     def _form(self) -> None:
         hosts = self._chosen_hosts()
         self._spares = [host for host in self._agents.values() if host not in hosts]
-        total = sum(host.nproc for host in hosts)
-        if total != self.world_size:
+        per_host = self.world_size // len(hosts)
+        if any(host.nproc != per_host for host in hosts):
+            # equal ranges keep node_rank = rank // nproc true, which Lightning and spares rely on
             layout = ", ".join(f"{host.name}: {host.nproc}" for host in hosts)
             self._on_broken(ValueError(
-                f"the attached hosts bring {total} ranks ({layout}) but world_size is {self.world_size}; "
-                "make --nproc-per-node times the number of hosts equal world_size"))  # fmt: skip
+                f"every host must run world_size / nodes = {per_host} ranks, but the attached hosts bring "
+                f"{layout}; start each agent with --nproc-per-node {per_host}"))  # fmt: skip
             return
         first = 0
         for node_rank, host in enumerate(hosts):
@@ -213,6 +223,8 @@ class AttachMixin:
             host.assign(ranks, node_rank, len(hosts))
             for rank in ranks:
                 self._rank_hosts[rank] = host
+        for spare in self._spares:
+            spare.assign([], node_rank=-1, num_nodes=len(hosts))
         for rank in range(self.world_size):
             self._spawn(rank)
 
@@ -248,24 +260,22 @@ class AttachMixin:
         self._fenced.add(host.sender)
         self.channel.send(Kind.FENCED, 0, [], to=[host.sender.encode()])  # reaches it if it is only slow
         self.channel.forget(host.sender)
-        if self.state in ("stopping", "closed", "broken"):
-            host.mark_lost()
-            return
         senders = {rank: self._senders.get(rank, "") for rank in host.ranks}  # type: ignore[attr-defined]
         alive = host.mark_lost()
+        if self.state in ("stopping", "closed", "broken") or not host.ranks:
+            return  # a spare, or an agent that left before the pool formed: nothing ran there
         for rank in host.ranks:
             self._rank_hosts[rank] = None  # re-hosted when a spare or a new agent attaches
-        if host.ranks:
-            self._lost_groups.append(list(host.ranks))
-            self._homeless |= set(host.ranks)
+        self._lost_groups.append(list(host.ranks))
+        self._homeless |= set(host.ranks)
         if self.state == "starting":
             self._on_broken(RuntimeError(f"host {host.name} was lost while the pool started: {why}"))
             return
-        for rank in host.ranks:
-            # a rank that already exited was reported then; the others die with their host
-            if rank in alive:
-                self._rank_exited(RankExit(rank, alive[rank], senders[rank], None, None,
-                                           f"host {host.name} was lost ({why})"))  # fmt: skip
+        # One event for all of them; a rank whose exit was already reported is skipped by sender
+        # (its sender was replaced or it is in _dead already).
+        gone = [RankExit(rank, alive.get(rank, 0), senders[rank], None, None, f"host {host.name} was lost ({why})")
+                for rank in host.ranks if rank not in self._dead]  # type: ignore[attr-defined]  # fmt: skip
+        self._ranks_exited(gone)  # type: ignore[attr-defined]
 
     def _place_homeless(self) -> None:
         """Give each lost host's ranks, as a group, to a spare host with room for them."""

@@ -287,12 +287,14 @@ class Pool(RecoveryMixin, AttachMixin):
                 self.channel.wait(timeout, extra=[self._io_waker.fd])
                 self._io_waker.clear()
 
-    def wait_event(self, call: PendingCall, deadline: float | None) -> Event:
+    def wait_event(self, call: PendingCall, deadline: float | None, lead: bool = True) -> Event:
         """The next event of ``call`` for a blocking caller (interruptible by Ctrl-C).
 
         Leader/follower: if nobody else is receiving, this thread becomes the receiver and routes
         every arriving message (its own reply included) itself; the I/O thread resumes when it
-        leaves. Otherwise it waits for whoever receives to push its events and wake it.
+        leaves. Otherwise it waits for whoever receives to push its events and wake it. With
+        ``lead=False`` it never receives: a caller that Ctrl-C may interrupt anywhere must not hold
+        messages it has drained but not yet routed.
         """
         event = call.pop_nowait()
         if event is not None:
@@ -306,7 +308,7 @@ class Pool(RecoveryMixin, AttachMixin):
                 if event is not None:
                     return event
                 with self._lock:
-                    if self._leader is None and not self._io_stop:
+                    if lead and self._leader is None and not self._io_stop:
                         self._leader = me
                     leading = self._leader == me
                 fds = [waker.fd]
@@ -542,7 +544,9 @@ class Pool(RecoveryMixin, AttachMixin):
         self._io_waker.wake()
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout=5)
-        self.channel.close()
+        # Agents on other hosts must get their EXIT before the socket goes (linger 0 would drop it;
+        # they would then only leave when their lease runs out).
+        self.channel.close(linger_ms=1000 if self._agents else 0)
         self._io_waker.close()
         if self._auth is not None:
             self._auth.stop()

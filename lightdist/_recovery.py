@@ -69,15 +69,29 @@ class RecoveryMixin:
         _io_waker: Waker
 
     def _rank_exited(self, info: RankExit) -> None:  # monitor thread
+        self._ranks_exited([info])
+
+    def _ranks_exited(self, infos: list[RankExit]) -> None:
+        """Ranks died together (one process, or every rank of a lost host): one failure event.
+
+        Handled as one so that the ranks of a lost host start one recovery, not one per rank (a
+        second death during recovery restarts every rank, and restarts are capped)."""
         with self._lock:
-            if self.state in ("stopping", "closed", "broken") or self._senders.get(info.rank) != info.sender:
-                return  # expected, or a previous life of the rank (killed by us and replaced)
-            err = WorkerDiedError(info.rank, info.exitcode, info.signal, info.detail)
+            if self.state in ("stopping", "closed", "broken"):
+                return
+            # a previous life of a rank (killed by us and replaced) is expected to die
+            infos = [info for info in infos if self._senders.get(info.rank) == info.sender]
+            if not infos:
+                return
+            first = infos[0]
+            err = WorkerDiedError(first.rank, first.exitcode, first.signal, first.detail)
             if self.state == "starting":
                 self.startup.push(Event(ERROR, err))
                 return
-            self._dead.add(info.rank)
-            log.warning("%s; recovering the pool", err)
+            ranks = {info.rank for info in infos}
+            self._dead |= ranks
+            log.warning("%s%s; recovering the pool", err, f" (and ranks {sorted(ranks - {first.rank})})"
+                        if len(ranks) > 1 else "")  # fmt: skip
             call = self.current
             if self.state == "recovering":
                 self._recovery_restarts += 1
@@ -90,7 +104,7 @@ class RecoveryMixin:
                     return
                 self._recover(everything=True)  # a second failure: start every rank afresh
             elif call is not None:
-                call.pending.discard(info.rank)
+                call.pending -= ranks
                 if not call.failed:
                     self._fail(call, err)
                 if not call.pending:

@@ -24,11 +24,13 @@ import json
 import logging
 import os
 import pickle
+import queue
 import secrets
 import select
 import signal
 import socket
 import sys
+import threading
 import time
 from typing import Any
 
@@ -44,6 +46,7 @@ __all__ = ["LAUNCHER_VARIABLES", "Agent", "main", "route_interface", "worker_mai
 log = logging.getLogger("lightdist")
 AGENT_RANK = -2
 CONNECT_TIMEOUT_S = 300.0  # waiting for the driver to come up (srun may start agents first)
+HANGUP_GIVE_UP_S = 4.0  # handshakes that keep failing without a reason: give up (see _handshake_failure)
 # Prefixes and names of variables that launchers set for their own rank model.
 LAUNCHER_VARIABLES = ("SLURM_", "PMI_", "PMIX_", "OMPI_", "TORCHELASTIC_", "RANK", "LOCAL_RANK", "WORLD_SIZE",
                       "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK", "ROLE_WORLD_SIZE",
@@ -108,9 +111,12 @@ class Agent:
         self.generation = 0
         self.lease = connect_timeout  # until ASSIGN says otherwise
         self.template: TemplateProcess | None = None
+        self._spawns: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
+        self._spawner: threading.Thread | None = None
         self.local_ip, self.ifname = route_interface(connect)
         self._context = zmq.Context()
         self._monitor: zmq.Socket[bytes] | None = None
+        self._hangups_since: float | None = None
         self.channel = Channel.connect_dealer(self._context, connect, self.sender.encode(), self.session,
                                               curve=curve, before_connect=self._attach_monitor)  # fmt: skip
 
@@ -126,6 +132,16 @@ class Agent:
 
         while self._monitor is not None and self._monitor.poll(0):
             event = recv_monitor_message(self._monitor)
+            if int(event["event"]) == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+                # A peer that hung up mid-handshake: a proxy, a driver restarting (ZMQ reconnects), or
+                # a driver with another pool's keys, which looks the same from here. Final only if
+                # it keeps happening.
+                now = time.monotonic()
+                self._hangups_since = self._hangups_since or now
+                if now - self._hangups_since > HANGUP_GIVE_UP_S:
+                    return (f"every security handshake failed for {HANGUP_GIVE_UP_S:.0f} s: the driver uses "
+                            "other keys (another pool's client file?) or is not a lightdist driver")
+                continue
             text = describe_handshake_failure(int(event["event"]), int(event["value"]))
             if text is not None:
                 return text
@@ -153,7 +169,7 @@ class Agent:
             select.select([self.channel.fd, self.channel.waker.fd], [], [], 0.25)
             self.channel.waker.clear()
             if self.generation == 0:
-                refused = self._handshake_failure()
+                refused = self._handshake_failure()  # only a definite refusal: see _handshake_failure
                 if refused is not None:
                     print(f"lightdist agent: cannot attach to {self.connect}: {refused}", file=sys.stderr, flush=True)
                     return 2
@@ -177,8 +193,9 @@ class Agent:
             boot = pickle.loads(payload[0])  # signed by the driver: trusted
             if self.curve is not None:
                 boot["curve"] = self.curve  # the rank connects with this host's client keys
-            assert self.template is not None
-            self.template.spawn(boot["rank"], boot)
+            # Handed to a thread: the template reads its pipe only once its imports are done, so a
+            # large bootstrap (setup kwargs) would block this loop and the heartbeat with it.
+            self._spawns.put(boot)
         elif kind is Kind.KILL:
             order = json.loads(payload[0])
             if self.template is not None:
@@ -201,7 +218,17 @@ class Agent:
         if self.template is None:
             self.template = TemplateProcess(list(settings["imports"]), settings.get("cwd"), self._rank_exited,
                                             self._template_lost, on_spawned=self._rank_spawned)  # fmt: skip
+            self._spawner = threading.Thread(target=self._spawn_loop, name="lightdist-agent-spawn", daemon=True)
+            self._spawner.start()
         log.info("agent %s: ranks %s (generation %d)", self.host, settings["ranks"], generation)
+
+    def _spawn_loop(self) -> None:
+        while (boot := self._spawns.get()) is not None:
+            assert self.template is not None
+            try:
+                self.template.spawn(boot["rank"], boot)
+            except OSError as error:  # the template is gone; its monitor reports it
+                log.warning("cannot spawn rank %s: %s", boot["rank"], error)
 
     def _event(self, **event: Any) -> None:
         self.channel.send(Kind.HOST_EVENT, self.generation, [json.dumps(event).encode()])
@@ -217,6 +244,9 @@ class Agent:
         self._event(ev="lost", detail=detail)
 
     def _shutdown(self) -> None:
+        if self._spawner is not None:
+            self._spawns.put(None)
+            self._spawner.join(timeout=5)
         if self.template is not None:
             self.template.signal_ranks(signal.SIGKILL)
             self.template.close(grace=2.0)

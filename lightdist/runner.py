@@ -325,7 +325,7 @@ class DistributedRunner:
             # Ctrl-C may land anywhere in here, in on_item too (drawing a progress bar takes a good
             # share of the main thread's time): every spot must turn it into the same interrupt.
             try:
-                event = pool.wait_event(call, None)
+                event = pool.wait_event(call, None, lead=False)  # the I/O thread receives: see wait_event
                 if event.kind == ITEM and on_item is not None:
                     on_item(protocol.loads(event.value)[0])
                 elif event.kind in (RESULT, ERROR):

@@ -206,7 +206,8 @@ def test_sweep_runs_every_combination_on_one_pool(tmp_path: Path) -> None:
         {"model.lr": lr, "data.batch_size": bs} for lr in ("1e-3", "3e-3") for bs in ("16", "32")
     ]
     assert all(row["error"] is None and "val_acc" in row["metrics"] for row in rows)
-    assert len({tuple(row["rank_pids"]) for row in rows}) == 1, "one warm pool for the whole sweep"
+    assert len({tuple(row["rank_pids"]) for row in rows}) == 1 and len(rows[0]["rank_pids"]) == 2, rows
+    # (the same two rank processes ran every combination: one warm pool for the whole sweep)
     header = next(line for line in out.splitlines() if line.startswith("model.lr"))
     assert "data.batch_size" in header and "val_acc" in header
     for row in rows:  # one TensorBoard run per combination, side by side under the sweep directory

@@ -111,8 +111,8 @@ def _fit(combo: Combination, args: list[str], sweep_dir: Path) -> bool:
     trainer.fit(cli.model, datamodule=cli.datamodule)
     combo.seconds = time.perf_counter() - started
     combo.metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
-    runner = getattr(trainer.strategy, "runner", None)
-    combo.rank_pids = sorted(runner.pids().values()) if runner is not None else []
+    pool = getattr(trainer.strategy, "pool", None)  # PoolStrategy; another strategy has no pool
+    combo.rank_pids = sorted(pool().pids.values()) if callable(pool) else []
     return not trainer.interrupted
 
 

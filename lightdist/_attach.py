@@ -8,8 +8,8 @@ single-host template, and the ranks connect to the driver themselves. From then 
 :class:`~lightdist._procs.RankHost` like the local template: it reports rank exits (HOST_EVENT) and
 signals ranks on request (KILL).
 
-Liveness: the driver PINGs every agent each ``HEARTBEAT_S``; an agent not heard from for
-``HOST_TIMEOUT_S`` is *lost*: its ranks are reported dead (the running call fails with
+Liveness: the driver PINGs every agent 4 times per ``host_timeout`` (2 s by default); an agent not
+heard from for ``host_timeout`` is *lost*: its ranks are reported dead (the running call fails with
 ``WorkerDiedError`` naming the host), its name is fenced (anything it sends later is answered with
 FENCED, so a healed host's agent kills its old ranks and exits), and its ranks move to a spare host
 (an agent that attached beyond the expected count) or wait for a new agent until the recovery
@@ -34,13 +34,19 @@ from lightdist.protocol import Kind, Message
 if TYPE_CHECKING:
     from lightdist._pool import Pool
 
-__all__ = ["AGENT_PREFIX", "AgentHost", "AttachMixin", "HEARTBEAT_S", "HOST_TIMEOUT_S", "LEASE_S"]
+__all__ = ["AGENT_PREFIX", "AgentHost", "AttachMixin", "HEARTBEAT_S", "HOST_TIMEOUT_S", "LEASE_S", "timings"]
 
 log = logging.getLogger("lightdist")
 AGENT_PREFIX = "agent."  # sender names of agents; also their ZMQ identities
-HEARTBEAT_S = 0.5
-HOST_TIMEOUT_S = 2.0  # silence after which the driver declares a host lost
-LEASE_S = 3.0  # silence after which an agent gives up on the driver: > HOST_TIMEOUT_S, see above
+HOST_TIMEOUT_S = 2.0  # default silence after which the driver declares a host lost (host_timeout=)
+HEARTBEAT_S = HOST_TIMEOUT_S / 4  # the driver PINGs each agent this often
+LEASE_S = HOST_TIMEOUT_S * 1.5  # silence after which an agent gives up on the driver: > the host timeout
+
+
+def timings(host_timeout: float) -> tuple[float, float]:
+    """(heartbeat interval, agent lease) for a pool's ``host_timeout``: 4 pings per timeout, and a
+    lease long enough that the driver declares a silent host lost before its agent gives up."""
+    return host_timeout / 4, host_timeout * 1.5
 
 
 class AgentHost:
@@ -68,8 +74,9 @@ class AgentHost:
         self.ranks = list(ranks)
         self.node_rank = node_rank
         cfg = self._pool.config
-        settings = {"ranks": ranks, "node_rank": node_rank, "num_nodes": num_nodes, "lease_s": LEASE_S,
-                    "heartbeat_s": HEARTBEAT_S, "imports": list(cfg.imports), "cwd": cfg.cwd}  # fmt: skip
+        heartbeat, lease = timings(cfg.host_timeout)
+        settings = {"ranks": ranks, "node_rank": node_rank, "num_nodes": num_nodes, "lease_s": lease,
+                    "heartbeat_s": heartbeat, "imports": list(cfg.imports), "cwd": cfg.cwd}  # fmt: skip
         self._send(Kind.ASSIGN, [json.dumps(settings).encode()])
 
     def spawn(self, rank: int, boot: dict[str, Any]) -> None:
@@ -242,13 +249,15 @@ class AttachMixin:
     def _heartbeat(self, now: float) -> float | None:
         """PING due agents, declare silent ones lost; seconds until the next heartbeat work."""
         due = None
+        host_timeout = self.config.host_timeout
+        heartbeat, _ = timings(host_timeout)
         for host in list(self._agents.values()):
-            if now - host.last_heard > HOST_TIMEOUT_S:
+            if now - host.last_heard > host_timeout:
                 self._host_lost(host, f"no heartbeat for {now - host.last_heard:.1f} s")
                 continue
-            if now - host.last_ping >= HEARTBEAT_S:
+            if now - host.last_ping >= heartbeat:
                 host.ping()
-            next_work = min(host.last_ping + HEARTBEAT_S, host.last_heard + HOST_TIMEOUT_S)
+            next_work = min(host.last_ping + heartbeat, host.last_heard + host_timeout)
             due = next_work if due is None else min(due, next_work)
         return due
 

@@ -69,6 +69,7 @@ class PoolConfig:
     grace_period: float = 2.0  # seconds a rank gets to finish a failed or cancelled call
     nodes: int | None = None  # hosts to wait for (agents attach over TCP); None: ranks on this machine
     host_names: tuple[str, ...] | None = None  # the hosts to wait for by name, in rank order
+    host_timeout: float = 2.0  # silence after which an attached host is lost (see _attach.timings)
     curve: Any = None  # DriverKeys: CURVE server keys and client allow-list for a TCP channel
 
 

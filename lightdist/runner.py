@@ -71,6 +71,10 @@ class DistributedRunner:
             (agents' ``--host-name``), in that order, and a start that times out names the missing.
         listen: ``tcp://ADDR:PORT`` the driver listens on for agents and their ranks (port 0: any
             free port, read it back from :attr:`address`); the rendezvous store listens on ADDR too.
+        host_timeout: seconds without a heartbeat after which an attached host is lost (2 s). The
+            driver pings 4 times per timeout from a Python thread and agents give up on a silent
+            driver after 1.5 times it; raise it if the driver can hold the GIL for seconds (e.g.
+            unpickling a very large result).
         key_file: the driver's key file (``lightdist keys create DIR`` makes one): the HMAC key and
             the CURVE server keys with the allow-list of client keys.
     """
@@ -97,6 +101,7 @@ class DistributedRunner:
         host_names: Sequence[str] | None = None,
         listen: str | None = None,
         key_file: str | os.PathLike[str] | None = None,
+        host_timeout: float = 2.0,
     ) -> None:
         _check_worker_cls(worker_cls)
         _check_world_size(world_size)
@@ -117,6 +122,8 @@ class DistributedRunner:
             nodes = len(host_names)
         if nodes is not None:
             _check_attach(nodes, listen, key_file, world_size)
+        if isinstance(host_timeout, bool) or not isinstance(host_timeout, (int, float)) or host_timeout < 0.2:
+            raise ValueError(f"host_timeout must be a number of seconds >= 0.2, got {host_timeout!r}")
         if set_device is not None:
             warnings.warn("set_device is deprecated and ignored", DeprecationWarning, stacklevel=2)
         self.worker_cls = worker_cls
@@ -136,6 +143,7 @@ class DistributedRunner:
         self.grace_period = float(grace_period)
         self.nodes = nodes
         self.host_names = host_names
+        self.host_timeout = float(host_timeout)
         self.listen = listen
         self.key_file = key_file
         self._pool: Pool | None = None
@@ -218,6 +226,7 @@ class DistributedRunner:
                 grace_period=self.grace_period,
                 nodes=self.nodes,
                 host_names=None if self.host_names is None else tuple(self.host_names),
+                host_timeout=self.host_timeout,
                 curve=self._driver_keys(),
             )
             pool = Pool(config)

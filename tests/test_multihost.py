@@ -161,6 +161,25 @@ def test_named_hosts_set_the_order_and_a_timeout_names_the_missing_one(keys: tup
         pool.stop_sync()
 
 
+def test_host_timeout_sets_how_fast_a_silent_host_is_lost(keys: tuple[Path, Path], hosts: Hosts) -> None:
+    address = f"tcp://127.0.0.1:{free_port()}"
+    pool = DistributedRunner(Gather, world_size=4, nodes=2, listen=address, key_file=keys[0], accelerator="cpu",
+                             host_timeout=0.8)  # fmt: skip
+    hosts.start("a", address, env={"SLURM_NODEID": "0"})
+    hosts.start("b", address, env={"SLURM_NODEID": "1"})
+    pool.start_sync(timeout=60)
+    try:
+        frozen_at = time.monotonic()
+        hosts.signal("b", signal.SIGSTOP)
+        assert wait_until(lambda: 2 not in pool.pids, 5.0)
+        assert time.monotonic() - frozen_at < 0.8 + 0.7, "lost after host_timeout, not the 2 s default"
+    finally:
+        hosts.signal("b", signal.SIGCONT)
+        pool.stop_sync()
+    with pytest.raises(ValueError, match="host_timeout must be"):
+        DistributedRunner(Gather, world_size=4, nodes=2, listen=address, key_file=keys[0], host_timeout=0)
+
+
 def test_a_large_setup_argument_does_not_starve_the_heartbeat(keys: tuple[Path, Path], hosts: Hosts) -> None:
     # The bootstraps (with the setup kwargs) reach a template that reads them only after its
     # imports; they must not block the agent's loop past the driver's heartbeat timeout.

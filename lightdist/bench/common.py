@@ -1,12 +1,14 @@
-"""What every benchmark shares: limits, the table, the machine's description."""
+"""What every benchmark shares: limits, the table, the machine's description, process helpers."""
 
 from __future__ import annotations
 
 import os
 import platform
+import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 START_TIMEOUT = 300.0  # seconds; a loaded 2-core machine can be slow, a hang must still end
@@ -61,3 +63,32 @@ def machine() -> dict[str, Any]:
     }
 
 
+
+
+# --- processes ------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port on loopback that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and every live descendant of it, read from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            # the command name may contain spaces and parentheses: split after the last ')'
+            children.setdefault(int(stat[stat.rindex(")") + 2 :].split()[1]), []).append(int(entry.name))
+    out, stack = [root], [root]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            out.append(child)
+            stack.append(child)
+    return out

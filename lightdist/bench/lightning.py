@@ -18,7 +18,6 @@ import json
 import os
 import queue
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,7 +32,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightdist.bench.common import CALL_TIMEOUT, START_TIMEOUT, Row, format_table, machine, verdict
+from lightdist.bench.common import CALL_TIMEOUT, START_TIMEOUT, Row, format_table, free_port, machine, verdict
 
 WORLD_SIZE = 2
 BATCH = 32
@@ -215,12 +214,6 @@ def _group_alive(pgid: int) -> bool:
         return True
     except ProcessLookupError:
         return False
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # --- the rounds -----------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from lightdist import DistributedRunner, DistributedWorker, WorkerDiedError
-from lightdist.bench.common import Row, format_table, machine, percentile
+from lightdist.bench.common import Row, format_table, free_port, machine, percentile, process_tree
 
 
 class _Sleeper(DistributedWorker):
@@ -38,39 +38,14 @@ class _Sleeper(DistributedWorker):
         return self.rank
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _agent(address: str, key: Path, name: str) -> subprocess.Popen[bytes]:
     argv = [sys.executable, "-m", "lightdist.cli", "agent", "--connect", address, "--key-file", str(key),
             "--nproc-per-node", "1", "--host-name", name, "--connect-timeout", "60"]  # fmt: skip
     return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
-def _tree(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            children.setdefault(int(stat[stat.rindex(")") + 2 :].split()[1]), []).append(int(entry.name))
-    out, stack = [pid], [pid]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            out.append(child)
-            stack.append(child)
-    return out
-
-
 def _kill_tree(proc: subprocess.Popen[bytes]) -> None:
-    for pid in _tree(proc.pid):
+    for pid in process_tree(proc.pid):
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -90,7 +65,7 @@ def _latency(runner: DistributedRunner, calls: int) -> list[float]:
 
 
 def _one_round(keys: tuple[Path, Path], calls: int) -> dict[str, Any]:
-    address = f"tcp://127.0.0.1:{_free_port()}"
+    address = f"tcp://127.0.0.1:{free_port()}"
     agents = {name: _agent(address, keys[1], name) for name in ("a", "b", "spare")}
     pool = DistributedRunner(_Sleeper, world_size=2, nodes=2, listen=address, key_file=keys[0], accelerator="cpu")
     local = DistributedRunner(_Sleeper, world_size=2, accelerator="cpu")
@@ -105,7 +80,7 @@ def _one_round(keys: tuple[Path, Path], calls: int) -> dict[str, Any]:
         out["local_start"] = time.perf_counter() - started
         out["multi"] = _latency(pool, calls)
         out["local"] = _latency(local, calls)
-        victim = next(name for name, proc in agents.items() if proc.pid and pool.pids.get(1) in _tree(proc.pid))
+        victim = next(name for name, proc in agents.items() if proc.pid and pool.pids.get(1) in process_tree(proc.pid))
         timer = threading.Timer(0.5, _kill_tree, args=(agents[victim],))
         timer.start()
         crashed_at = time.perf_counter() + 0.5

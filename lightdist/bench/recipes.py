@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lightdist.bench.common import Row, format_table, machine
+from lightdist.bench.common import Row, format_table, machine, process_tree
 from lightdist.cli._catalog import configs_root
 
 LIGHTDIST = str(Path(sys.executable).parent / "lightdist")
@@ -42,23 +42,6 @@ class Measured:
     peak_mib: float
     stdout: str
     returncode: int
-
-
-def _tree(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            children.setdefault(int(stat[stat.rindex(")") + 2 :].split()[1]), []).append(int(entry.name))
-    out, stack = [root], [root]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            out.append(child)
-            stack.append(child)
-    return out
 
 
 def _pss_kib(pid: int) -> int:
@@ -81,7 +64,7 @@ def measure(args: list[str], cwd: Path) -> Measured:
     def sample() -> None:
         nonlocal peak
         while not done.wait(0.1):
-            peak = max(peak, sum(_pss_kib(pid) for pid in _tree(proc.pid)))
+            peak = max(peak, sum(_pss_kib(pid) for pid in process_tree(proc.pid)))
 
     sampler = threading.Thread(target=sample, name="bench-pss", daemon=True)
     sampler.start()

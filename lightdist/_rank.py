@@ -7,10 +7,10 @@ fresh one without losing its ``setup`` state.
 
 from __future__ import annotations
 
-import ctypes
 import datetime
 import os
 import pickle
+import signal
 import sys
 import traceback
 from typing import TYPE_CHECKING, Any
@@ -19,6 +19,7 @@ import zmq
 
 from lightdist import protocol
 from lightdist._link import Link
+from lightdist._procs import die_with_parent
 from lightdist.protocol import Kind, Message, Session
 from lightdist.transport import Channel
 from lightdist.worker import DistributedWorker
@@ -27,9 +28,6 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = ["error_report", "rank_main"]
-
-_PR_SET_PDEATHSIG = 1
-
 
 def error_report(exc: BaseException) -> bytes:
     """An exception as plain data: the driver can always read it, whatever classes it has.
@@ -95,11 +93,7 @@ def rank_main(boot: dict[str, Any], template_pid: int) -> int:
 def _die_with_parent(template_pid: int) -> None:
     # PDEATHSIG fires when the template (our parent, single-threaded) exits; the ppid check closes
     # the race where it died before the prctl.
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, 9)
-    except (OSError, AttributeError):  # pragma: no cover - not Linux
-        pass
+    die_with_parent(signal.SIGKILL)
     if os.getppid() != template_pid:
         os._exit(1)
 

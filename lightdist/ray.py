@@ -26,20 +26,14 @@ pool's heartbeat takes 2 s. The client key file must be readable at the same pat
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from typing import Any
 
+from lightdist._procs import die_with_parent
+
 __all__ = ["RayAgents", "start_agents"]
-
-
-def _die_with_parent() -> None:  # runs in the agent child, before exec
-    import ctypes
-
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 class _AgentActor:
@@ -64,7 +58,7 @@ class _AgentActor:
                 "--nproc-per-node", str(nproc), "--host-name", host, "--connect-timeout", str(connect_timeout)]  # fmt: skip
         # The bundle index orders the hosts (it is the agent's placement hint, like SLURM_NODEID).
         env = {**os.environ, "LIGHTDIST_NODE_INDEX": str(index)}
-        self.proc = subprocess.Popen(argv, env=env, preexec_fn=_die_with_parent)
+        self.proc = subprocess.Popen(argv, env=env, preexec_fn=die_with_parent)
         return self.proc.wait()
 
     def stop(self) -> None:

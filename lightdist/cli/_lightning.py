@@ -185,11 +185,9 @@ def explain(error: BaseException) -> str:
     member of the ``Union[Module, None]`` it tried; only the class's own complaint is kept, with its
     key made whole: ``model.lr: Expected a <class 'float'>. Got value: abc``.
     """
-    seen: BaseException | None = error
-    while seen is not None:
-        if isinstance(seen, ConfigError):
-            return one_line(seen)
-        seen = seen.__cause__ or seen.__context__
+    config_error = _config_error_in(error)
+    if config_error is not None:
+        return one_line(config_error)
     text = str(error)
     group = re.match(r'Parser key "([^"]+)":', text)
     problem = re.search(r"Problem with given class_path '([^']+)':\s*(.*?)(?:\n\s*- Expected a <class 'NoneType'>|$)",
@@ -206,13 +204,18 @@ def explain(error: BaseException) -> str:
     return f"{group.group(1)} ({class_path}): {detail}"
 
 
-def _caused_by_config_error(error: BaseException) -> bool:
+def _config_error_in(error: BaseException) -> ConfigError | None:
+    """The recipe's ``ConfigError`` in ``error``'s chain (jsonargparse wraps what ``__init__`` raises)."""
     seen: BaseException | None = error
     while seen is not None:
         if isinstance(seen, ConfigError):
-            return True
+            return seen
         seen = seen.__cause__ or seen.__context__
-    return False
+    return None
+
+
+def _caused_by_config_error(error: BaseException) -> bool:
+    return _config_error_in(error) is not None
 
 
 def run_trainer_command(command: str, args: list[str]) -> int:

@@ -17,13 +17,17 @@ import sys
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lightdist import protocol
+from lightdist._tensors import Outbound, encode
 from lightdist.errors import WorkerError
 from lightdist.transport import Waker, remaining
 
-__all__ = ["Event", "PendingCall", "encode_call", "worker_error"]
+if TYPE_CHECKING:
+    from lightdist._resident import ResidentSet
+
+__all__ = ["Event", "PendingCall", "Reply", "encode_call", "worker_error"]
 
 # Event kinds seen by the consumer. ``item``, ``ready`` carry data; the others end the call.
 ITEM = "item"
@@ -31,6 +35,19 @@ READY = "ready"
 RESULT = "result"
 ERROR = "error"
 TERMINAL = frozenset({RESULT, ERROR})
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """Rank 0's RESULT, as routed: the pickled value, its tensor manifest and frames, and the
+    storages already read from rank 0 (``vm`` transport) by slot index."""
+
+    data: Any
+    manifest: dict[str, Any]
+    buffers: tuple[Any, ...]
+    ready: dict[int, Any]
+    resident_serial: int | None
+    dropped: frozenset[int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,12 +65,16 @@ class PendingCall:
     internal: bool = False  # keepalive: nobody consumes it
     # I/O-thread state
     pending: set[int] = field(default_factory=set)  # ranks that have not replied yet
-    result_frames: tuple[bytes, ...] | None = None
+    reply: tuple[Any, dict[str, Any], tuple[Any, ...], dict[int, Any]] | None = None  # rank 0's RESULT
     failed: bool = False  # a terminal error was already delivered
     cancelled: bool = False
     failed_at: float | None = None  # when it failed or was cancelled: the grace period starts
     rebuild: bool = False  # an error came from inside torch.distributed: rebuild the group after
     held: tuple[float, BaseException] | None = None  # a collective's error, held until this time
+    outbound: Outbound | None = None  # the payload's out-of-band storages, freed once every rank took them
+    resident_serial: int | None = None  # a resident call: its serial in the pool's ResidentSet
+    taken: set[int] = field(default_factory=set)  # ranks that sent TAKEN
+    dropped: set[int] = field(default_factory=set)  # resident keys some rank dropped (see RankCache.end)
 
     def __post_init__(self) -> None:
         self._events: collections.deque[Event] = collections.deque()
@@ -118,15 +139,26 @@ def _wake(fut: asyncio.Future[None]) -> None:
         fut.set_result(None)
 
 
-def encode_call(payload: Mapping[str, Any], streaming: bool, cwd: str | None) -> list[bytes]:
+def encode_call(
+    payload: Mapping[str, Any],
+    streaming: bool,
+    cwd: str | None,
+    transports: tuple[str, str],
+    resident: ResidentSet | None = None,
+) -> tuple[list[Any], Outbound]:
     """The CALL frames every rank receives: an envelope of plain data (streaming flag, the driver's
-    sys.path and cwd), then the cloudpickled keyword arguments."""
+    sys.path and cwd, the manifest of the tensors' storages and how replies send theirs), the
+    cloudpickled keyword arguments with tensors out of band, then one frame per storage when the
+    storages travel as frames. ``transports``: (driver → ranks, ranks → driver)."""
+    outbound = encode(dict(payload), transports[0], resident)
     envelope = {
         "streaming": streaming,
         "sys_path": [p if p else os.getcwd() for p in sys.path],
         "cwd": cwd or os.getcwd(),
+        "tensors": outbound.manifest,
+        "reply_transport": transports[1],
     }
-    return [pickle.dumps(envelope, protocol=5), protocol.dumps(dict(payload))]
+    return [pickle.dumps(envelope, protocol=5), outbound.data, *outbound.buffers], outbound
 
 
 def worker_error(rank: int, report: bytes) -> WorkerError:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
+import pickle
 import secrets
 import select
 import signal
@@ -30,20 +31,25 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
-from lightdist import protocol
+from lightdist import _shm, protocol
 from lightdist._attach import AGENT_PREFIX, AgentHost, AttachMixin
-from lightdist._calls import ERROR, ITEM, READY, RESULT, Event, PendingCall, encode_call, worker_error
+from lightdist._calls import ERROR, ITEM, READY, RESULT, Event, PendingCall, Reply, encode_call, worker_error
+from lightdist._resident import ResidentSet
+from lightdist._tensors import ADDR, FRAMES, SHM, VM
 from lightdist._recovery import RecoveryMixin
 from lightdist._procs import RankHost, TemplateProcess
 from lightdist.errors import PoolClosedError, WorkerDiedError, WorkerError
 from lightdist.protocol import Kind, Message, Session
 from lightdist.transport import Channel, Waker, private_ipc_dir, remaining, remove_ipc_dir, thread_waker
 
-__all__ = ["Pool", "PoolConfig"]
+if TYPE_CHECKING:
+    from lightdist._tensors import Outbound
+
+__all__ = ["Pool", "PoolConfig", "TransferCounters"]
 
 log = logging.getLogger("lightdist")
 DRIVER_SENDER = "driver"
@@ -71,6 +77,32 @@ class PoolConfig:
     host_names: tuple[str, ...] | None = None  # the hosts to wait for by name, in rank order
     host_timeout: float = 2.0  # silence after which an attached host is lost (see _attach.timings)
     curve: Any = None  # DriverKeys: CURVE server keys and client allow-list for a TCP channel
+    tensor_transport: str = "auto"  # "auto": shared memory on one host, frames across hosts; "frames"
+
+
+@dataclass
+class TransferCounters:
+    """Tensor bytes that crossed between driver and ranks (each storage counted once per call, not
+    once per rank), and the pickles' own size. Read through ``DistributedRunner.transfer_stats()``."""
+
+    calls: int = 0
+    tensor_bytes_sent: int = 0
+    tensors_sent: int = 0
+    tensors_resident: int = 0  # storages a call named by reference: the ranks already held them
+    pickle_bytes_sent: int = 0
+    tensor_bytes_received: int = 0
+    tensors_received: int = 0
+
+    def sent(self, outbound: Outbound, pickle_bytes: int) -> None:
+        self.calls += 1
+        self.tensor_bytes_sent += outbound.tensor_bytes
+        self.tensors_sent += outbound.tensors
+        self.tensors_resident += outbound.refs
+        self.pickle_bytes_sent += pickle_bytes
+
+    def received(self, nbytes: int, count: int) -> None:
+        self.tensor_bytes_received += nbytes
+        self.tensors_received += count
 
 
 class Pool(RecoveryMixin, AttachMixin):
@@ -103,6 +135,13 @@ class Pool(RecoveryMixin, AttachMixin):
         self._homeless: set[int] = set()  # ranks of lost hosts, waiting for a spare
         self._lost_groups: list[list[int]] = []  # ...as one group per lost host (a spare takes a group)
         self.host_generation = 1
+        # How tensors travel (see lightdist._tensors): shared memory on this host until a rank says it
+        # cannot open the driver's memfd or the driver cannot read a rank (READY reports), frames else.
+        local = config.nodes is None and config.tensor_transport != FRAMES
+        self.transports = (SHM, VM) if local else (FRAMES, FRAMES)
+        self._shm_probe = _shm.MemFile(_shm.PAGE, "lightdist-probe") if local else None
+        self.resident = ResidentSet()
+        self.transfers = TransferCounters()
         if config.nodes is not None:
             self.session.newcomer_prefix = AGENT_PREFIX  # agents introduce themselves (HELLO)
         try:
@@ -211,6 +250,7 @@ class Pool(RecoveryMixin, AttachMixin):
             "cwd": cfg.cwd,
             "sys_path": list(cfg.sys_path),
             "argv": list(sys.argv),  # worker code from a script may read its arguments
+            "shm_probe": None if self._shm_probe is None else (self._shm_probe.pid, self._shm_probe.fd),
         }  # a remote host's AgentHost fills in local_rank / local_world_size from its rank range
         with self._lock:  # accept the new sender before it can possibly send
             old = self._senders.get(rank)
@@ -231,9 +271,13 @@ class Pool(RecoveryMixin, AttachMixin):
         self._io_waker.wake()  # re-arm the keepalive timer
 
     # --- calls (any thread) ----------------------------------------------------------------------
-    def submit(self, frames: list[bytes], streaming: bool, internal: bool = False) -> PendingCall:
+    def submit(self, frames: list[Any], streaming: bool, internal: bool = False, outbound: Outbound | None = None,
+               resident_serial: int | None = None) -> PendingCall:  # fmt: skip
         """Queue a call; if the pool is idle its CALL leaves from this thread right away."""
-        call = PendingCall(id=next(self._ids), streaming=streaming, frames=frames, internal=internal)
+        call = PendingCall(id=next(self._ids), streaming=streaming, frames=frames, internal=internal,
+                           outbound=outbound, resident_serial=resident_serial)  # fmt: skip
+        if outbound is not None:
+            self.transfers.sent(outbound, len(frames[1]))
         with self._lock:
             if self._idle_death is not None:  # a rank died while idle: this call hears of it
                 call.push(Event(ERROR, self._idle_death))
@@ -379,8 +423,8 @@ class Pool(RecoveryMixin, AttachMixin):
         interval = self.config.keepalive_interval
         if interval is not None and self.state == "ready" and self.current is None and not self._queue:
             if now - self._last_activity >= interval:
-                frames = encode_call(self.config.keepalive_payload, False, self.config.cwd)
-                self._queue.append(PendingCall(id=next(self._ids), frames=frames, internal=True))
+                frames, outbound = encode_call(self.config.keepalive_payload, False, self.config.cwd, self.transports)
+                self._queue.append(PendingCall(id=next(self._ids), frames=frames, internal=True, outbound=outbound))
                 self._last_activity = now
                 self._dispatch()
             else:
@@ -446,7 +490,14 @@ class Pool(RecoveryMixin, AttachMixin):
         elif kind in (Kind.RESULT, Kind.ERROR):
             if call is not None and call.id == h.call:
                 self._on_reply(call, h.rank, kind, msg.payload)
+        elif kind is Kind.TAKEN:
+            if call is not None and call.id == h.call:
+                call.taken.add(h.rank)
+                if call.outbound is not None and len(call.taken) == self.world_size:
+                    call.outbound.release()  # every rank mapped or copied them: free the memfd now
         elif kind in (Kind.READY, Kind.REBUILT, Kind.FAILED):
+            if kind is Kind.READY and msg.payload:
+                self._on_reach_report(h.rank, pickle.loads(msg.payload[0]))
             if self.state == "starting":
                 value = worker_error(h.rank, msg.payload[0]) if kind is Kind.FAILED else None
                 self.startup.push(Event(ERROR if value else READY, value, rank=h.rank))
@@ -471,8 +522,16 @@ class Pool(RecoveryMixin, AttachMixin):
             elif not call.failed:
                 # The first error fails the call now, even while other ranks still wait in a collective.
                 self._fail(call, err)
-        elif kind is Kind.RESULT and rank == 0:
-            call.result_frames = payload
+        elif kind is Kind.RESULT:
+            meta = pickle.loads(payload[0])
+            call.dropped.update(meta["dropped"])
+            if rank == 0:
+                try:
+                    ready = self._read_reply_storages(call, meta["tensors"])
+                except OSError as exc:
+                    self._fail(call, RuntimeError(f"cannot read rank 0's result from its memory: {exc}"))
+                else:
+                    call.reply = (payload[1], meta["tensors"], tuple(payload[2:]), ready)
         if not call.pending:
             self._finish(call)
 
@@ -496,14 +555,58 @@ class Pool(RecoveryMixin, AttachMixin):
         if call.held is not None and not call.failed:
             call.failed = True
             call.push(Event(ERROR, call.held[1]))
-        if not call.failed and not call.cancelled:
-            call.push(Event(RESULT, call.result_frames[0] if call.result_frames else None))
+        if call.outbound is not None:
+            call.outbound.release()
+        if not call.failed and not call.cancelled and call.reply is not None:
+            data, manifest, buffers, ready = call.reply
+            call.push(Event(RESULT, Reply(data, manifest, buffers, ready, call.resident_serial,
+                                          frozenset(call.dropped))))  # fmt: skip
+        elif not call.failed and not call.cancelled:
+            call.push(Event(RESULT, None))
+        if call.resident_serial is not None and (call.failed or call.cancelled or call.reply is None):
+            self.resident.invalidate()  # the ranks' copies are in doubt after a failed resident call
         call.finished.set()
         self.current = None
         self._last_activity = time.monotonic()
         if self._dead or call.rebuild:
             self._recover()
         self._dispatch()
+
+    # --- tensors out of band ------------------------------------------------------------------------
+    def _on_reach_report(self, rank: int, report: dict[str, Any]) -> None:
+        """A rank's READY says whether it opened the driver's probe memfd and where its own probe
+        buffer is: any refusal moves the pool to frames for that direction, for good."""
+        to_ranks, from_ranks = self.transports
+        if to_ranks == SHM and not report.get("shm"):
+            log.info("rank %d cannot open the driver's memfd: tensors travel as frames", rank)
+            to_ranks = FRAMES
+        if from_ranks == VM and not (report.get("probe") and _shm.probe_report(report["probe"])):
+            log.info("the driver cannot read rank %d's memory: results travel as frames", rank)
+            from_ranks = FRAMES
+        self.transports = (to_ranks, from_ranks)
+
+    def _read_reply_storages(self, call: PendingCall, manifest: dict[str, Any]) -> dict[int, Any]:
+        """``vm`` transport: copy rank 0's storages now, while it waits for its next command (the
+        next CALL leaves only after this). Write-back storages land in the driver's own tensors."""
+        if manifest.get("transport") != VM:
+            return {}
+        import torch
+
+        ready: dict[int, Any] = {}
+        pairs = []
+        for index, (kind, key, nbytes, address) in enumerate(manifest["records"]):
+            if kind != ADDR:
+                continue
+            target = None
+            if key is not None and call.resident_serial is not None:
+                target = self.resident.target(call.resident_serial, key)
+            if target is None or target.nbytes() != nbytes:
+                target = torch.UntypedStorage(nbytes)  # type: ignore[no-untyped-call]
+            ready[index] = target
+            pairs.append((target.data_ptr(), address, nbytes))
+        _shm.vm_read(manifest["pid"], pairs)
+        self.transfers.received(sum(n for _, _, n in pairs), len(pairs))
+        return ready
 
     # --- stop ------------------------------------------------------------------------------------
     def close(self, timeout: float) -> None:
@@ -553,6 +656,8 @@ class Pool(RecoveryMixin, AttachMixin):
             self._auth.stop()
         self._context.term()
         self._store = None
+        if self._shm_probe is not None:
+            self._shm_probe.close()
         remove_ipc_dir(self._ipc_dir)
         self.state = "closed"
 

@@ -17,9 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
-from lightdist import protocol
+from lightdist import _shm, _tensors, protocol
 from lightdist._link import Link
 from lightdist._procs import die_with_parent
+from lightdist._resident import RankCache
 from lightdist.protocol import Kind, Message, Session
 from lightdist.transport import Channel
 from lightdist.worker import DistributedWorker
@@ -83,11 +84,29 @@ def rank_main(boot: dict[str, Any], template_pid: int) -> int:
         link.close()
         context.term()
         return 1
-    link.send(Kind.READY)
+    link.send(Kind.READY, 0, [pickle.dumps(_reach_report(boot))])
     code = _serve(worker, link, boot)
     link.close()
     context.term()
     return code
+
+
+_probe_buffer: Any = None  # the driver reads it once (READY) to learn whether it can read our memory
+
+
+def _reach_report(boot: dict[str, Any]) -> dict[str, Any]:
+    """What this rank can reach out of band: the driver's probe memfd, and a buffer of ours the
+    driver tries to read (see lightdist._shm)."""
+    global _probe_buffer
+    shm_ok = False
+    if boot.get("shm_probe"):
+        try:
+            os.close(_shm.open_remote_fd(*boot["shm_probe"]))
+            shm_ok = True
+        except OSError:
+            pass
+    _probe_buffer, probe = _shm.probe_buffer()
+    return {"shm": shm_ok, "probe": probe}
 
 
 def _die_with_parent(template_pid: int) -> None:
@@ -179,8 +198,13 @@ def _pick_device(boot: dict[str, Any]) -> torch.device:
 
 def _serve(worker: DistributedWorker, link: Link, boot: dict[str, Any]) -> int:
     """Run calls until EXIT; every call ends in exactly one RESULT or ERROR reply."""
+    cache = RankCache()
+    held: list[_tensors.Outbound] = []  # the last reply's storages: the driver reads them until our next command
     while True:
         msg = link.next_command()
+        for outbound in held:
+            outbound.release()
+        held.clear()
         if msg is None:  # the link broke: nobody to reply to
             return 1
         if msg.kind is Kind.EXIT:
@@ -188,7 +212,7 @@ def _serve(worker: DistributedWorker, link: Link, boot: dict[str, Any]) -> int:
         if msg.kind is Kind.REBUILD:
             _rebuild(worker, link, boot, msg)
             continue
-        _run_call(worker, link, msg)
+        held.extend(_run_call(worker, link, msg, cache))
     code = 0
     try:
         worker.teardown()
@@ -212,8 +236,10 @@ def _rebuild(worker: DistributedWorker, link: Link, boot: dict[str, Any], msg: M
     link.send(Kind.REBUILT, msg.header.call)
 
 
-def _run_call(worker: DistributedWorker, link: Link, msg: Message) -> None:
+def _run_call(worker: DistributedWorker, link: Link, msg: Message, cache: RankCache) -> list[_tensors.Outbound]:
+    """Run one call and reply; returns the reply's storages, to hold until the next command."""
     call_id = msg.header.call
+    resident = None
     try:
         # The envelope first: the driver's sys.path must be in place before the payload, which
         # may hold objects of modules only that path can import, is unpickled.
@@ -222,20 +248,35 @@ def _run_call(worker: DistributedWorker, link: Link, msg: Message) -> None:
         _prepend_sys_path(envelope["sys_path"])
         if envelope["cwd"] and envelope["cwd"] != os.getcwd():
             os.chdir(envelope["cwd"])
-        payload = protocol.loads(msg.payload[1])
+        manifest = envelope["tensors"]
+        resident = manifest.get("resident")
+        if resident is not None:
+            cache.begin(resident)  # prunes the previous call's storages before this one's arrive
+        payload = _tensors.decode(msg.payload[1], manifest, msg.payload[2:], cache if resident else None)
+        if "memfd" in manifest:
+            link.send(Kind.TAKEN, call_id)  # the driver may free its memfd now
+        worker._resident = cache if resident is not None else None
         value = worker(streaming=envelope["streaming"], **payload)
-        reply = [_dump_result(value)] if worker.rank == 0 else []
+        writeback, dropped = cache.end() if resident is not None else ({}, [])
+        del payload  # release the call's objects now, not when the next call replaces them
+        outbound = _dump_result((value, writeback) if worker.rank == 0 else (None, {}), envelope["reply_transport"])
     except BaseException as exc:  # noqa: BLE001 - the rank keeps serving; the caller gets the error
+        if resident is not None:
+            cache.clear()  # the driver resends everything after a failed resident call
+        worker._resident = None
         link.end_call()
         link.send(Kind.ERROR, call_id, [error_report(exc)])
-        return
+        return []
+    worker._resident = None
     link.end_call()
-    link.send(Kind.RESULT, call_id, reply)
+    meta = pickle.dumps({"dropped": dropped, "tensors": outbound.manifest})
+    link.send(Kind.RESULT, call_id, [meta, outbound.data, *outbound.buffers])
+    return [outbound]
 
 
-def _dump_result(value: Any) -> bytes:
+def _dump_result(value: Any, transport: str) -> _tensors.Outbound:
     try:
-        return protocol.dumps(value)
+        return _tensors.encode(value, transport)
     except Exception as exc:
         raise TypeError(
             f"the return value of __call__ ({type(value).__qualname__}) cannot be pickled: {exc}; "

@@ -17,6 +17,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
+from lightdist._resident import ResidentSet
 from lightdist._calls import ERROR, Event, PendingCall, worker_error
 from lightdist._procs import RankExit, RankHost
 from lightdist.errors import WorkerDiedError
@@ -56,6 +57,7 @@ class RecoveryMixin:
     _recovery_started: float
     _recovery_restarts: int
     last_recovery_seconds: float | None
+    resident: ResidentSet
 
     if TYPE_CHECKING:
         _queue: collections.deque[PendingCall]
@@ -134,6 +136,7 @@ class RecoveryMixin:
         if everything:
             self._kill(set(range(self.world_size)), "was alive when recovery had to start over")
         self.state = "recovering"
+        self.resident.invalidate()  # respawned ranks hold nothing; survivors' copies are in doubt
         self.recoveries += 1
         self._recovery_started = time.monotonic()
         self._generation += 1

@@ -11,6 +11,7 @@ import signal
 
 __all__ = [
     "ConfigError",
+    "PayloadError",
     "PoolClosedError",
     "ProtocolError",
     "TextEventError",
@@ -81,6 +82,10 @@ class PoolClosedError(RuntimeError):
 
 class ProtocolError(Exception):
     """A frame failed verification (bad signature, replay, or malformed). Never unpickled."""
+
+
+class PayloadError(TypeError):
+    """A call's payload cannot be serialized for the workers (the message names the key)."""
 
 
 class TextEventError(TypeError):

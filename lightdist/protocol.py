@@ -60,14 +60,14 @@ _HEADER = struct.Struct("!BBQiQ")
 
 class Kind(enum.IntEnum):
     """Message kinds. Driver → worker: CALL, CANCEL, PING, EXIT, REBUILD. Worker → driver: READY to
-    REBUILT. HELLO to FENCED are between the driver and the agent of a host (a multi-host pool); the
+    REBUILT, and TAKEN. HELLO to FENCED are between the driver and the agent of a host (a multi-host pool); the
     header's call field carries the agent's generation there."""
 
-    READY = 1  # setup finished on this rank
+    READY = 1  # setup finished on this rank; payload: what this rank can reach out of band (pickled)
     FAILED = 2  # setup raised on this rank; payload: error report
-    CALL = 3  # run __call__; payload: envelope (streaming flag, sys.path, cwd), then the kwargs
+    CALL = 3  # run __call__; payload: envelope (flags, sys.path, cwd, tensor manifest), kwargs, tensor frames
     STREAM_ITEM = 4  # one add_streaming_result item of the call
-    RESULT = 5  # __call__ returned; payload: the value (rank 0 only)
+    RESULT = 5  # __call__ returned; payload: reply meta, the value (rank 0 only), tensor frames
     ERROR = 6  # __call__ raised; payload: error report
     CANCEL = 7  # set worker.cancelled for the call
     PING = 8
@@ -81,6 +81,7 @@ class Kind(enum.IntEnum):
     HOST_EVENT = 16  # agent: a rank spawned or exited, the template failed; payload: JSON
     KILL = 17  # driver: signal these ranks; payload: JSON {"ranks": [...], "signal": n}
     FENCED = 18  # driver: your generation is over (you were declared lost); kill your ranks and exit
+    TAKEN = 19  # worker: this call's out-of-band storages are mapped or copied (the driver may free them)
 
 
 _KINDS = {int(k): k for k in Kind}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import copy
 import os
 import sys
@@ -21,10 +22,10 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from lightdist import protocol
-from lightdist._calls import ERROR, ITEM, READY, RESULT, Event, PendingCall, encode_call
+from lightdist import _tensors, protocol
+from lightdist._calls import ERROR, ITEM, READY, RESULT, Event, PendingCall, Reply, encode_call
 from lightdist._pool import Pool, PoolConfig
-from lightdist.errors import PoolClosedError, TextEventError
+from lightdist.errors import PayloadError, PoolClosedError, TextEventError
 from lightdist.transport import deadline_after, remaining
 from lightdist.worker import DistributedWorker
 
@@ -77,6 +78,10 @@ class DistributedRunner:
             unpickling a very large result).
         key_file: the driver's key file (``lightdist keys create DIR`` makes one): the HMAC key and
             the CURVE server keys with the allow-list of client keys.
+        tensor_transport: how the tensors in payloads and results travel (never inside the pickle).
+            ``"auto"``: through shared memory between the processes of one host (ranks share one
+            copy of tensors they do not train), as signed ZMQ frames across hosts; ``"frames"``:
+            always as frames. See docs/architecture.md, "Tensors".
     """
 
     def __init__(
@@ -102,6 +107,7 @@ class DistributedRunner:
         listen: str | None = None,
         key_file: str | os.PathLike[str] | None = None,
         host_timeout: float = 2.0,
+        tensor_transport: str = "auto",
     ) -> None:
         _check_worker_cls(worker_cls)
         _check_world_size(world_size)
@@ -124,6 +130,8 @@ class DistributedRunner:
             _check_attach(nodes, listen, key_file, world_size)
         if isinstance(host_timeout, bool) or not isinstance(host_timeout, (int, float)) or host_timeout < 0.2:
             raise ValueError(f"host_timeout must be a number of seconds >= 0.2, got {host_timeout!r}")
+        if tensor_transport not in ("auto", "frames"):
+            raise ValueError(f"tensor_transport must be 'auto' or 'frames', got {tensor_transport!r}")
         if set_device is not None:
             warnings.warn("set_device is deprecated and ignored", DeprecationWarning, stacklevel=2)
         self.worker_cls = worker_cls
@@ -146,6 +154,7 @@ class DistributedRunner:
         self.host_timeout = float(host_timeout)
         self.listen = listen
         self.key_file = key_file
+        self.tensor_transport = tensor_transport
         self._pool: Pool | None = None
         self._lifecycle = threading.Lock()  # start/stop never overlap
 
@@ -153,6 +162,14 @@ class DistributedRunner:
     def is_alive(self) -> bool:
         """True while the pool is started and serving (also while it recovers from a lost rank)."""
         return self._pool is not None and self._pool.is_alive()
+
+    def transfer_stats(self) -> dict[str, int]:
+        """Counters of what crossed between this driver and its ranks since ``start()``: ``calls``,
+        ``tensor_bytes_sent`` / ``tensors_sent`` (storages sent with calls, each counted once however
+        many ranks received it), ``tensors_resident`` (storages the ranks already held, sent as a
+        reference), ``pickle_bytes_sent``, ``tensor_bytes_received`` / ``tensors_received``."""
+        pool = self._pool
+        return dict(vars(pool.transfers)) if pool is not None else {}
 
     @property
     def pids(self) -> dict[int, int]:
@@ -228,6 +245,7 @@ class DistributedRunner:
                 host_names=None if self.host_names is None else tuple(self.host_names),
                 host_timeout=self.host_timeout,
                 curve=self._driver_keys(),
+                tensor_transport=self.tensor_transport,
             )
             pool = Pool(config)
             self._pool = pool
@@ -290,7 +308,7 @@ class DistributedRunner:
             while True:
                 event = await call.anext(deadline)
                 if event.kind in (RESULT, ERROR):
-                    return _final_value(event)
+                    return _final_value(event, pool)
         except TimeoutError:
             pool.cancel(call)
             raise TimeoutError(f"invoke() got no result within {timeout} s; the call was cancelled") from None
@@ -306,7 +324,7 @@ class DistributedRunner:
             while True:
                 event = pool.wait_event(call, deadline)
                 if event.kind in (RESULT, ERROR):
-                    return _final_value(event)
+                    return _final_value(event, pool)
         except TimeoutError:
             pool.cancel(call)
             raise TimeoutError(f"invoke() got no result within {timeout} s; the call was cancelled") from None
@@ -318,6 +336,7 @@ class DistributedRunner:
         self,
         payload: dict[str, Any] = {},  # noqa: B006
         on_item: Callable[[Any], None] | None = None,
+        resident: bool = False,
     ) -> tuple[Any, bool]:
         """Like :meth:`invoke_sync`, but Ctrl-C asks the ranks to stop and still waits for their reply.
 
@@ -326,8 +345,12 @@ class DistributedRunner:
         With ``on_item`` the call streams (``streaming=True``) and each item of rank 0 is passed to
         it as it arrives, in order. Ranks that do not return within ``grace_period`` are replaced
         and ``TimeoutError`` is raised; a second Ctrl-C abandons the call (KeyboardInterrupt).
+
+        With ``resident`` the payload's tensors stay on the ranks after the call, and later resident
+        calls that carry the same unchanged tensors send only a reference; what rank 0 changes in
+        them is written back into the caller's tensors (see ``lightdist._resident``).
         """
-        pool, call = self._submit(payload, streaming=on_item is not None)
+        pool, call = self._submit(payload, streaming=on_item is not None, resident=resident)
         interrupted = False
         final: Event | None = None
         while final is None:
@@ -347,7 +370,7 @@ class DistributedRunner:
                 pool.interrupt(call)
         while True:
             try:
-                return _final_value(final), interrupted
+                return _final_value(final, pool), interrupted
             except KeyboardInterrupt:  # while unpickling the result: it is still here, try again
                 interrupted = True
 
@@ -370,7 +393,7 @@ class DistributedRunner:
             TextEventError: an item has no JSON form (the pool keeps serving).
         """
         pool, call = self._submit(payload, streaming=True)
-        reader = _StreamReader(call, timeout, streaming_timeout, as_text_events, payload)
+        reader = _StreamReader(pool, call, timeout, streaming_timeout, as_text_events, payload)
         try:
             while True:
                 event = await call.anext(reader.deadline())
@@ -393,7 +416,7 @@ class DistributedRunner:
     ) -> Iterator[Any]:
         """Blocking twin of :meth:`stream` (a plain iterator)."""
         pool, call = self._submit(payload, streaming=True)
-        reader = _StreamReader(call, timeout, streaming_timeout, as_text_events, payload)
+        reader = _StreamReader(pool, call, timeout, streaming_timeout, as_text_events, payload)
         try:
             while True:
                 value, last = reader.decode(pool.wait_event(call, reader.deadline()))
@@ -406,7 +429,7 @@ class DistributedRunner:
             if not call.finished.is_set():
                 pool.cancel(call)
 
-    def _submit(self, payload: Mapping[str, Any], streaming: bool) -> tuple[Pool, PendingCall]:
+    def _submit(self, payload: Mapping[str, Any], streaming: bool, resident: bool = False) -> tuple[Pool, PendingCall]:
         if not isinstance(payload, Mapping):
             raise TypeError(f"payload must be a dict of __call__ keyword arguments, got {type(payload).__name__}")
         if "streaming" in payload:
@@ -414,12 +437,17 @@ class DistributedRunner:
         pool = self._pool
         if pool is None:
             raise PoolClosedError(f"{self!r}: call start() before invoke()/stream()")
-        try:
-            frames = encode_call(payload, streaming, self.cwd)
-        except Exception:
-            _dumps_kwargs(payload, "payload key")  # raises, naming the culprit
-            raise
-        return pool, pool.submit(frames, streaming)
+        keys = pool.resident if resident else None
+        # Encoding and queueing under one lock: resident calls reach the ranks in the order their
+        # keys were planned (see lightdist._resident).
+        with keys.lock if keys is not None else contextlib.nullcontext():
+            try:
+                frames, outbound = encode_call(payload, streaming, self.cwd, pool.transports, keys)
+            except Exception as exc:
+                _dumps_kwargs(payload, "payload key")  # raises, naming the culprit
+                raise PayloadError(f"the payload cannot be serialized for the workers: {exc}") from exc
+            serial = keys.serial if keys is not None else None
+            return pool, pool.submit(frames, streaming, outbound=outbound, resident_serial=serial)
 
     # --- stop ------------------------------------------------------------------------------------
     async def stop(self, timeout: int | float = 10) -> None:
@@ -456,12 +484,14 @@ class _StreamReader:
 
     def __init__(
         self,
+        pool: Pool,
         call: PendingCall,
         timeout: float | None,
         streaming_timeout: float | None,
         as_text_events: bool,
         payload: Mapping[str, Any],
     ) -> None:
+        self.pool = pool
         self.timeout = timeout
         self.streaming_timeout = streaming_timeout
         self.as_text_events = as_text_events
@@ -481,7 +511,7 @@ class _StreamReader:
             value, image_format = protocol.loads(event.value)
             self._items += 1
             return self._encode(value, image_format, f"stream item {self._items}"), False
-        return self._encode(_final_value(event), self.image_format, "the final result"), True
+        return self._encode(_final_value(event, self.pool), self.image_format, "the final result"), True
 
     def _encode(self, value: Any, image_format: str, what: str) -> Any:
         if not self.as_text_events:
@@ -499,12 +529,25 @@ class _StreamReader:
         ) from None
 
 
-def _final_value(event: Event) -> Any:
+def _final_value(event: Event, pool: Pool) -> Any:
     if event.kind == ERROR:
         # A broken pool hands the same cause to every later call: raise a fresh copy each time
         # so tracebacks don't pile up on one shared object.
         raise copy.copy(event.value).with_traceback(None)
-    return None if event.value is None else protocol.loads(event.value)
+    reply: Reply | None = event.value
+    if reply is None:
+        return None
+    value, writeback = _tensors.decode(reply.data, reply.manifest, reply.buffers, ready=reply.ready)
+    if reply.manifest.get("transport") == _tensors.FRAMES:
+        records = [r for r in reply.manifest["records"] if r[0] == _tensors.FRAME]
+        pool.transfers.received(sum(r[2] for r in records), len(records))
+    if reply.resident_serial is not None:
+        keys = pool.resident
+        with keys.lock:
+            # Rank 0's changes land in the driver's own tensors; then the ranks and the driver agree.
+            refused = keys.apply(reply.resident_serial, writeback)
+            keys.commit(reply.resident_serial, set(reply.dropped) | set(refused))
+    return value
 
 
 def _started(pool: Pool, event: Event) -> bool:
@@ -575,7 +618,7 @@ def _dumps_kwargs(kwargs: Mapping[str, Any], what: str) -> bytes:
         try:
             protocol.dumps(value)
         except Exception as exc:
-            raise TypeError(
+            raise PayloadError(
                 f"{what} {key!r} ({type(value).__qualname__}) cannot be serialized for the workers: {exc}"
             ) from exc
     return protocol.dumps(dict(kwargs))

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     import torch
 
     from lightdist._link import Link
+    from lightdist._resident import RankCache
 
 __all__ = ["DistributedWorker"]
 
@@ -52,6 +53,7 @@ class DistributedWorker:
         self.local_world_size = world_size
         self._device: torch.device | None = None
         self._link: Link | None = None
+        self._resident: RankCache | None = None  # set while a resident call runs (see lightdist._resident)
         self._warned_nonzero_stream = -1
         self._thread_calls: weakref.WeakKeyDictionary[threading.Thread, int] = weakref.WeakKeyDictionary()
 

@@ -210,7 +210,10 @@ def test_stop_escalates_past_a_stuck_call(tmp_path: Path) -> None:
     runner = DistributedRunner(Teardown, world_size=2)
     runner.start_sync(timeout=120, out_dir=str(tmp_path))
     pids = set(runner.pids.values())
-    call = runner._pool.submit(encode_call({"block": True}, False, None), streaming=False)  # type: ignore[union-attr]
+    pool = runner._pool
+    assert pool is not None
+    frames, outbound = encode_call({"block": True}, False, None, pool.transports)
+    call = pool.submit(frames, streaming=False, outbound=outbound)
     started = time.monotonic()
     runner.stop_sync(timeout=1)
     assert time.monotonic() - started < 10

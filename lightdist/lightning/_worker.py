@@ -8,7 +8,6 @@ itself (rank 0 only; every rank takes part in the collectives that gathering nee
 
 from __future__ import annotations
 
-import io
 import os
 from typing import Any
 
@@ -17,7 +16,6 @@ from lightning.pytorch.callbacks import Callback, ProgressBar
 from lightning.pytorch.trainer import call
 from lightning.pytorch.trainer.states import TrainerFn
 
-from lightdist import protocol
 from lightdist.lightning.events import EventStreamer
 from lightdist.worker import DistributedWorker
 
@@ -27,11 +25,12 @@ __all__ = ["CancelledByCaller", "TrainerWorker"]
 class TrainerWorker(DistributedWorker):
     """Pool worker for :class:`~lightdist.lightning.PoolStrategy` (one Trainer call per ``invoke``)."""
 
-    def __call__(self, streaming: bool = False, job: bytes = b"", env: dict[str, str | None] | None = None,
+    def __call__(self, streaming: bool = False, job: tuple[Any, ...] = (), env: dict[str, str | None] | None = None,
                  flags: dict[str, Any] | None = None) -> dict[str, Any] | None:  # fmt: skip
         _apply_env(env or {})
         _apply_flags(flags or {})
-        trainer, function, args, kwargs = protocol.loads(job)
+        trainer, function, args, kwargs = job
+        tracker = _ModelTracker(self._resident, _model_arg(trainer, args), self.rank)
         # This rank's copy of the Trainer: the driver draws the one progress bar from rank 0's events.
         trainer.callbacks[:] = [cb for cb in trainer.callbacks if not isinstance(cb, ProgressBar)]
         trainer.callbacks.append(_StopWhenCancelled(self))
@@ -52,7 +51,7 @@ class TrainerWorker(DistributedWorker):
             call._interrupt(trainer, exc)
             trainer._teardown()
             raise
-        return _collect(trainer, results, self.rank)
+        return _collect(trainer, results, self.rank, tracker)
 
 
 class CancelledByCaller(Exception):
@@ -131,9 +130,9 @@ def _apply_flags(flags: dict[str, Any]) -> None:
         torch.set_default_dtype(flags["default_dtype"])
 
 
-def _collect(trainer: Any, results: Any, rank: int) -> dict[str, Any] | None:
+def _collect(trainer: Any, results: Any, rank: int, tracker: _ModelTracker) -> dict[str, Any] | None:
     module = trainer.lightning_module
-    state_dict = module.state_dict()  # on every rank: metrics inside the module may sync
+    created = tracker.finish(module)  # on every rank: metrics inside the module may sync
     if trainer.state.fn == TrainerFn.PREDICTING and results is not None:
         results = _gather_predictions(trainer, results, rank)  # a collective: every rank
     if rank != 0:
@@ -149,11 +148,70 @@ def _collect(trainer: Any, results: Any, rank: int) -> dict[str, Any] | None:
         "fit_loop": None,
     }
     if trainer.state.fn == TrainerFn.FITTING:
-        buffer = io.BytesIO()  # bytes in memory: a temp file would not cross hosts and could leak
-        torch.save(_to_cpu(state_dict), buffer)
-        out["weights"] = buffer.getvalue()
+        out["weights"] = created
         out["fit_loop"] = trainer.fit_loop.state_dict()
     return out
+
+
+def _model_arg(trainer: Any, args: tuple[Any, ...]) -> Any:
+    from lightning.pytorch import LightningModule
+
+    if args and isinstance(args[0], LightningModule):
+        return args[0]
+    return trainer.strategy.lightning_module  # validate/test/predict(model=None) after a fit
+
+
+class _ModelTracker:
+    """Which of the model's tensors came from the driver (resident keys), and what changed.
+
+    After the call every rank vouches for its model's tensors (DDP keeps ranks equal), so they stay
+    resident; rank 0 marks for write-back the trainable parameters that changed and the buffers
+    whose bytes changed. Frozen parameters never travel back (DDP's start-up broadcast rewrites
+    them with equal values, so their version counter says nothing). Entries the driver never sent
+    (created on the ranks) are returned by value from rank 0.
+    """
+
+    def __init__(self, cache: Any, module: Any, rank: int) -> None:
+        self.cache = cache
+        self.rank = rank
+        self.start: dict[str, tuple[int, int, int, bytes | None]] = {}
+        if cache is None or module is None:
+            return
+        for name, tensor in module.state_dict(keep_vars=True).items():
+            key = cache.key_of(tensor)
+            if key is not None:
+                digest = _digest(tensor) if rank == 0 and not isinstance(tensor, torch.nn.Parameter) else None
+                self.start[name] = (key, tensor._version, tensor.untyped_storage()._cdata, digest)
+
+    def finish(self, module: Any) -> dict[str, Any]:
+        """Settle the resident keys; rank 0: the entries created on the ranks, on CPU."""
+        created: dict[str, Any] = {}
+        params = dict(module.named_parameters(remove_duplicate=False))
+        for name, tensor in module.state_dict(keep_vars=True).items():
+            tensor = tensor.detach() if tensor.device.type == "cpu" else tensor.detach().cpu()
+            start = self.start.get(name)
+            if start is None:
+                if self.rank == 0:
+                    created[name] = tensor
+                continue
+            key, version, cdata, digest = start
+            param = params.get(name)
+            if param is not None:
+                moved = tensor.untyped_storage()._cdata != cdata
+                changed = param.requires_grad and (param._version != version or moved)
+            else:
+                changed = digest is not None and _digest(tensor) != digest
+            self.cache.settle(key, tensor, write_back=self.rank == 0 and changed)
+        return created
+
+
+def _digest(tensor: Any) -> bytes:
+    import hashlib
+
+    from lightdist._tensors import _buffer
+
+    data = tensor.detach().cpu().contiguous()
+    return hashlib.blake2b(_buffer(data.untyped_storage()), digest_size=16).digest()
 
 
 def _to_cpu(value: Any) -> Any:

@@ -9,7 +9,6 @@ callback state (ModelCheckpoint paths and scores), and the model/datamodule atta
 
 from __future__ import annotations
 
-import io
 import os
 import warnings
 from typing import TYPE_CHECKING, Any
@@ -21,7 +20,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightdist import protocol
-from lightdist.errors import WorkerDiedError
+from lightdist.errors import PayloadError, WorkerDiedError
 from lightdist.lightning.events import DriverProgressBar
 
 if TYPE_CHECKING:
@@ -49,10 +48,6 @@ class _PoolLauncher(_Launcher):
         if trainer is not None:
             for logger in trainer.loggers:
                 _ = logger.version  # resolve in the driver, so every rank writes the folder it reports
-        try:
-            job = protocol.dumps((trainer, function, args, kwargs))  # together: function.__self__ is trainer
-        except Exception as exc:
-            raise TypeError(_unpicklable(exc, trainer, args)) from exc
         # Ctrl-C: the ranks agree on a batch, stop there and send back the state so far, which is
         # applied like any result. KeyboardInterrupt is not re-raised: Lightning would set SIGINT to
         # SIG_IGN for good and call sys.exit(1), which in a notebook disables "interrupt kernel".
@@ -70,11 +65,17 @@ class _PoolLauncher(_Launcher):
         restarts = 0
         try:
             while True:
+                # Trainer and entry point in one payload (function.__self__ is trainer on the ranks
+                # too). Resident: the model's tensors stay on the ranks for the next call, and what
+                # training changed is written back into this model's own tensors.
+                job = (trainer, function, args, kwargs)
                 try:
                     out, interrupted = runner.invoke_interruptible(
-                        {"job": job, "env": _seed_env(), "flags": _torch_flags()}, on_item=on_event
+                        {"job": job, "env": _seed_env(), "flags": _torch_flags()}, on_item=on_event, resident=True
                     )
                     break
+                except PayloadError as exc:
+                    raise TypeError(_unpicklable(exc, trainer, args)) from exc
                 except WorkerDiedError as exc:
                     if fn != "fit" or restarts >= self._strategy.max_restarts:
                         raise
@@ -83,7 +84,6 @@ class _PoolLauncher(_Launcher):
                                    f"(restart {restarts} of {self._strategy.max_restarts})")  # fmt: skip
                     # _fit_impl(model, train_dataloaders, val_dataloaders, datamodule, ckpt_path, ...)
                     args = (*args[:4], "last", *args[5:])
-                    job = protocol.dumps((trainer, function, args, kwargs))
             outcome["interrupted"] = interrupted
         except BaseException as exc:
             outcome["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0]
@@ -120,13 +120,14 @@ def _torch_flags() -> dict[str, Any]:
 
 def _apply(out: dict[str, Any], trainer: pl.Trainer, args: tuple[Any, ...]) -> None:
     model = trainer.lightning_module
-    if out["weights"] is not None:
-        state_dict = torch.load(io.BytesIO(out["weights"]), weights_only=True)
-        missing, unexpected = model.load_state_dict(state_dict, strict=False)
-        if missing or unexpected:
+    # The tensors the driver sent were written back in place already (resident call); "weights"
+    # holds only entries the ranks created themselves (e.g. layers built in configure_model).
+    if out["weights"]:
+        _, unexpected = model.load_state_dict(out["weights"], strict=False)
+        if unexpected:
             warnings.warn(
-                f"the trained weights did not match the driver's model: missing keys {list(missing)}, "
-                f"unexpected keys {list(unexpected)} (did the model change its layers in a hook?)",
+                f"the trained weights did not match the driver's model: unexpected keys {list(unexpected)} "
+                "(did the model add layers in a hook? build them in __init__ to have them in the driver)",
                 stacklevel=3,
             )
     trainer.state.fn = out["state"].fn

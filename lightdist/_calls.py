@@ -45,6 +45,7 @@ class Reply:
     data: Any
     manifest: dict[str, Any]
     buffers: tuple[Any, ...]
+    digests: bytes  # the signed digests of ``buffers``: check them before use
     ready: dict[int, Any]
     resident_serial: int | None
     dropped: frozenset[int]
@@ -65,7 +66,7 @@ class PendingCall:
     internal: bool = False  # keepalive: nobody consumes it
     # I/O-thread state
     pending: set[int] = field(default_factory=set)  # ranks that have not replied yet
-    reply: tuple[Any, dict[str, Any], tuple[Any, ...], dict[int, Any]] | None = None  # rank 0's RESULT
+    reply: tuple[Any, dict[str, Any], tuple[Any, ...], bytes, dict[int, Any]] | None = None  # rank 0's RESULT
     failed: bool = False  # a terminal error was already delivered
     cancelled: bool = False
     failed_at: float | None = None  # when it failed or was cancelled: the grace period starts
@@ -158,7 +159,10 @@ def encode_call(
         "tensors": outbound.manifest,
         "reply_transport": transports[1],
     }
-    return [pickle.dumps(envelope, protocol=5), outbound.data, *outbound.buffers], outbound
+    frames = [pickle.dumps(envelope, protocol=5), outbound.data]
+    if outbound.buffers:  # frames transport: signed through their digests (see protocol.bulk_digests)
+        frames.append(protocol.bulk_digests(outbound.buffers))
+    return frames, outbound
 
 
 def worker_error(rank: int, report: bytes) -> WorkerError:

@@ -9,6 +9,8 @@ receives, so CANCEL sets ``cancel_event`` and PING is answered even while ``__ca
 from __future__ import annotations
 
 import queue
+from collections.abc import Sequence
+from typing import Any
 import select
 import threading
 
@@ -48,9 +50,9 @@ class Link:
     def start(self) -> None:
         self._thread.start()
 
-    def send(self, kind: Kind, call: int = 0, payload: list[bytes] | None = None) -> None:
+    def send(self, kind: Kind, call: int = 0, payload: list[bytes] | None = None, bulk: Sequence[Any] = ()) -> None:
         """Sign and send now; any thread."""
-        self.channel.send(kind, call, payload or ())
+        self.channel.send(kind, call, payload or (), bulk=bulk)
 
     def next_command(self) -> Message | None:
         """Main thread, between calls: the next CALL or EXIT; None if the channel broke."""

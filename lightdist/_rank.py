@@ -252,7 +252,9 @@ def _run_call(worker: DistributedWorker, link: Link, msg: Message, cache: RankCa
         resident = manifest.get("resident")
         if resident is not None:
             cache.begin(resident)  # prunes the previous call's storages before this one's arrive
-        payload = _tensors.decode(msg.payload[1], manifest, msg.payload[2:], cache if resident else None)
+        if msg.bulk:  # frames transport: check every tensor frame against its signed digest first
+            protocol.verify_bulk(msg.payload[2], msg.bulk)
+        payload = _tensors.decode(msg.payload[1], manifest, msg.bulk, cache if resident else None)
         if "memfd" in manifest:
             link.send(Kind.TAKEN, call_id)  # the driver may free its memfd now
         worker._resident = cache if resident is not None else None
@@ -270,7 +272,10 @@ def _run_call(worker: DistributedWorker, link: Link, msg: Message, cache: RankCa
     worker._resident = None
     link.end_call()
     meta = pickle.dumps({"dropped": dropped, "tensors": outbound.manifest})
-    link.send(Kind.RESULT, call_id, [meta, outbound.data, *outbound.buffers])
+    reply = [meta, outbound.data]
+    if outbound.buffers:
+        reply.append(protocol.bulk_digests(outbound.buffers))  # hashed here, outside any lock
+    link.send(Kind.RESULT, call_id, reply, bulk=outbound.buffers)
     return [outbound]
 
 

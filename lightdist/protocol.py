@@ -49,13 +49,14 @@ __all__ = [
     "to_jsonable",
 ]
 
-VERSION = 1
-VERSION_TAG = b"lightdist-v1"
+VERSION = 2
+VERSION_TAG = b"lightdist-v2"
 DRIVER_RANK = -1
 _SIG_LEN = hashlib.sha256().digest_size
 _LEN = struct.Struct("!Q")
-# version, kind, call id, rank, sequence number; the sender name (UTF-8) follows.
-_HEADER = struct.Struct("!BBQiQ")
+# version, kind, call id, rank, sequence number, bulk frames; the sender name (UTF-8) follows.
+_HEADER = struct.Struct("!BBQiQH")
+_DIGEST = hashlib.sha256().digest_size
 
 
 class Kind(enum.IntEnum):
@@ -94,12 +95,14 @@ class Header:
     rank: int
     seq: int
     sender: str
+    bulk: int = 0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Message:
     header: Header
     payload: tuple[bytes, ...]
+    bulk: tuple[Any, ...] = ()  # large frames outside the MAC; check with verify_bulk before use
 
     @property
     def kind(self) -> Kind:
@@ -111,14 +114,14 @@ def new_key() -> bytes:
     return os.urandom(32)
 
 
-def pack_header(kind: Kind, call: int, rank: int, seq: int, sender: str) -> bytes:
-    return _HEADER.pack(VERSION, kind, call, rank, seq) + sender.encode()
+def pack_header(kind: Kind, call: int, rank: int, seq: int, sender: str, bulk: int = 0) -> bytes:
+    return _HEADER.pack(VERSION, kind, call, rank, seq, bulk) + sender.encode()
 
 
 def parse_header(raw: bytes) -> Header:
     if len(raw) < _HEADER.size:
         raise ProtocolError(f"header of {len(raw)} bytes is too short")
-    version, kind, call, rank, seq = _HEADER.unpack_from(raw)
+    version, kind, call, rank, seq, bulk = _HEADER.unpack_from(raw)
     if version != VERSION:
         raise ProtocolError(f"protocol version {version}, expected {VERSION}")
     if kind not in _KINDS:
@@ -127,7 +130,25 @@ def parse_header(raw: bytes) -> Header:
         sender = raw[_HEADER.size :].decode()
     except UnicodeDecodeError:
         raise ProtocolError("sender name is not UTF-8") from None
-    return Header(_KINDS[kind], call, rank, seq, sender)
+    return Header(_KINDS[kind], call, rank, seq, sender, bulk)
+
+
+def bulk_digests(bulk: Sequence[Any]) -> bytes:
+    """The payload frame that signs ``bulk`` frames: their SHA-256 digests, concatenated.
+
+    Hashing releases the GIL and needs no lock, so the sender computes it before the (cheap,
+    locked) signing, and a big tensor never holds up the threads that keep heartbeats going."""
+    return b"".join(hashlib.sha256(frame).digest() for frame in bulk)
+
+
+def verify_bulk(digests: bytes, bulk: Sequence[Any]) -> None:
+    """Check each bulk frame against the signed digests; :class:`ProtocolError` on any mismatch.
+    Receivers call it before they use a bulk frame (off the I/O thread)."""
+    if len(digests) != _DIGEST * len(bulk):
+        raise ProtocolError(f"{len(bulk)} bulk frames but {len(digests)} bytes of digests")
+    for i, frame in enumerate(bulk):
+        if not hmac.compare_digest(hashlib.sha256(frame).digest(), digests[i * _DIGEST : (i + 1) * _DIGEST]):
+            raise ProtocolError(f"bulk frame {i} does not match its signed digest (altered in transit?)")
 
 
 class Session:
@@ -168,11 +189,14 @@ class Session:
             mac.update(frame)
         return mac.digest()
 
-    def pack(self, kind: Kind, call: int = 0, payload: Sequence[bytes] = ()) -> list[bytes]:
-        """Build the signed frames of one message."""
+    def pack(self, kind: Kind, call: int = 0, payload: Sequence[bytes] = (), bulk: Sequence[Any] = ()) -> list[Any]:
+        """Build the signed frames of one message.
+
+        ``bulk``: large frames sent after the payload and left out of the MAC; the payload's last
+        frame must then be :func:`bulk_digests` of them (signed like every payload frame)."""
         self._seq += 1
-        body = [pack_header(kind, call, self.rank, self._seq, self.sender), *payload]
-        return [self.sign(body), *body]
+        body = [pack_header(kind, call, self.rank, self._seq, self.sender, len(bulk)), *payload]
+        return [self.sign(body), *body, *bulk]
 
     def accept_from(self, sender: str, after_seq: int = 0) -> None:
         """Allow ``sender``; its next message must carry a sequence number above ``after_seq``."""
@@ -194,7 +218,14 @@ class Session:
         """
         if len(frames) < 2:
             raise ProtocolError(f"expected at least 2 frames, got {len(frames)}")
-        signature, body = bytes(frames[0]), [bytes(f) for f in frames[1:]]
+        raw_header = bytes(frames[1])
+        # Which frames the MAC covers depends on the header's bulk count, read before the check: a
+        # forged count changes the header, which the MAC covers, so the check fails all the same.
+        nbulk = _HEADER.unpack_from(raw_header)[5] if len(raw_header) >= _HEADER.size else 0
+        if nbulk > len(frames) - 3:
+            nbulk = 0  # impossible as signed: the whole message is checked, and fails, as it stands
+        end = len(frames) - nbulk
+        signature, body = bytes(frames[0]), [raw_header, *(bytes(f) for f in frames[2:end])]
         if len(signature) != _SIG_LEN or not hmac.compare_digest(signature, self.sign(body)):
             raise ProtocolError("bad signature")
         header = parse_header(body[0])  # signed but malformed: a bug, not an attack
@@ -206,7 +237,7 @@ class Session:
         if header.seq <= last:
             raise ProtocolError(f"replayed frame from {header.sender!r}: seq {header.seq} <= {last}")
         self._last_seen[header.sender] = header.seq
-        return Message(header, tuple(body[1:]))
+        return Message(header, tuple(body[1:]), tuple(frames[end:]))
 
 
 def dumps(obj: Any) -> bytes:

@@ -537,6 +537,8 @@ def _final_value(event: Event, pool: Pool) -> Any:
     reply: Reply | None = event.value
     if reply is None:
         return None
+    if reply.buffers:  # frames transport: check every tensor frame against its signed digest first
+        protocol.verify_bulk(reply.digests, reply.buffers)
     value, writeback = _tensors.decode(reply.data, reply.manifest, reply.buffers, ready=reply.ready)
     if reply.manifest.get("transport") == _tensors.FRAMES:
         records = [r for r in reply.manifest["records"] if r[0] == _tensors.FRAME]

@@ -25,6 +25,8 @@ import zmq
 from lightdist.errors import ProtocolError
 from lightdist.protocol import Kind, Message, Session
 
+_BULK_MIN = 1 << 16  # frames this large are received as zmq frames, not copied into bytes
+
 __all__ = ["Channel", "Waker", "deadline_after", "private_ipc_dir", "remaining", "thread_waker"]
 
 
@@ -181,14 +183,16 @@ class Channel:
         with self._lock:
             self.session.forget(sender)
 
-    def send(self, kind: Kind, call: int = 0, payload: Sequence[bytes] = (), to: Sequence[bytes] = ()) -> None:
-        """Sign once and send; on a ROUTER, to each identity in ``to``. Any thread.
+    def send(self, kind: Kind, call: int = 0, payload: Sequence[bytes] = (), to: Sequence[bytes] = (),
+             bulk: Sequence[Any] = ()) -> None:  # fmt: skip
+        """Sign once and send; on a ROUTER, to each identity in ``to``. Any thread. ``bulk``: large
+        frames outside the MAC (see :meth:`Session.pack`), sent without a copy.
 
         A peer that is gone raises ``zmq.ZMQError`` (EHOSTUNREACH) from a ROUTER; it is skipped here,
         since the process monitor reports the death with its exit status.
         """
         with self._lock:
-            frames = self.session.pack(kind, call, payload)
+            frames = self.session.pack(kind, call, payload, bulk)
             if not self.routed:
                 self.socket.send_multipart(frames, copy=False)
             for ident in to:
@@ -204,7 +208,9 @@ class Channel:
         out = []
         with self._lock:
             while int(self.socket.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
-                frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=True)
+                # Large frames stay zmq's (no copy in this thread, which must keep heartbeats going).
+                raw = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = [f.bytes if len(f) < _BULK_MIN else f for f in raw]
                 ident = frames[0] if self.routed else None
                 try:
                     out.append((ident, self.session.unpack(frames[1:] if self.routed else frames)))

@@ -350,3 +350,38 @@ def test_torchrun_started_workers_attach_one_rank_each(keys: tuple[Path, Path]) 
         if torchrun.poll() is None:
             os.killpg(torchrun.pid, signal.SIGKILL)
             torchrun.communicate(timeout=10)
+
+
+class Big(DistributedWorker):
+    """Rank 0 sends back the tensor it got, changed; the others return nothing."""
+
+    def __call__(self, streaming: bool = False, x: Any = None) -> Any:
+        return None if self.rank else x.add_(1)
+
+
+@pytest.mark.parametrize("mib,host_timeout", [(256, 2.0), pytest.param(1024, 2.0, marks=pytest.mark.slow)])
+def test_a_large_tensor_across_hosts_does_not_starve_the_heartbeat(
+    keys: tuple[Path, Path], hosts: Hosts, mib: int, host_timeout: float
+) -> None:
+    # Tensors cross hosts as signed frames of their own, to every rank and back from rank 0. Moving
+    # them must not hold up the heartbeat: no host may be declared lost, no rank replaced.
+    import torch
+
+    address = f"tcp://127.0.0.1:{free_port()}"
+    pool = DistributedRunner(Big, world_size=2, nodes=2, listen=address, key_file=keys[0], accelerator="cpu",
+                             host_timeout=host_timeout)  # fmt: skip
+    hosts.start("a", address, nproc=1)
+    hosts.start("b", address, nproc=1)
+    pool.start_sync(timeout=60)
+    try:
+        pids = dict(pool.pids)
+        x = torch.zeros(mib << 18)  # float32: mib MiB
+        out = pool.invoke_sync({"x": x}, timeout=180)
+        assert out.shape == x.shape and float(out[0]) == 1.0 and float(out[-1]) == 1.0
+        assert float(x[0]) == 0.0  # the driver's tensor is its own
+        assert pool.pids == pids, "a host was declared lost while the tensor moved"
+        stats = pool.transfer_stats()
+        assert stats["tensor_bytes_sent"] == x.nbytes and stats["tensor_bytes_received"] == x.nbytes
+        assert pool.invoke_sync({"x": torch.ones(4)}, timeout=30).tolist() == [2.0] * 4
+    finally:
+        pool.stop_sync()

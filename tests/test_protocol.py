@@ -259,27 +259,27 @@ def test_accept_from_never_lowers_a_floor() -> None:
 def test_header_round_trip_with_driver_rank_and_unicode_sender() -> None:
     """``pack_header``/``parse_header`` are inverse; rank -1 and non-ASCII names survive."""
     raw = protocol.pack_header(Kind.CANCEL, 2**40, DRIVER_RANK, 2**63, "drïver")
-    assert raw[:1] == b"\x01" and len(raw) == struct.calcsize("!BBQiQ") + len("drïver".encode())
+    assert raw[:1] == b"\x02" and len(raw) == struct.calcsize("!BBQiQH") + len("drïver".encode())
     assert protocol.parse_header(raw) == protocol.Header(Kind.CANCEL, 2**40, -1, 2**63, "drïver")
 
 
-def _raw_header(version: int = 1, kind: int = int(Kind.READY), sender: bytes = b"r0.1") -> bytes:
-    return struct.pack("!BBQiQ", version, kind, 0, 0, 1) + sender
+def _raw_header(version: int = 2, kind: int = int(Kind.READY), sender: bytes = b"r0.1") -> bytes:
+    return struct.pack("!BBQiQH", version, kind, 0, 0, 1, 0) + sender
 
 
 @pytest.mark.parametrize(
     ("header", "reason"),
     [
         (b"", "too short"),
-        (_raw_header()[:21], "too short"),
-        (_raw_header(version=2), "version 2"),
+        (_raw_header()[:23], "too short"),
+        (_raw_header(version=3), "version 3"),
         (_raw_header(version=0), "version 0"),
         (_raw_header(kind=0), "unknown message kind 0"),
-        (_raw_header(kind=19), "unknown message kind 19"),
+        (_raw_header(kind=20), "unknown message kind 20"),
         (_raw_header(kind=255), "unknown message kind 255"),
         (_raw_header(sender=b"\xff\xfe"), "not UTF-8"),
     ],
-    ids=["empty", "truncated", "version 2", "version 0", "kind 0", "kind 19", "kind 255", "bad utf-8"],
+    ids=["empty", "truncated", "version 3", "version 0", "kind 0", "kind 20", "kind 255", "bad utf-8"],
 )
 def test_signed_but_malformed_header_is_refused(header: bytes, reason: str) -> None:
     """A header that passes the signature check but does not parse raises ``ProtocolError``."""
@@ -291,7 +291,7 @@ def test_every_kind_round_trips() -> None:
     """All message kinds (1..18) pack and parse."""
     tx, rx = _pair()
     assert [rx.unpack(tx.pack(k)).kind for k in Kind] == list(Kind)
-    assert [int(k) for k in Kind] == list(range(1, 19))
+    assert [int(k) for k in Kind] == list(range(1, 20))
 
 
 # --- (de)serialisation -----------------------------------------------------------------------------
@@ -529,3 +529,21 @@ def test_newcomers_are_accepted_by_prefix_only() -> None:
         rx.unpack(Session(KEY, "r9.1", 9).pack(Kind.READY))
     with pytest.raises(ProtocolError, match="bad signature"):
         rx.unpack(Session(os.urandom(32), "agent.evil", -2).pack(Kind.HELLO, 0, [b"{}"]))
+
+
+def test_bulk_frames_are_signed_through_their_digests() -> None:
+    """Large frames travel outside the MAC; their digests are a signed payload frame, so an altered
+    bulk frame is refused by ``verify_bulk`` and a changed bulk count by the signature check."""
+    key = protocol.new_key()
+    tx, rx = Session(key, "r0.1", 0), Session(key, "driver", -1)
+    bulk = [b"\x01" * 100_000, b"\x02" * 70_000]
+    frames = tx.pack(Kind.RESULT, 3, [b"meta", protocol.bulk_digests(bulk)], bulk=bulk)
+    msg = rx.unpack(frames)
+    assert msg.header.bulk == 2 and msg.bulk == tuple(bulk) and msg.payload == (b"meta", protocol.bulk_digests(bulk))
+    protocol.verify_bulk(msg.payload[-1], msg.bulk)
+    altered = rx.unpack(tx.pack(Kind.RESULT, 4, [b"meta", protocol.bulk_digests(bulk)], bulk=[bulk[0], b"\x03" * 70_000]))
+    with pytest.raises(ProtocolError, match="bulk frame 1 does not match"):
+        protocol.verify_bulk(altered.payload[-1], altered.bulk)
+    frames = tx.pack(Kind.RESULT, 5, [b"meta", protocol.bulk_digests(bulk)], bulk=bulk)
+    with pytest.raises(ProtocolError, match="bad signature"):  # a bulk frame moved into the signed part
+        rx.unpack([frames[0], frames[1][:-len("r0.1")].replace(b"\x00\x02", b"\x00\x01") + b"r0.1", *frames[2:]])

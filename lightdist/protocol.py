@@ -210,7 +210,7 @@ class Session:
         if self.peers is not None:
             self.peers.discard(sender)
 
-    def unpack(self, frames: Sequence[bytes]) -> Message:
+    def unpack(self, frames: Sequence[Any]) -> Message:
         """Verify and parse ``frames``; raise :class:`ProtocolError` on any doubt.
 
         Order matters: the signature is checked over the raw bytes before the header is parsed,

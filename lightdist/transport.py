@@ -210,8 +210,8 @@ class Channel:
             while int(self.socket.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
                 # Large frames stay zmq's (no copy in this thread, which must keep heartbeats going).
                 raw = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
-                frames = [f.bytes if len(f) < _BULK_MIN else f for f in raw]
-                ident = frames[0] if self.routed else None
+                frames: list[Any] = [f.bytes if len(f) < _BULK_MIN else f for f in raw]
+                ident = raw[0].bytes if self.routed else None
                 try:
                     out.append((ident, self.session.unpack(frames[1:] if self.routed else frames)))
                 except ProtocolError as exc:

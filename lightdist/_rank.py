@@ -8,6 +8,7 @@ fresh one without losing its ``setup`` state.
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import pickle
 import signal
@@ -213,6 +214,11 @@ def _serve(worker: DistributedWorker, link: Link, boot: dict[str, Any]) -> int:
             _rebuild(worker, link, boot, msg)
             continue
         held.extend(_run_call(worker, link, msg, cache))
+        if cache.collect_due:
+            # A resident (Trainer) call leaves its trainer, optimizer state and gradients in
+            # reference cycles: collect now, after the reply left, not when memory has doubled.
+            cache.collect_due = False
+            gc.collect()
     code = 0
     try:
         worker.teardown()
@@ -260,6 +266,7 @@ def _run_call(worker: DistributedWorker, link: Link, msg: Message, cache: RankCa
         worker._resident = cache if resident is not None else None
         value = worker(streaming=envelope["streaming"], **payload)
         writeback, dropped = cache.end() if resident is not None else ({}, [])
+        cache.collect_due = resident is not None
         del payload  # release the call's objects now, not when the next call replaces them
         outbound = _dump_result((value, writeback) if worker.rank == 0 else (None, {}), envelope["reply_transport"])
     except BaseException as exc:  # noqa: BLE001 - the rank keeps serving; the caller gets the error

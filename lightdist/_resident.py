@@ -147,6 +147,7 @@ class RankCache:
 
     def __init__(self) -> None:
         self.epoch = 0
+        self.collect_due = False  # a resident call ended: the rank runs gc after replying
         self._storages: dict[int, torch.UntypedStorage] = {}
         self._reset_call()
 

@@ -241,6 +241,12 @@ def main() -> None:
         started = time.perf_counter()
         for module in init["imports"]:
             __import__(module)
+        # Everything imported so far lives as long as the ranks do: freezing it keeps it out of
+        # every later collection (a rank collects after each Trainer call), and the collector
+        # never writes to those pages, so they stay shared with the ranks forked from here.
+        import gc
+
+        gc.freeze()
         template.emit(ev="imported", seconds=time.perf_counter() - started)
     except BaseException:  # noqa: BLE001
         template.emit(ev="error", traceback=traceback.format_exc())

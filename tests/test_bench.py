@@ -60,3 +60,21 @@ def test_lightning_benchmark_prints_its_table(tmp_path: Path) -> None:
     # rank 0's steps/s came back: through the pool's callback_metrics and the script's result line
     assert data["pool_steps_per_s"][0] > 0 and data["ddp_steps_per_s"][0] > 0, data
     assert data["ddp_exit_code"] == 0, data
+
+
+def test_models_benchmark_prints_its_table(tmp_path: Path) -> None:
+    # One contender at a tiny size: each child imports Lightning (seconds on 2 cores), and the
+    # torchrun and ddp_spawn children would add several more imports each.
+    out_json = tmp_path / "models.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "lightdist.bench", "models", "--sizes", "1M", "--fits", "1", "--variants", "full",
+         "--contenders", "pool-new", "--json", str(out_json)],
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    for row in ("1M full: pool, new model per fit, median of 1 (s)", "1M full: pool, new model per fit, peak PSS (GB)"):
+        assert row in proc.stdout, proc.stdout
+    [result] = json.loads(out_json.read_text())["results"]
+    assert result["error"] is None and len(result["seconds"]) == 1, result
+    # driver, template and two ranks, each with torch loaded: well above one bare interpreter
+    assert result["peak_gb"] > 0.1, result

@@ -57,6 +57,12 @@ def _run_multihost(args: argparse.Namespace) -> dict[str, Any]:
     return run_multihost(args)
 
 
+def _run_models(args: argparse.Namespace) -> dict[str, Any]:
+    from lightdist.bench.models import run_models  # imports Lightning: only for this subcommand
+
+    return run_models(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     description = "lightdist benchmarks: each number next to a baseline measured in the same run"
     parser = argparse.ArgumentParser(prog="python -m lightdist.bench", description=description)
@@ -96,6 +102,16 @@ def build_parser() -> argparse.ArgumentParser:
     multihost.add_argument("--repeats", type=_positive, default=3, help="rounds (median is reported)")
     multihost.add_argument("--calls", type=_positive, default=500, help="timed invoke calls per round")
     multihost.set_defaults(func=_run_multihost)
+    models = commands.add_parser("models", parents=[common],
+                                 help="large-model fits: pool vs one process, ddp_spawn, warm ddp; time and peak PSS")  # fmt: skip
+    models.add_argument("--sizes", default="50M,200M", help="parameter counts, e.g. 50M,200M or 2M")
+    models.add_argument("--fits", type=_positive, default=3, help="timed fits per contender (after one warm-up)")
+    models.add_argument("--steps", type=_positive, default=2, help="max_steps of each fit")
+    models.add_argument("--variants", default="full,frozen", help="full (all trainable), frozen (all but the last layer)")
+    models.add_argument("--contenders", default="single,ddp,ddp_spawn,pool-new,pool-same", help="a subset to run")
+    models.add_argument("--timeout", type=_seconds, default=900.0, help="seconds per contender before its tree is killed")
+    models.add_argument("--lora", action="store_true", help="also time the LoRA recipe's CPU config, pool vs ddp_spawn")
+    models.set_defaults(func=_run_models)
     return parser
 
 

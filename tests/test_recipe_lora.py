@@ -126,3 +126,44 @@ def test_missing_model_dir_exits_2_before_anything_runs(tmp_path: Path) -> None:
     last = proc.stderr.strip().splitlines()[-1]
     assert "error: model.model_dir: " in last and "python -m recipes.tiny_models causal-lm" in last, last
     assert not (tmp_path / "runs").exists()
+
+
+def test_only_the_adapter_travels_back_after_a_pool_fit(lora_run: LoraRun) -> None:
+    """The frozen base goes to the ranks once (shared, mapped) and never comes back; after fit only
+    the trained adapter weights do, and a second fit of the same model sends none of its tensors."""
+    import lightning as L
+
+    from lightdist.lightning import TrainerWorker
+    from lightdist.lightning import strategy as strategy_module
+    from recipes.lora_causal_lm import TextFileDataModule
+    from tests.conftest import shared_lightning_pool
+
+    model = LoRACausalLM(model_dir=str(lora_run.model_dir), target_modules="all-linear", max_length=16)
+    data = TextFileDataModule(batch_size=2, max_examples=16)
+    adapters = [p for name, p in model.named_parameters() if p.requires_grad]
+    assert adapters and all("lora_" in name for name, p in model.named_parameters() if p.requires_grad)
+    adapter_bytes = sum(p.untyped_storage().nbytes() for p in adapters)
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in model.state_dict().values()}
+    state_bytes = sum(storages.values())  # once per storage: the embedding and the LM head share one
+
+    def fit() -> dict[str, int]:
+        runner = strategy_module._pools[(2, "cpu")]
+        before = runner.transfer_stats()
+        trainer = L.Trainer(strategy="lightdist", accelerator="cpu", devices=2, max_steps=2, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                            limit_val_batches=0)  # fmt: skip
+        trainer.fit(model, datamodule=data)
+        after = runner.transfer_stats()
+        return {k: after[k] - before[k] for k in after}
+
+    with shared_lightning_pool(strategy_module, TrainerWorker, "lightning"):
+        first = fit()
+        # The adapters and the logged metrics (a few scalars), nothing of the base.
+        assert adapter_bytes <= first["tensor_bytes_received"] < adapter_bytes + 1024
+        assert first["tensor_bytes_sent"] >= state_bytes  # base, adapters (and the data module's tensors)
+        second = fit()
+        # Nothing of the model; only the previous fit's metric scalars, which the datamodule's
+        # reference to its last Trainer carries along.
+        assert second["tensor_bytes_sent"] < 1024
+        assert second["tensors_resident"] >= len(storages)
+        assert adapter_bytes <= second["tensor_bytes_received"] < adapter_bytes + 1024

@@ -200,6 +200,7 @@ def _pick_device(boot: dict[str, Any]) -> torch.device:
 def _serve(worker: DistributedWorker, link: Link, boot: dict[str, Any]) -> int:
     """Run calls until EXIT; every call ends in exactly one RESULT or ERROR reply."""
     cache = RankCache()
+    rss_after_gc = _rss_bytes()
     held: list[_tensors.Outbound] = []  # the last reply's storages: the driver reads them until our next command
     while True:
         msg = link.next_command()
@@ -217,8 +218,12 @@ def _serve(worker: DistributedWorker, link: Link, boot: dict[str, Any]) -> int:
         if cache.collect_due:
             # A resident (Trainer) call leaves its trainer, optimizer state and gradients in
             # reference cycles: collect now, after the reply left, not when memory has doubled.
+            # Only when memory grew by what is worth a pass (~tens of ms with a Trainer's objects).
             cache.collect_due = False
-            gc.collect()
+            rss = _rss_bytes()
+            if rss - rss_after_gc >= _COLLECT_AFTER_GROWTH:
+                gc.collect()
+                rss_after_gc = _rss_bytes()
     code = 0
     try:
         worker.teardown()
@@ -228,6 +233,17 @@ def _serve(worker: DistributedWorker, link: Link, boot: dict[str, Any]) -> int:
     _destroy_process_group()
     link.send(Kind.EXIT)
     return code
+
+
+_COLLECT_AFTER_GROWTH = 64 << 20
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def _rebuild(worker: DistributedWorker, link: Link, boot: dict[str, Any], msg: Message) -> None:

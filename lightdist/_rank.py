@@ -304,7 +304,7 @@ def _run_call(worker: DistributedWorker, link: Link, msg: Message, cache: RankCa
 
 def _dump_result(value: Any, transport: str) -> _tensors.Outbound:
     try:
-        return _tensors.encode(value, transport)
+        return _tensors.encode(value, transport, to_cpu=True)
     except Exception as exc:
         raise TypeError(
             f"the return value of __call__ ({type(value).__qualname__}) cannot be pickled: {exc}; "

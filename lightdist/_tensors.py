@@ -77,12 +77,12 @@ def byte_view(storage: torch.UntypedStorage) -> torch.Tensor:
     return torch.empty(0, dtype=torch.uint8).set_(storage)
 
 
-def _plain_tensor(obj: Any) -> bool:
+def _plain_tensor(obj: Any, device: str = "cpu") -> bool:
     import torch
 
     return (
         type(obj) in (torch.Tensor, torch.nn.Parameter)
-        and obj.device.type == "cpu"
+        and obj.device.type == device
         and obj.layout == torch.strided
         and not obj.is_quantized
         and not obj.is_conj()
@@ -102,11 +102,22 @@ class _Slot:
 
 
 class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
-    def __init__(self, file: io.BytesIO) -> None:
+    def __init__(self, file: io.BytesIO, to_cpu: bool) -> None:
         super().__init__(file, protocol=5)
         self.slots: dict[int, _Slot] = {}
+        self.to_cpu = to_cpu
+        self.moved: list[Any] = []  # CPU copies made here: alive until their storages are written
 
     def reducer_override(self, obj: Any) -> Any:
+        if self.to_cpu and _plain_tensor(obj, "cuda"):
+            # A result leaves a GPU rank on the CPU: unpickling a CUDA tensor would initialise CUDA
+            # in the driver (and need a GPU there).
+            import torch
+
+            moved = obj.detach().to("cpu")
+            moved = torch.nn.Parameter(moved, obj.requires_grad) if isinstance(obj, torch.nn.Parameter) else moved
+            self.moved.append(moved)
+            obj = moved
         if _plain_tensor(obj):
             import torch
 
@@ -139,10 +150,11 @@ def _rebuild(index: int, meta: tuple[Any, ...], attrs: dict[str, Any] | None) ->
     return tensor
 
 
-def encode(obj: Any, transport: str, resident: ResidentSet | None = None) -> Outbound:
-    """Pickle ``obj`` with its tensors' storages out of band (see the module docstring)."""
+def encode(obj: Any, transport: str, resident: ResidentSet | None = None, to_cpu: bool = False) -> Outbound:
+    """Pickle ``obj`` with its tensors' storages out of band (see the module docstring). ``to_cpu``:
+    CUDA tensors travel as CPU tensors (results, so the driver never needs CUDA)."""
     buf = io.BytesIO()
-    pickler = _Pickler(buf)
+    pickler = _Pickler(buf, to_cpu)
     pickler.dump(obj)
     slots = sorted(pickler.slots.values(), key=lambda s: s.index)
     out = Outbound(buf.getvalue(), {"transport": transport, "records": [], "pid": os.getpid()})

@@ -39,6 +39,12 @@ def _run_lightning(args: argparse.Namespace) -> dict[str, Any]:
     return run_lightning(args)
 
 
+def _run_gpu(args: argparse.Namespace) -> dict[str, Any]:
+    from lightdist.bench.gpu import run_gpu  # the GPU proof kit: only for this subcommand
+
+    return run_gpu(args)
+
+
 def _run_recipes(args: argparse.Namespace) -> dict[str, Any]:
     from lightdist.bench.recipes import run_recipes  # drives the lightdist CLI: only for this subcommand
 
@@ -88,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     lightning.add_argument("--throughput-repeats", type=_positive, default=5,
                            help="throughput fits per contender (median)")
     lightning.set_defaults(func=_run_lightning)
+    gpu = commands.add_parser("gpu", help="the GPU proof kit: every CUDA/NCCL path in one budgeted run (docs/gpu.md)")
+    gpu.add_argument("--out", default="gpu-results.md", help="the markdown result; the JSON goes next to it")
+    gpu.add_argument("--budget", type=_seconds, default=480.0, help="seconds for all parts together")
+    gpu.add_argument("--parts", default="", help="run only these parts, e.g. c,f (the others: 'not selected')")
+    gpu.add_argument("--dry-run", action="store_true", help="only check that every part would import, even with GPUs")
+    gpu.add_argument("--rehearse-on-cpu", action="store_true", help="run every part on CPU ranks: checks the kit")
+    gpu.set_defaults(func=_run_gpu, json=None)
     recipes = commands.add_parser("recipes", parents=[common],
                                   help="every shipped CPU config: metric, wall time, peak memory")  # fmt: skip
     recipes.add_argument("--only", default="", help="run only the jobs whose name starts with this")

@@ -167,6 +167,17 @@ def encode(obj: Any, transport: str, resident: ResidentSet | None = None, to_cpu
     total: int = sum(align(n) for n in sizes)
     if transport == SHM and total:
         out.memfile = MemFile(total, "lightdist-call")
+    try:
+        _place(out, slots, plan, sizes, transport)
+    except BaseException:
+        out.release()  # never leave a memfd open behind a failed encode
+        raise
+    return out
+
+
+def _place(out: Outbound, slots: list[_Slot], plan: list[tuple[int, bool] | None], sizes: list[int],
+           transport: str) -> None:  # fmt: skip
+    """Write each storage where ``transport`` puts it and record where, in slot order."""
     offset = 0
     records = out.manifest["records"]
     for slot, key, nbytes in zip(slots, plan, sizes):
@@ -194,7 +205,6 @@ def encode(obj: Any, transport: str, resident: ResidentSet | None = None, to_cpu
     if out.memfile is not None:
         out.memfile.seal()
         out.manifest["memfd"] = (out.memfile.pid, out.memfile.fd, out.memfile.size)
-    return out
 
 
 def _copy_into(region: memoryview, storage: Any) -> None:
@@ -207,8 +217,15 @@ def _copy_into(region: memoryview, storage: Any) -> None:
 
 
 def _buffer(storage: Any) -> Any:
-    """A buffer-protocol view of a storage's bytes (no copy), for a zero-copy ZMQ send."""
-    return (ctypes.c_char * storage.nbytes()).from_address(storage.data_ptr())
+    """A buffer-protocol view of a storage's bytes (no copy), for a zero-copy ZMQ send.
+
+    Through numpy when it is there: the array keeps the storage alive for as long as ZMQ holds the
+    frame (it may still be writing it to a socket after the call ended, e.g. to a peer that died).
+    Without numpy, a ctypes view: the caller keeps the storage alive (``Outbound.keep``)."""
+    try:
+        return byte_view(storage).numpy()
+    except (ImportError, RuntimeError):  # numpy missing ("Numpy is not available")
+        return (ctypes.c_char * storage.nbytes()).from_address(storage.data_ptr())
 
 
 @dataclass

@@ -160,3 +160,16 @@ def echo_pool() -> Iterator[DistributedRunner]:
     runner.start_sync(timeout=120, tag="shared")
     yield runner
     runner.stop_sync()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--run-heavy", action="store_true", help="also run tests marked heavy (minutes or GBs)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--run-heavy"):
+        return
+    skip = pytest.mark.skip(reason="heavy: run with --run-heavy")
+    for item in items:
+        if "heavy" in item.keywords:
+            item.add_marker(skip)

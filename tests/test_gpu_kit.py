@@ -78,6 +78,7 @@ tests/test_gpu.py::test_d """
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.heavy  # minutes on 2 cores; the dry run and the budget logic run in CI
 def test_cpu_rehearsal_of_the_pool_and_kill_parts(tmp_path: Path) -> None:
     proc = kit("--rehearse-on-cpu", "--parts", "b,f", "--out", str(tmp_path / "r.md"), timeout=280)
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]

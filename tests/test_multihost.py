@@ -359,7 +359,7 @@ class Big(DistributedWorker):
         return None if self.rank else x.add_(1)
 
 
-@pytest.mark.parametrize("mib,host_timeout", [(256, 2.0), pytest.param(1024, 2.0, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("mib,host_timeout", [(256, 2.0), pytest.param(1024, 2.0, marks=pytest.mark.heavy)])
 def test_a_large_tensor_across_hosts_does_not_starve_the_heartbeat(
     keys: tuple[Path, Path], hosts: Hosts, mib: int, host_timeout: float
 ) -> None:

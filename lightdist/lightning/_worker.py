@@ -31,6 +31,7 @@ class TrainerWorker(DistributedWorker):
         _apply_flags(flags or {})
         trainer, function, args, kwargs = job
         tracker = _ModelTracker(self._resident, _model_arg(trainer, args), self.rank)
+        trainer.strategy._sent_unchanged = tracker.unchanged  # lets DDP skip its start-up broadcast
         # This rank's copy of the Trainer: the driver draws the one progress bar from rank 0's events.
         trainer.callbacks[:] = [cb for cb in trainer.callbacks if not isinstance(cb, ProgressBar)]
         trainer.callbacks.append(_StopWhenCancelled(self))
@@ -175,13 +176,25 @@ class _ModelTracker:
         self.cache = cache
         self.rank = rank
         self.start: dict[str, tuple[int, int, int, bytes | None]] = {}
+        self.sent: dict[str, tuple[int, int]] = {}  # every parameter and buffer from the driver: (cdata, version)
         if cache is None or module is None:
             return
+        for name, tensor in [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]:
+            if cache.key_of(tensor) is not None:
+                self.sent[name] = (tensor.untyped_storage()._cdata, tensor._version)
         for name, tensor in module.state_dict(keep_vars=True).items():
             key = cache.key_of(tensor)
             if key is not None:
                 digest = _digest(tensor) if rank == 0 and not isinstance(tensor, torch.nn.Parameter) else None
                 self.start[name] = (key, tensor._version, tensor.untyped_storage()._cdata, digest)
+
+    def unchanged(self, module: Any) -> bool:
+        """Whether every parameter and buffer of ``module`` is still the storage the driver sent,
+        unwritten: then every rank holds the same bytes, and DDP's start-up broadcast is redundant."""
+        named = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+        return bool(named) and all(
+            self.sent.get(name) == (tensor.untyped_storage()._cdata, tensor._version) for name, tensor in named
+        )
 
     def finish(self, module: Any) -> dict[str, Any]:
         """Settle the resident keys; rank 0: the entries created on the ranks, on CPU."""

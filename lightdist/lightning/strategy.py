@@ -144,6 +144,7 @@ class PoolStrategy(DDPStrategy):
         state = self.__dict__.copy()
         state["_runner"] = None  # the pool's handle stays in the driver
         state["hub"] = None  # so do the event listeners
+        state.pop("_sent_unchanged", None)  # a rank's view of one call
         return state
 
     # --- rank side -------------------------------------------------------------------------------
@@ -154,6 +155,19 @@ class PoolStrategy(DDPStrategy):
         if self._device_type() == "cuda":
             return torch.device("cuda", self.local_rank)
         return torch.device("cpu")
+
+    @override
+    def _setup_model(self, model: torch.nn.Module) -> Any:
+        # Every rank unpickled the same bytes from the driver and nothing has written them since:
+        # DDP's start-up broadcast of all parameters and buffers would copy equal values (and turn
+        # shared copy-on-write pages of frozen weights into private copies on every rank).
+        unchanged = getattr(self, "_sent_unchanged", None)
+        if "init_sync" not in self._ddp_kwargs and unchanged is not None and unchanged(model):
+            from torch.nn.parallel import DistributedDataParallel
+
+            return DistributedDataParallel(module=model, device_ids=self.determine_ddp_device_ids(), init_sync=False,
+                                           **self._ddp_kwargs)  # fmt: skip
+        return super()._setup_model(model)
 
     @override
     def setup_distributed(self) -> None:

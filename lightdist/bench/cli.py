@@ -63,6 +63,12 @@ def _run_multihost(args: argparse.Namespace) -> dict[str, Any]:
     return run_multihost(args)
 
 
+def _run_payload(args: argparse.Namespace) -> dict[str, Any]:
+    from lightdist.bench.payload import run_payload
+
+    return run_payload(args)
+
+
 def _run_models(args: argparse.Namespace) -> dict[str, Any]:
     from lightdist.bench.models import run_models  # imports Lightning: only for this subcommand
 
@@ -125,6 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--timeout", type=_seconds, default=900.0, help="seconds per contender before its tree is killed")
     models.add_argument("--lora", action="store_true", help="also time the LoRA recipe's CPU config, pool vs ddp_spawn")
     models.set_defaults(func=_run_models)
+    payload = commands.add_parser("payload", parents=[common],
+                                  help="a runner call with a large tensor there and back: shm, frames, in-band")  # fmt: skip
+    payload.add_argument("--mb", type=_positive, default=500, help="tensor size each way, in MB")
+    payload.add_argument("--calls", type=_positive, default=3, help="timed calls per contender (median)")
+    payload.set_defaults(func=_run_payload)
     return parser
 
 

@@ -20,7 +20,7 @@ import zmq
 
 from lightdist import _shm, _tensors, protocol
 from lightdist._link import Link
-from lightdist._procs import die_with_parent
+from lightdist._procs import die_with_parent, trim_heap
 from lightdist._resident import RankCache
 from lightdist.protocol import Kind, Message, Session
 from lightdist.transport import Channel
@@ -223,6 +223,7 @@ def _serve(worker: DistributedWorker, link: Link, boot: dict[str, Any]) -> int:
             rss = _rss_bytes()
             if rss - rss_after_gc >= _COLLECT_AFTER_GROWTH:
                 gc.collect()
+                trim_heap()
                 rss_after_gc = _rss_bytes()
     code = 0
     try:

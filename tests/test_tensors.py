@@ -289,6 +289,27 @@ def test_a_new_model_per_fit_is_sent_whole_and_the_old_one_dropped() -> None:
         assert delta(before)["tensor_bytes_sent"] == nbytes(*model.state_dict().values())
 
 
+class Rows(L.LightningDataModule):
+    def train_dataloader(self) -> DataLoader[tuple[torch.Tensor, ...]]:
+        return Stack().train_dataloader()
+
+
+def test_a_datamodule_reused_across_trainers_does_not_carry_the_old_model() -> None:
+    # Lightning points the datamodule (and the model) at the Trainer only inside _fit_impl, which
+    # runs on the ranks: until then they still point at the previous Trainer and its model.
+    data = Rows()
+    for _ in range(3):
+        model = Stack()
+        before = stats()
+        trainer = L.Trainer(strategy="lightdist", accelerator="cpu", devices=2, max_steps=1, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(model, datamodule=data)
+        moved = delta(before)
+        assert moved["tensors_resident"] == 0  # nothing of an earlier model was even named
+        assert moved["tensors_sent"] == len(model.state_dict())
+        assert data.trainer is trainer and model.trainer is trainer
+
+
 class FailOnRankOne(Stack):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         if self.global_rank == 1:

@@ -60,6 +60,8 @@ class _PoolLauncher(_Launcher):
                 bar(event)
             hub.publish(event)
 
+        if trainer is not None:
+            _attach(trainer, args)
         fn = trainer.state.fn.value if trainer is not None and trainer.state.fn is not None else None
         outcome: dict[str, Any] = {"event": "end", "fn": fn, "interrupted": False, "error": None}
         restarts = 0
@@ -156,6 +158,21 @@ def _apply(out: dict[str, Any], trainer: pl.Trainer, args: tuple[Any, ...]) -> N
         trainer._data_connector.attach_datamodule(model, datamodule=datamodule)
 
 
+def _attach(trainer: pl.Trainer, args: tuple[Any, ...]) -> None:
+    """Point the call's model and datamodule at ``trainer`` before they are pickled.
+
+    Lightning does this first thing in ``_fit_impl`` (and the other entry points), which here run on
+    the ranks: until then a model or datamodule used with an earlier Trainer still points at that
+    one, and would carry it to every rank with everything it holds: its model, optimizers, loops."""
+    from lightning.pytorch import LightningDataModule, LightningModule
+
+    for arg in (*args, trainer.lightning_module):
+        if isinstance(arg, LightningModule) and arg._trainer is not trainer:
+            arg.trainer = trainer
+        elif isinstance(arg, LightningDataModule) and arg.trainer is not trainer:
+            arg.trainer = trainer
+
+
 def _datamodule_arg(args: tuple[Any, ...]) -> Any:
     # Its position differs between _fit_impl, _validate_impl, _test_impl and _predict_impl, and it
     # may come as the dataloaders argument: take whichever argument is one.
@@ -181,6 +198,8 @@ def _unpicklable(exc: Exception, trainer: pl.Trainer | None, args: tuple[Any, ..
 
 
 def _first_unpicklable(obj: Any, path: str, depth: int = 0) -> str | None:
+    from lightning.pytorch import Trainer
+
     try:
         protocol.dumps(obj)
         return None
@@ -191,7 +210,8 @@ def _first_unpicklable(obj: Any, path: str, depth: int = 0) -> str | None:
         children = {**children, **dict(obj.named_children())}
     if depth < 4:
         for name, value in children.items():
-            if name.startswith("__") or value is obj:
+            # A back-reference to a Trainer leads to everything at once: the Trainer is checked on its own.
+            if name.startswith("__") or value is obj or isinstance(value, Trainer):
                 continue
             found = _first_unpicklable(value, f"{path}.{name}", depth + 1)
             if found is not None:

@@ -22,26 +22,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-__all__ = ["RankExit", "RankHost", "TemplateProcess", "die_with_parent", "trim_heap"]
+__all__ = ["RankExit", "RankHost", "TemplateProcess", "die_with_parent"]
 
 _LEN = struct.Struct("!I")
 _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TEMPLATE_BOOT = "import sys; sys.path.insert(0, {root!r}); from lightdist._template import main; main()"
-
-
-def trim_heap() -> None:
-    """Give the heap's free pages back to the kernel (glibc's ``malloc_trim``; a no-op elsewhere).
-
-    A warm rank frees a model-sized set of tensors after every call. glibc raises its mmap threshold
-    as large blocks are freed (to 32 MB), so later tensors of a few MB come from the heap, and freed
-    ones stay in its free lists: resident, counted in RSS and PSS, for as long as the pool idles.
-    A process that exits after each fit (``ddp_spawn``) never notices; one that stays warm must."""
-    import ctypes
-
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):  # pragma: no cover - not glibc
-        pass
 
 
 def die_with_parent(sig: int = signal.SIGKILL) -> None:

@@ -20,7 +20,8 @@ import zmq
 
 from lightdist import _shm, _tensors, protocol
 from lightdist._link import Link
-from lightdist._procs import die_with_parent, trim_heap
+from lightdist._procs import die_with_parent
+from lightdist._shm import trim_heap
 from lightdist._resident import RankCache
 from lightdist.protocol import Kind, Message, Session
 from lightdist.transport import Channel

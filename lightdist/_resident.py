@@ -131,7 +131,11 @@ class ResidentSet:
         self._committed = serial
         self._synced = {key: fingerprint(slot.tensor, slot.storage) for key, slot in self._pending
                         if key not in dropped}  # fmt: skip
-        self._keys = {slot.storage._cdata: self._keys[slot.storage._cdata] for _, slot in self._pending}
+        from torch.multiprocessing.reductions import StorageWeakRef
+
+        # Fresh entries: a storage adopted during the call (moved onto the memfd) is a new one.
+        self._keys = {slot.storage._cdata: (StorageWeakRef(slot.storage), key)  # type: ignore[no-untyped-call]
+                      for key, slot in self._pending}  # fmt: skip
         self._pending = []
 
     def invalidate(self) -> None:

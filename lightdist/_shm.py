@@ -13,6 +13,13 @@ Two primitives, both Linux-only and both checked once per pool (see :func:`probe
   memory (ptrace rules, Yama scope 1 included): rank 0 names the addresses of the tensors that
   changed and the driver copies them straight into its own model's tensors, with no buffer between.
 
+A resident call also lets the driver *adopt* the file: once a storage's bytes are in the memfd, the
+driver's own tensors are re-pointed at them (:meth:`MemFile.adopt`) and its private copy is freed,
+so the model exists once in the driver, not twice; frozen weights, mapped by every rank, then exist
+once on the whole host. An adopted region's pages are given back to the kernel (a hole punched in
+the file) as soon as the driver's storage on it dies, so a model that is dropped, or a tensor that
+is replaced, frees its memory even while the rest of the file lives.
+
 Where either is refused (a hardened kernel, a container without ptrace, ranks on other hosts) the
 pool falls back to signed ZMQ frames (:mod:`lightdist._tensors`).
 """
@@ -23,10 +30,12 @@ import ctypes
 import ctypes.util
 import mmap
 import os
+import threading
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["ByteRegion", "MemFile", "map_private", "open_remote_fd", "vm_read"]
+__all__ = ["ByteRegion", "MemFile", "map_private", "open_remote_fd", "trim_heap", "vm_read"]
 
 PAGE = mmap.PAGESIZE
 _IOV_MAX = 1024  # iovecs per process_vm_readv call (Linux's UIO_MAXIOV)
@@ -45,6 +54,9 @@ class MemFile:
     """
 
     def __init__(self, size: int, name: str = "lightdist") -> None:
+        self._lock = threading.Lock()
+        self._adopted = 0  # regions mapped by adopt() whose storages are alive: they keep the fd open
+        self._closed = False
         self.size = max(PAGE, align(size))
         self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
         try:
@@ -70,11 +82,62 @@ class MemFile:
                 pass
             self._map = None
 
+    def adopt(self, offset: int, nbytes: int) -> mmap.mmap:
+        """A shared, writable mapping of ``[offset, offset + nbytes)`` for the creator's own tensors.
+
+        When the mapping is gone (the last tensor on it died), its pages are punched out of the file,
+        and the descriptor is closed once :meth:`close` was called and no adopted region is left."""
+        length = align(nbytes)
+        region = mmap.mmap(self.fd, length, offset=offset)
+        with self._lock:
+            self._adopted += 1
+        weakref.finalize(region, self._released, offset, length).atexit = False
+        return region
+
+    def _released(self, offset: int, length: int) -> None:
+        punch_hole(self.fd, offset, length)
+        with self._lock:
+            self._adopted -= 1
+            last = self._closed and not self._adopted
+        if last:
+            self._close_fd()
+
     def close(self) -> None:
+        """The call is done with the file (every reader opened it); adopted regions keep it until they die."""
         self.seal()
+        with self._lock:
+            self._closed = True
+            if self._adopted:
+                return
+        self._close_fd()
+
+    def _close_fd(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+_FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """Free the pages of ``[offset, offset + length)`` of a memfd (they read as zeros afterwards).
+
+    Best effort: where the kernel refuses, the pages are freed with the file instead."""
+    libc = _libc_handle()
+    libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, ctypes.c_long(offset), ctypes.c_long(length))
+
+
+def trim_heap() -> None:
+    """Give the heap's free pages back to the kernel (glibc's ``malloc_trim``; a no-op elsewhere).
+
+    glibc raises its mmap threshold as large blocks are freed (up to 32 MB), so tensors of a few MB
+    come from the heap, and freed ones stay in its free lists: resident, counted in RSS and PSS. A
+    process that exits after each fit (``ddp_spawn``) never notices; one that stays warm must."""
+    try:
+        _libc_handle().malloc_trim(0)
+    except AttributeError:  # pragma: no cover - not glibc
+        pass
 
 
 def open_remote_fd(pid: int, fd: int) -> int:
@@ -104,12 +167,16 @@ class _IOVec(ctypes.Structure):
 _libc: Any = None
 
 
-def _process_vm_readv() -> Any:
+def _libc_handle() -> Any:
     global _libc
     if _libc is None:
         _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
         _libc.process_vm_readv.restype = ctypes.c_ssize_t
-    return _libc.process_vm_readv
+    return _libc
+
+
+def _process_vm_readv() -> Any:
+    return _libc_handle().process_vm_readv
 
 
 def vm_read(pid: int, pairs: Sequence[tuple[int, int, int]]) -> None:

@@ -8,6 +8,9 @@ storage bytes travel is the *transport*:
 * ``shm`` (driver → ranks on this host): one memfd per call (:class:`lightdist._shm.MemFile`).
   Parameters that require grad are *copied* out by each rank (training writes them); everything
   else is *mapped* copy-on-write, so ranks share one copy of frozen weights and read-only data.
+  In a resident call the driver then *adopts* what it wrote: its own tensors are re-pointed at the
+  memfd and their private storage freed, so the driver holds one copy, not two, and frozen weights
+  exist once on the host (see :func:`_adopt` for when that is safe).
 * ``vm`` (rank → driver on this host): the message names addresses in the sender; the driver reads
   them with ``process_vm_readv`` while the sender holds them (until its next command).
 * ``frames`` (across hosts, or where the above are refused): each storage is one more ZMQ frame,
@@ -29,12 +32,13 @@ import io
 import os
 import threading
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import cloudpickle
 
-from lightdist._shm import MemFile, align, map_private, open_remote_fd
+from lightdist._shm import MemFile, align, map_private, open_remote_fd, trim_heap
 
 if TYPE_CHECKING:
     import torch
@@ -92,11 +96,12 @@ def _plain_tensor(obj: Any, device: str = "cpu") -> bool:
 
 
 class _Slot:
-    __slots__ = ("storage", "tensor", "writable", "index")
+    __slots__ = ("storage", "tensor", "tensors", "writable", "index")
 
     def __init__(self, storage: Any, tensor: Any, index: int) -> None:
         self.storage = storage
         self.tensor = tensor  # the first tensor seen on this storage (its version is the fingerprint's)
+        self.tensors: dict[int, Any] = {}  # every tensor pickled on it, by id
         self.writable = False  # some tensor on it is a Parameter that requires grad
         self.index = index
 
@@ -125,6 +130,7 @@ class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
             slot = self.slots.get(storage._cdata)
             if slot is None:
                 slot = self.slots[storage._cdata] = _Slot(storage, obj, len(self.slots))
+            slot.tensors[id(obj)] = obj
             is_param = isinstance(obj, torch.nn.Parameter)
             slot.writable = slot.writable or (is_param and obj.requires_grad)
             attrs = dict(obj.__dict__) if obj.__dict__ else None
@@ -152,7 +158,8 @@ def _rebuild(index: int, meta: tuple[Any, ...], attrs: dict[str, Any] | None) ->
 
 def encode(obj: Any, transport: str, resident: ResidentSet | None = None, to_cpu: bool = False) -> Outbound:
     """Pickle ``obj`` with its tensors' storages out of band (see the module docstring). ``to_cpu``:
-    CUDA tensors travel as CPU tensors (results, so the driver never needs CUDA)."""
+    CUDA tensors travel as CPU tensors (results, so the driver never needs CUDA). A ``resident`` call
+    over ``shm`` adopts the storages it writes (the caller's tensors end up on the memfd)."""
     buf = io.BytesIO()
     pickler = _Pickler(buf, to_cpu)
     pickler.dump(obj)
@@ -168,7 +175,7 @@ def encode(obj: Any, transport: str, resident: ResidentSet | None = None, to_cpu
     if transport == SHM and total:
         out.memfile = MemFile(total, "lightdist-call")
     try:
-        _place(out, slots, plan, sizes, transport)
+        _place(out, slots, plan, sizes, transport, adopt=resident is not None)
     except BaseException:
         out.release()  # never leave a memfd open behind a failed encode
         raise
@@ -176,9 +183,9 @@ def encode(obj: Any, transport: str, resident: ResidentSet | None = None, to_cpu
 
 
 def _place(out: Outbound, slots: list[_Slot], plan: list[tuple[int, bool] | None], sizes: list[int],
-           transport: str) -> None:  # fmt: skip
+           transport: str, adopt: bool = False) -> None:  # fmt: skip
     """Write each storage where ``transport`` puts it and record where, in slot order."""
-    offset = 0
+    offset = adopted = 0
     records = out.manifest["records"]
     for slot, key, nbytes in zip(slots, plan, sizes):
         k = None if key is None else key[0]
@@ -194,6 +201,9 @@ def _place(out: Outbound, slots: list[_Slot], plan: list[tuple[int, bool] | None
             assert out.memfile is not None
             _copy_into(out.memfile.region(offset, nbytes), slot.storage)
             records.append((COPY if slot.writable else MAP, k, nbytes, offset))
+            if adopt and _adoptable(slot):
+                _adopt(out.memfile, slot, offset, nbytes)
+                adopted += nbytes
             offset += align(nbytes)
         elif transport == VM:
             records.append((ADDR, k, nbytes, slot.storage.data_ptr()))
@@ -205,6 +215,47 @@ def _place(out: Outbound, slots: list[_Slot], plan: list[tuple[int, bool] | None
     if out.memfile is not None:
         out.memfile.seal()
         out.manifest["memfd"] = (out.memfile.pid, out.memfile.fd, out.memfile.size)
+    if adopted >= _TRIM_AFTER_BYTES:
+        trim_heap()  # the private copies just freed sit in malloc's free lists otherwise
+
+
+_TRIM_AFTER_BYTES = 64 << 20
+_adopted_storages: set[int] = set()  # data_ptr of every live storage on an adopted memfd region
+
+
+def _adoptable(slot: _Slot) -> bool:
+    """Whether every user of the slot's storage is a tensor this call pickled, so that re-pointing
+    those tensors leaves no one on the old bytes: a view or ``.data`` held anywhere else (an
+    optimizer's, the user's) would silently stop aliasing the model, so such a storage stays where
+    it is. A storage already on a memfd is not adopted again (it would pin a second region)."""
+    import torch
+
+    storage = slot.storage
+    if storage.data_ptr() in _adopted_storages:
+        return False
+    # A storage's users: each tensor on it, and the one Python object that stands for it (ours).
+    return bool(torch._C._storage_Use_Count(storage._cdata) == len(slot.tensors) + 1)
+
+
+def _adopt(memfile: MemFile, slot: _Slot, offset: int, nbytes: int) -> None:
+    """Re-point every tensor of ``slot`` at its bytes in ``memfile`` and drop the private storage."""
+    import torch
+
+    region = memfile.adopt(offset, nbytes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # frombuffer on a writable shared mapping: no copy
+        # The storage holds the mapping (torch keeps a reference to the buffer's object) and
+        # nothing else does once this function returns: the mapping dies with the storage.
+        storage = torch.frombuffer(region, dtype=torch.uint8, count=nbytes).untyped_storage()
+    pointer = storage.data_ptr()
+    _adopted_storages.add(pointer)
+    weakref.finalize(region, _adopted_storages.discard, pointer).atexit = False
+    with torch.no_grad():
+        for tensor in slot.tensors.values():
+            tensor.data = torch.empty(0, dtype=tensor.dtype).set_(
+                storage, tensor.storage_offset(), tensor.size(), tensor.stride()
+            )
+    slot.storage = storage  # the old one is freed with its last reference, this one
 
 
 def _copy_into(region: memoryview, storage: Any) -> None:

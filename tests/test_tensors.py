@@ -310,6 +310,69 @@ def test_a_datamodule_reused_across_trainers_does_not_carry_the_old_model() -> N
         assert data.trainer is trainer and model.trainer is trainer
 
 
+def _mapping_of(tensor: torch.Tensor) -> tuple[str, int, int]:
+    """(file, Rss kB, Pss kB) of this process's mapping that holds ``tensor``'s bytes."""
+    address = tensor.untyped_storage().data_ptr()
+    found: tuple[str, int, int] | None = None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()
+        if "-" in head[0] and not head[0].endswith(":"):
+            if found is not None:
+                break
+            low, high = (int(x, 16) for x in head[0].split("-"))
+            if low <= address < high:
+                found = (head[5] if len(head) > 5 else "", 0, 0)
+        elif found is not None and head[0] in ("Rss:", "Pss:"):
+            found = (found[0], int(head[1]), found[2]) if head[0] == "Rss:" else (found[0], found[1], int(head[1]))
+    assert found is not None
+    return found
+
+
+def _memfd_inodes() -> set[int]:
+    inodes = set()
+    for folder in ("/proc/self/fd", "/proc/self/map_files"):
+        for entry in Path(folder).iterdir():
+            try:
+                if "memfd:lightdist-call" in os.readlink(entry):
+                    inodes.add(os.stat(entry).st_ino)
+            except OSError:
+                continue
+    return inodes
+
+
+def test_the_driver_keeps_one_copy_of_a_model_it_sent_and_frees_it_with_the_model() -> None:
+    import gc
+
+    before = _memfd_inodes()
+    model = Stack(width=256)
+    fit(model)
+    # The driver's tensors were moved onto the memfd the ranks read: no second, private copy.
+    elsewhere = [name for name, t in model.state_dict().items() if "memfd:lightdist-call" not in _mapping_of(t)[0]]
+    assert not elsewhere
+    assert _memfd_inodes() - before
+    del model
+    gc.collect()
+    assert _memfd_inodes() <= before  # its pages and the descriptor went with the model
+
+
+def test_a_tensor_viewed_elsewhere_is_not_moved_and_still_aliases() -> None:
+    model = Stack(width=256)
+    view = model.layers[0].weight.data  # held elsewhere (an optimizer's, the user's): moving it would split them
+    fit(model)
+    assert "memfd" not in _mapping_of(model.layers[0].weight)[0]
+    assert "memfd:lightdist-call" in _mapping_of(model.layers[1].weight)[0]
+    view.fill_(0.5)
+    assert bool((model.layers[0].weight == 0.5).all())  # still one tensor, trained in place
+
+
+def test_frozen_weights_exist_once_on_the_host() -> None:
+    model = Stack(width=512, frozen=True)
+    fit(model)
+    name, rss, pss = _mapping_of(model.layers[0].weight)
+    assert "memfd:lightdist-call" in name and rss >= 1024  # 512 x 512 float32 = 1 MiB
+    assert pss <= rss / 2.5  # the driver and both ranks map the same pages (PSS splits them three ways)
+
+
 class FailOnRankOne(Stack):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         if self.global_rank == 1:

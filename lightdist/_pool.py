@@ -564,7 +564,7 @@ class Pool(RecoveryMixin, AttachMixin):
             call.failed = True
             call.push(Event(ERROR, call.held[1]))
         if call.outbound is not None:
-            call.outbound.release()
+            call.outbound.finish()
         if not call.failed and not call.cancelled and call.reply is not None:
             data, manifest, buffers, digests, ready = call.reply
             call.push(Event(RESULT, Reply(data, manifest, buffers, digests, ready, call.resident_serial,

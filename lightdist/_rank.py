@@ -279,7 +279,7 @@ def _run_call(worker: DistributedWorker, link: Link, msg: Message, cache: RankCa
         if msg.bulk:  # frames transport: check every tensor frame against its signed digest first
             protocol.verify_bulk(msg.payload[2], msg.bulk)
         payload = _tensors.decode(msg.payload[1], manifest, msg.bulk, cache if resident else None)
-        if "memfd" in manifest:
+        if "memfds" in manifest:
             link.send(Kind.TAKEN, call_id)  # the driver may free its memfd now
         worker._resident = cache if resident is not None else None
         value = worker(streaming=envelope["streaming"], **payload)

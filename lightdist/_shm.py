@@ -13,12 +13,12 @@ Two primitives, both Linux-only and both checked once per pool (see :func:`probe
   memory (ptrace rules, Yama scope 1 included): rank 0 names the addresses of the tensors that
   changed and the driver copies them straight into its own model's tensors, with no buffer between.
 
-A resident call also lets the driver *adopt* the file: once a storage's bytes are in the memfd, the
-driver's own tensors are re-pointed at them (:meth:`MemFile.adopt`) and its private copy is freed,
-so the model exists once in the driver, not twice; frozen weights, mapped by every rank, then exist
-once on the whole host. An adopted region's pages are given back to the kernel (a hole punched in
-the file) as soon as the driver's storage on it dies, so a model that is dropped, or a tensor that
-is replaced, frees its memory even while the rest of the file lives.
+A resident call also lets the driver *adopt* a second memfd holding only its model's weights: once
+a storage's bytes are there, the driver's own tensors are re-pointed at them (:meth:`MemFile.adopt`)
+and its private copy is freed, so the model exists once in the driver, not twice; frozen weights,
+mapped by every rank, then exist once on the whole host. Each adopted :class:`Region` gives its
+pages back (a hole in the file) as soon as the driver's storage on it dies, so a dropped model or a
+replaced tensor frees its memory even while the rest of the file lives.
 
 Where either is refused (a hardened kernel, a container without ptrace, ranks on other hosts) the
 pool falls back to signed ZMQ frames (:mod:`lightdist._tensors`).
@@ -30,12 +30,10 @@ import ctypes
 import ctypes.util
 import mmap
 import os
-import threading
-import weakref
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["ByteRegion", "MemFile", "map_private", "open_remote_fd", "trim_heap", "vm_read"]
+__all__ = ["ByteRegion", "MemFile", "Region", "map_private", "open_remote_fd", "trim_heap", "vm_read"]
 
 PAGE = mmap.PAGESIZE
 _IOV_MAX = 1024  # iovecs per process_vm_readv call (Linux's UIO_MAXIOV)
@@ -47,16 +45,13 @@ def align(n: int) -> int:
 
 
 class MemFile:
-    """One anonymous shared-memory file holding a call's storages, written once by its creator.
+    """One anonymous shared-memory file holding storages of a call, written once by its creator.
 
     The file is mapped while it is written and unmapped by :meth:`seal`; only the descriptor stays
     open, until :meth:`close` (when every reader has opened it, or the call is over).
     """
 
     def __init__(self, size: int, name: str = "lightdist") -> None:
-        self._lock = threading.Lock()
-        self._adopted = 0  # regions mapped by adopt() whose storages are alive: they keep the fd open
-        self._closed = False
         self.size = max(PAGE, align(size))
         self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
         try:
@@ -73,6 +68,12 @@ class MemFile:
         assert self._map is not None, "sealed"
         return memoryview(self._map)[offset : offset + nbytes]
 
+    def adopt(self, offset: int, nbytes: int) -> Region:
+        """A shared, writable mapping of ``[offset, offset + nbytes)`` for the creator's own tensors.
+
+        It needs no descriptor once made, and frees its pages in the file when it is dropped."""
+        return Region(self.fd, align(nbytes), offset=offset)
+
     def seal(self) -> None:
         """Unmap (writing is over); readers map the file themselves."""
         if self._map is not None:
@@ -82,50 +83,30 @@ class MemFile:
                 pass
             self._map = None
 
-    def adopt(self, offset: int, nbytes: int) -> mmap.mmap:
-        """A shared, writable mapping of ``[offset, offset + nbytes)`` for the creator's own tensors.
-
-        When the mapping is gone (the last tensor on it died), its pages are punched out of the file,
-        and the descriptor is closed once :meth:`close` was called and no adopted region is left."""
-        length = align(nbytes)
-        region = mmap.mmap(self.fd, length, offset=offset)
-        with self._lock:
-            self._adopted += 1
-        weakref.finalize(region, self._released, offset, length).atexit = False
-        return region
-
-    def _released(self, offset: int, length: int) -> None:
-        punch_hole(self.fd, offset, length)
-        with self._lock:
-            self._adopted -= 1
-            last = self._closed and not self._adopted
-        if last:
-            self._close_fd()
-
     def close(self) -> None:
-        """The call is done with the file (every reader opened it); adopted regions keep it until they die."""
         self.seal()
-        with self._lock:
-            self._closed = True
-            if self._adopted:
-                return
-        self._close_fd()
-
-    def _close_fd(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
 
 
-_FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
+class Region(mmap.mmap):
+    """One adopted storage's bytes in a :class:`MemFile`, mapped shared by the file's creator.
 
+    When the last tensor on it dies, its pages are removed from the file (``MADV_REMOVE``: a hole, as
+    ``fallocate(PUNCH_HOLE)`` makes), so a dropped model frees its memory even while other regions of
+    the file live. Only in the process that made it: a child forked from the driver inherits the
+    mapping, and dropping its copy of a tensor must not free the driver's pages."""
 
-def punch_hole(fd: int, offset: int, length: int) -> None:
-    """Free the pages of ``[offset, offset + length)`` of a memfd (they read as zeros afterwards).
+    def __init__(self, fd: int, length: int, offset: int) -> None:
+        self.owner = os.getpid()
 
-    Best effort: where the kernel refuses, the pages are freed with the file instead."""
-    libc = _libc_handle()
-    libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, ctypes.c_long(offset), ctypes.c_long(length))
+    def __del__(self) -> None:
+        if os.getpid() == self.owner and not self.closed:
+            try:
+                self.madvise(mmap.MADV_REMOVE)
+            except (OSError, ValueError):  # refused: the pages go with the file
+                pass
 
 
 def trim_heap() -> None:

@@ -8,9 +8,9 @@ storage bytes travel is the *transport*:
 * ``shm`` (driver → ranks on this host): one memfd per call (:class:`lightdist._shm.MemFile`).
   Parameters that require grad are *copied* out by each rank (training writes them); everything
   else is *mapped* copy-on-write, so ranks share one copy of frozen weights and read-only data.
-  In a resident call the driver then *adopts* what it wrote: its own tensors are re-pointed at the
-  memfd and their private storage freed, so the driver holds one copy, not two, and frozen weights
-  exist once on the host (see :func:`_adopt` for when that is safe).
+  In a resident call the model's weights go to a second memfd that the driver then *adopts*: its
+  own tensors are re-pointed at it and their private storage freed, so the driver holds one copy,
+  not two, and frozen weights exist once on the host (see :func:`_adoptable` for when that is safe).
 * ``vm`` (rank → driver on this host): the message names addresses in the sender; the driver reads
   them with ``process_vm_readv`` while the sender holds them (until its next command).
 * ``frames`` (across hosts, or where the above are refused): each storage is one more ZMQ frame,
@@ -32,7 +32,6 @@ import io
 import os
 import threading
 import warnings
-import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -55,23 +54,32 @@ REF, MAP, COPY, FRAME, ADDR, EMPTY = "ref", "map", "copy", "frame", "addr", "emp
 @dataclass
 class Outbound:
     """One encoded object: send ``data`` and ``manifest`` (and ``buffers`` as frames), and keep
-    ``memfile`` / ``keep`` alive until every receiver took the storages."""
+    ``memfiles`` / ``keep`` alive until every receiver took the storages, ``adopted`` until the call ends."""
 
     data: bytes
     manifest: dict[str, Any]
     buffers: list[Any] = field(default_factory=list)
-    memfile: MemFile | None = None
+    memfiles: list[MemFile | None] = field(default_factory=list)  # on this host: [the call's, adopted weights']
     keep: list[Any] = field(default_factory=list)
+    adopted: list[Any] = field(default_factory=list)  # storages moved onto memfiles[1]: alive until the call ends
     tensor_bytes: int = 0  # storage bytes that travel with this message (references excluded)
     tensors: int = 0  # storages that travel
     refs: int = 0  # storages sent as a reference to the receiver's copy
 
     def release(self) -> None:
-        if self.memfile is not None:
-            self.memfile.close()
-            self.memfile = None
+        """Every receiver took the storages (or the call is over): close the files, drop the frames."""
+        for memfile in self.memfiles:
+            if memfile is not None:
+                memfile.close()
+        self.memfiles.clear()
         self.keep.clear()
         self.buffers.clear()
+
+    def finish(self) -> None:
+        """The call is over: also let go of the adopted storages (until now, ranks may map them, and
+        a storage that only the payload held, dying early, would take its pages from under them)."""
+        self.release()
+        self.adopted.clear()
 
 
 def byte_view(storage: torch.UntypedStorage) -> torch.Tensor:
@@ -159,7 +167,7 @@ def _rebuild(index: int, meta: tuple[Any, ...], attrs: dict[str, Any] | None) ->
 def encode(obj: Any, transport: str, resident: ResidentSet | None = None, to_cpu: bool = False) -> Outbound:
     """Pickle ``obj`` with its tensors' storages out of band (see the module docstring). ``to_cpu``:
     CUDA tensors travel as CPU tensors (results, so the driver never needs CUDA). A ``resident`` call
-    over ``shm`` adopts the storages it writes (the caller's tensors end up on the memfd)."""
+    over ``shm`` adopts the weights it writes (see :func:`_adoptable`)."""
     buf = io.BytesIO()
     pickler = _Pickler(buf, to_cpu)
     pickler.dump(obj)
@@ -171,11 +179,16 @@ def encode(obj: Any, transport: str, resident: ResidentSet | None = None, to_cpu
         out.manifest["resident"] = resident.envelope(keyed)
         plan = list(keyed)
     sizes: list[int] = [0 if key is not None and key[1] else int(s.storage.nbytes()) for s, key in zip(slots, plan)]
-    total: int = sum(align(n) for n in sizes)
-    if transport == SHM and total:
-        out.memfile = MemFile(total, "lightdist-call")
+    # Which file each storage goes to on this host: 0, closed once every rank took the call, or 1, the
+    # weights the driver adopts (a file of their own, so nothing else is kept alive with them).
+    files = [1 if transport == SHM and resident is not None and n and _adoptable(slot, n) else 0
+             for slot, n in zip(slots, sizes)]  # fmt: skip
     try:
-        _place(out, slots, plan, sizes, transport, adopt=resident is not None)
+        if transport == SHM:
+            for index in (0, 1):
+                total = sum(align(n) for n, f in zip(sizes, files) if f == index)
+                out.memfiles.append(MemFile(total, "lightdist-call") if total else None)
+        _place(out, slots, plan, sizes, files, transport)
     except BaseException:
         out.release()  # never leave a memfd open behind a failed encode
         raise
@@ -183,11 +196,12 @@ def encode(obj: Any, transport: str, resident: ResidentSet | None = None, to_cpu
 
 
 def _place(out: Outbound, slots: list[_Slot], plan: list[tuple[int, bool] | None], sizes: list[int],
-           transport: str, adopt: bool = False) -> None:  # fmt: skip
+           files: list[int], transport: str) -> None:  # fmt: skip
     """Write each storage where ``transport`` puts it and record where, in slot order."""
-    offset = adopted = 0
+    offsets = [0, 0]
+    adopted = 0
     records = out.manifest["records"]
-    for slot, key, nbytes in zip(slots, plan, sizes):
+    for slot, key, nbytes, file in zip(slots, plan, sizes, files):
         k = None if key is None else key[0]
         if key is not None and key[1]:
             records.append((REF, k, slot.storage.nbytes(), None))
@@ -198,13 +212,15 @@ def _place(out: Outbound, slots: list[_Slot], plan: list[tuple[int, bool] | None
         if nbytes == 0:
             records.append((EMPTY, k, 0, None))
         elif transport == SHM:
-            assert out.memfile is not None
-            _copy_into(out.memfile.region(offset, nbytes), slot.storage)
-            records.append((COPY if slot.writable else MAP, k, nbytes, offset))
-            if adopt and _adoptable(slot):
-                _adopt(out.memfile, slot, offset, nbytes)
+            memfile = out.memfiles[file]
+            assert memfile is not None
+            offset = offsets[file]
+            _copy_into(memfile.region(offset, nbytes), slot.storage)
+            records.append((COPY if slot.writable else MAP, k, nbytes, (file, offset)))
+            if file == 1 and _adopt(memfile, slot, offset, nbytes):
+                out.adopted.append(slot.storage)
                 adopted += nbytes
-            offset += align(nbytes)
+            offsets[file] += align(nbytes)
         elif transport == VM:
             records.append((ADDR, k, nbytes, slot.storage.data_ptr()))
             out.keep.append(slot.storage)  # the receiver reads it from here: keep it alive and still
@@ -212,50 +228,72 @@ def _place(out: Outbound, slots: list[_Slot], plan: list[tuple[int, bool] | None
             records.append((FRAME, k, nbytes, len(out.buffers)))
             out.buffers.append(_buffer(slot.storage))
             out.keep.append(slot.storage)
-    if out.memfile is not None:
-        out.memfile.seal()
-        out.manifest["memfd"] = (out.memfile.pid, out.memfile.fd, out.memfile.size)
+    if out.memfiles:
+        for memfile in out.memfiles:
+            if memfile is not None:
+                memfile.seal()
+        out.manifest["memfds"] = [None if m is None else (m.pid, m.fd, m.size) for m in out.memfiles]
+    for slot in slots:
+        slot.tensors.clear()  # the ResidentSet keeps the slots until the call commits: not every tensor
     if adopted >= _TRIM_AFTER_BYTES:
         trim_heap()  # the private copies just freed sit in malloc's free lists otherwise
 
 
 _TRIM_AFTER_BYTES = 64 << 20
-_adopted_storages: set[int] = set()  # data_ptr of every live storage on an adopted memfd region
+# Each adopted storage is a mapping of its own (a kernel VMA, a finalizer): worth it for the weights
+# that make a model's size, not for its many small norms and biases.
+_ADOPT_MIN_BYTES = 1 << 20
 
 
-def _adoptable(slot: _Slot) -> bool:
-    """Whether every user of the slot's storage is a tensor this call pickled, so that re-pointing
-    those tensors leaves no one on the old bytes: a view or ``.data`` held anywhere else (an
-    optimizer's, the user's) would silently stop aliasing the model, so such a storage stays where
-    it is. A storage already on a memfd is not adopted again (it would pin a second region)."""
+def _adoptable(slot: _Slot, nbytes: int) -> bool:
+    """Whether the driver may move ``slot``'s storage onto shared memory and free its own copy.
+
+    Only a model's weights (every tensor on the storage a ``Parameter``) of at least 1 MiB, whose
+    bytes torch's own allocator owns (resizable: not numpy's, a file's or already shared memory),
+    and whose every user is a tensor this call pickled: a view or ``.data`` held anywhere else
+    would silently stop aliasing the model, so such a storage stays where it is. Not seen: a numpy
+    array made from a frozen ``Parameter`` without ``detach()`` (it points at the freed bytes)."""
     import torch
 
     storage = slot.storage
-    if storage.data_ptr() in _adopted_storages:
+    if nbytes < _ADOPT_MIN_BYTES or not storage.resizable() or storage.is_shared():
+        return False
+    if not all(type(t) is torch.nn.Parameter for t in slot.tensors.values()):
         return False
     # A storage's users: each tensor on it, and the one Python object that stands for it (ours).
     return bool(torch._C._storage_Use_Count(storage._cdata) == len(slot.tensors) + 1)
 
 
-def _adopt(memfile: MemFile, slot: _Slot, offset: int, nbytes: int) -> None:
-    """Re-point every tensor of ``slot`` at its bytes in ``memfile`` and drop the private storage."""
+def _adopt(memfile: MemFile, slot: _Slot, offset: int, nbytes: int) -> bool:
+    """Re-point every tensor of ``slot`` at its bytes in ``memfile``; False (nothing changed) if the
+    region cannot be mapped. The private storage is freed with its last reference."""
     import torch
 
-    region = memfile.adopt(offset, nbytes)
+    try:
+        region = memfile.adopt(offset, nbytes)
+    except OSError:  # e.g. ENOMEM at the mapping limit: the tensor simply stays where it is
+        return False
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # frombuffer on a writable shared mapping: no copy
         # The storage holds the mapping (torch keeps a reference to the buffer's object) and
         # nothing else does once this function returns: the mapping dies with the storage.
         storage = torch.frombuffer(region, dtype=torch.uint8, count=nbytes).untyped_storage()
-    pointer = storage.data_ptr()
-    _adopted_storages.add(pointer)
-    weakref.finalize(region, _adopted_storages.discard, pointer).atexit = False
-    with torch.no_grad():
-        for tensor in slot.tensors.values():
-            tensor.data = torch.empty(0, dtype=tensor.dtype).set_(
-                storage, tensor.storage_offset(), tensor.size(), tensor.stride()
-            )
-    slot.storage = storage  # the old one is freed with its last reference, this one
+    del region
+    tensors = list(slot.tensors.values())
+    moved = [torch.empty(0, dtype=t.dtype).set_(storage, t.storage_offset(), t.size(), t.stride()) for t in tensors]
+    old = [t.data for t in tensors]
+    try:
+        with torch.no_grad():
+            for tensor, new in zip(tensors, moved):
+                tensor.data = new
+    except BaseException:
+        with torch.no_grad():  # all or none: tied weights must stay one storage
+            for tensor, data in zip(tensors, old):
+                tensor.data = data
+        raise
+    del old
+    slot.storage = storage
+    return True
 
 
 def _copy_into(region: memoryview, storage: Any) -> None:
@@ -313,14 +351,18 @@ def take_storages(
     import torch
 
     records = manifest["records"]
-    mapped = None
-    if "memfd" in manifest and any(r[0] in (MAP, COPY) for r in records):
-        pid, fd, size = manifest["memfd"]
-        local = open_remote_fd(pid, fd)
-        try:
-            mapped = map_private(local, size)
-        finally:
-            os.close(local)
+    files: dict[int, Any] = {}
+
+    def mapped(index: int) -> Any:  # each file mapped once, when a record first needs it
+        if index not in files:
+            pid, fd, size = manifest["memfds"][index]
+            local = open_remote_fd(pid, fd)
+            try:
+                files[index] = map_private(local, size)
+            finally:
+                os.close(local)
+        return files[index]
+
     storages: list[Any] = []
     keys: list[int | None] = []
     for index, (kind, key, nbytes, where) in enumerate(records):
@@ -337,10 +379,10 @@ def take_storages(
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 # The tensor keeps the mapping alive; the pages are the memfd's until written.
-                storage = torch.frombuffer(mapped, dtype=torch.uint8, count=nbytes, offset=where).untyped_storage()
+                storage = torch.frombuffer(mapped(where[0]), dtype=torch.uint8, count=nbytes,
+                                           offset=where[1]).untyped_storage()  # fmt: skip
         elif kind == COPY:
-            assert mapped is not None
-            storage = _copied(memoryview(mapped)[where : where + nbytes])
+            storage = _copied(memoryview(mapped(where[0]))[where[1] : where[1] + nbytes])
         elif kind == FRAME:
             storage = _copied(memoryview(buffers[where]).cast("B"))
         else:

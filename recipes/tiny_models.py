@@ -123,9 +123,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m recipes.tiny_models", description=__doc__.splitlines()[2])
     parser.add_argument("kind", choices=("encoder", "causal-lm"))
     parser.add_argument("dir", help="directory to write (created; files in it are replaced)")
+    parser.add_argument("--hidden-size", type=int, default=32, help="width (a larger random base for benchmarks)")
+    parser.add_argument("--layers", type=int, default=2, help="transformer layers")
+    parser.add_argument("--heads", type=int, help="attention heads, dividing --hidden-size (2 encoder, 4 causal-lm)")
     args = parser.parse_args(argv)
+    heads = args.heads or (2 if args.kind == "encoder" else 4)
+    if args.hidden_size <= 0 or args.layers <= 0 or heads <= 0 or args.hidden_size % heads:
+        parser.error("--hidden-size, --layers and --heads must be positive, and --heads must divide --hidden-size")
     make = make_tiny_encoder if args.kind == "encoder" else make_tiny_causal_lm
-    out = make(args.dir)
+    out = make(args.dir, hidden_size=args.hidden_size, num_layers=args.layers, num_heads=heads)
     print(f"wrote a tiny random {args.kind} to {out}")
     return 0
 

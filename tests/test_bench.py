@@ -78,3 +78,20 @@ def test_models_benchmark_prints_its_table(tmp_path: Path) -> None:
     assert result["error"] is None and len(result["seconds"]) == 1, result
     # driver, template and two ranks, each with torch loaded: well above one bare interpreter
     assert result["peak_gb"] > 0.1, result
+
+
+def test_models_benchmark_refuses_a_bad_lora_base_before_running_anything() -> None:
+    proc = subprocess.run([sys.executable, "-m", "lightdist.bench", "models", "--lora", "--lora-base", "big"],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode != 0
+    assert "--lora-base: expected tiny or WIDTHxLAYERS" in proc.stderr + proc.stdout
+    assert "median" not in proc.stdout  # no contender ran
+
+
+def test_payload_benchmark_prints_its_table() -> None:
+    proc = subprocess.run([sys.executable, "-m", "lightdist.bench", "payload", "--mb", "8", "--calls", "1"],
+                          capture_output=True, text=True, timeout=240)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    for mode in ("auto", "frames", "in-band"):
+        assert f"{mode}: call with 8 MB there and back, median (s)" in proc.stdout, proc.stdout
+        assert f"{mode}: peak PSS of driver + template + ranks (GB)" in proc.stdout, proc.stdout

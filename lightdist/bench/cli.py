@@ -130,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--contenders", default="single,ddp,ddp_spawn,pool-new,pool-same", help="a subset to run")
     models.add_argument("--timeout", type=_seconds, default=900.0, help="seconds per contender before its tree is killed")
     models.add_argument("--lora", action="store_true", help="also time the LoRA recipe's CPU config, pool vs ddp_spawn")
+    models.add_argument("--lora-base", default="tiny",
+                        help="with --lora: tiny (the recipe's) or WIDTHxLAYERS of a larger random Llama, e.g. 2048x16")  # fmt: skip
     models.set_defaults(func=_run_models)
     payload = commands.add_parser("payload", parents=[common],
                                   help="a runner call with a large tensor there and back: shm, frames, in-band")  # fmt: skip

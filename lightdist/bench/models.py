@@ -290,9 +290,28 @@ def variant_rows(prefix: str, fits: int, results: dict[str, Result]) -> list[Row
     return rows
 
 
-def lora_rows(raw: dict[str, Any]) -> list[Row]:
-    """Whole ``lightdist fit`` commands of the LoRA recipe (2 steps, tiny random Llama), pool and
-    ``ddp_spawn``: Python start, imports and the pool's start included, one run each."""
+LORA_LIGHT = ["--data.init_args.batch_size=2", "--model.init_args.max_length=32", "--trainer.num_sanity_val_steps=0",
+              "--trainer.limit_val_batches=0"]  # fmt: skip
+
+
+def parse_lora_base(text: str) -> tuple[int, int] | None:
+    """``tiny`` (the recipe's own random Llama, 32 wide) or ``WIDTHxLAYERS`` of a larger random one."""
+    if text == "tiny":
+        return None
+    try:
+        width, layers = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise SystemExit(f"--lora-base: expected tiny or WIDTHxLAYERS like 2048x16, got {text!r}") from None
+    if width <= 0 or layers <= 0 or width % 4:
+        raise SystemExit(f"--lora-base: WIDTH must be a positive multiple of 4 (the heads), got {text!r}")
+    return width, layers
+
+
+def lora_rows(raw: dict[str, Any], base: tuple[int, int] | None = None) -> list[Row]:
+    """Whole ``lightdist fit`` commands of the LoRA recipe (2 steps), pool and ``ddp_spawn``: Python
+    start, imports, loading the base and the pool's start included, one run each. ``base``: (width,
+    layers) of a larger random Llama (~16 x width^2 parameters a layer) instead of the tiny one; its
+    steps are kept short (2 rows of 32 tokens a batch, no validation): the row is about the base."""
     import importlib.util
 
     from lightdist.cli._catalog import configs_root
@@ -301,19 +320,30 @@ def lora_rows(raw: dict[str, Any]) -> list[Row]:
     if configs is None or not (configs / "lora_causal_lm/cpu.yaml").is_file() or not importlib.util.find_spec("peft"):
         return [Row("LoRA: not measured (no configs/lora_causal_lm/cpu.yaml or no peft)", "-")]
     scratch = Path(tempfile.mkdtemp(prefix="lightdist-bench-models-lora-"))
-    subprocess.run([sys.executable, "-m", "recipes.tiny_models", "causal-lm", "runs/tiny-causal-lm"], cwd=scratch,
-                   check=True, capture_output=True, timeout=300)  # fmt: skip
+    make = [sys.executable, "-m", "recipes.tiny_models", "causal-lm", "runs/tiny-causal-lm"]
     fit = ["fit", "--config", "lora_causal_lm/cpu", "--trainer.max_steps=2", "--trainer.enable_progress_bar=false"]
+    label = "LoRA tiny Llama"
+    if base is not None:
+        width, layers = base
+        params = layers * 16 * width * width + 2000 * width  # attention 4 w^2, MLP 12 w^2 a layer; tied embedding
+        make += ["--hidden-size", str(width), "--layers", str(layers)]
+        fit += LORA_LIGHT
+        label = f"LoRA random Llama {params / 1e9:.2f}B ({width}x{layers})"
+    subprocess.run(make, cwd=scratch, check=True, capture_output=True, timeout=900)
     pool, spawn = measure(fit, scratch), measure([*fit, "--trainer.strategy=ddp_spawn"], scratch)
-    raw.update(pool_s=pool.seconds, pool_peak_mib=pool.peak_mib, pool_rc=pool.returncode, spawn_s=spawn.seconds,
-               spawn_peak_mib=spawn.peak_mib, spawn_rc=spawn.returncode, scratch=str(scratch))  # fmt: skip
+    raw.update(label=label, pool_s=pool.seconds, pool_peak_mib=pool.peak_mib, pool_rc=pool.returncode,
+               spawn_s=spawn.seconds, spawn_peak_mib=spawn.peak_mib, spawn_rc=spawn.returncode,
+               scratch=str(scratch))  # fmt: skip
     ok = pool.returncode == spawn.returncode == 0
     if not ok:
-        return [Row("LoRA tiny Llama: a command failed", f"exit {pool.returncode} (pool)",
+        for name, run in (("pool", pool), ("ddp_spawn", spawn)):
+            if run.returncode:
+                print(f"{label}, {name}: exit {run.returncode}; last output:\n{run.stdout[-2000:]}", flush=True)
+        return [Row(f"{label}: a command failed", f"exit {pool.returncode} (pool)",
                     f"exit {spawn.returncode} (ddp_spawn)", "-", "-", "FAIL")]  # fmt: skip
-    return [compare("LoRA tiny Llama, lightdist fit 2 steps, whole command (s)", pool.seconds, spawn.seconds,
+    return [compare(f"{label}, lightdist fit 2 steps, whole command (s)", pool.seconds, spawn.seconds,
                     "ddp_spawn", None),
-            compare("LoRA tiny Llama, whole command, peak PSS (GB)", pool.peak_mib / 1024, spawn.peak_mib / 1024,
+            compare(f"{label}, whole command, peak PSS (GB)", pool.peak_mib / 1024, spawn.peak_mib / 1024,
                     "ddp_spawn", 1.0)]  # fmt: skip
 
 
@@ -321,6 +351,7 @@ def run_models(args: argparse.Namespace) -> dict[str, Any]:
     sizes = [(text.strip(), parse_size(text)) for text in args.sizes.split(",") if text.strip()]
     contenders = _choice("--contenders", args.contenders, tuple(CONTENDERS))
     variants = _choice("--variants", args.variants, ("full", "frozen"))
+    lora_base = parse_lora_base(args.lora_base)  # bad input fails before anything runs
     # SIGTERM as an exception, so that the finally blocks kill the child trees (their own sessions)
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     info = machine()
@@ -349,7 +380,7 @@ def run_models(args: argparse.Namespace) -> dict[str, Any]:
             rows += variant_rows(f"{label} {variant}", args.fits, results)
     lora: dict[str, Any] = {}
     if args.lora:
-        rows += lora_rows(lora)
+        rows += lora_rows(lora, lora_base)
     print(format_table(rows))
     for what, result in failures:
         print(f"  {what}: {result.error}; its stderr ends:\n{result.stderr_tail}")

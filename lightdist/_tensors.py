@@ -228,7 +228,7 @@ def _place(out: Outbound, slots: list[_Slot], plan: list[tuple[int, bool] | None
             records.append((FRAME, k, nbytes, len(out.buffers)))
             out.buffers.append(_buffer(slot.storage))
             out.keep.append(slot.storage)
-    if out.memfiles:
+    if any(m is not None for m in out.memfiles):  # else no TAKEN is due: nothing to map
         for memfile in out.memfiles:
             if memfile is not None:
                 memfile.seal()

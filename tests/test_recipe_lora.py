@@ -167,3 +167,15 @@ def test_only_the_adapter_travels_back_after_a_pool_fit(lora_run: LoraRun) -> No
         assert second["tensor_bytes_sent"] < 1024
         assert second["tensors_resident"] >= len(storages)
         assert adapter_bytes <= second["tensor_bytes_received"] < adapter_bytes + 1024
+
+
+def test_tiny_models_makes_a_larger_base_on_request_and_refuses_bad_sizes(tmp_path: Path) -> None:
+    from transformers import AutoConfig
+
+    assert tiny_models_main(["causal-lm", str(tmp_path / "wide"), "--hidden-size", "64", "--layers", "3"]) == 0
+    config = AutoConfig.from_pretrained(tmp_path / "wide", local_files_only=True)
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (64, 3, 4)
+    with pytest.raises(SystemExit) as exc:
+        tiny_models_main(["causal-lm", str(tmp_path / "bad"), "--hidden-size", "64", "--heads", "3"])
+    assert exc.value.code == 2
+    assert not (tmp_path / "bad").exists()  # refused before anything was written

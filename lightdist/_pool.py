@@ -55,6 +55,7 @@ __all__ = ["Pool", "PoolConfig", "TransferCounters"]
 log = logging.getLogger("lightdist")
 DRIVER_SENDER = "driver"
 HOLD_COLLECTIVE_ERROR_S = 0.25  # see _on_reply
+_PLAIN_REPLY: dict[str, Any] = {"dropped": (), "tensors": {"transport": None, "records": ()}}  # read only
 
 
 @dataclass(frozen=True)
@@ -530,7 +531,11 @@ class Pool(RecoveryMixin, AttachMixin):
                 # The first error fails the call now, even while other ranks still wait in a collective.
                 self._fail(call, err)
         elif kind is Kind.RESULT:
-            meta = pickle.loads(payload[0])
+            if len(payload) == 1:  # a plain reply: its data frame only (see _rank._run_call)
+                payload = (b"", *payload)
+                meta = _PLAIN_REPLY
+            else:
+                meta = pickle.loads(payload[0])
             call.dropped.update(meta["dropped"])
             if rank == 0:
                 try:

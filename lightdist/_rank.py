@@ -296,8 +296,11 @@ def _run_call(worker: DistributedWorker, link: Link, msg: Message, cache: RankCa
         return []
     worker._resident = None
     link.end_call()
-    meta = pickle.dumps({"dropped": dropped, "tensors": outbound.manifest})
-    reply = [meta, outbound.data]
+    if not dropped and not outbound.manifest["records"]:
+        # The usual small reply (no tensor, nothing dropped): its data frame alone says so.
+        link.send(Kind.RESULT, call_id, [outbound.data])
+        return []
+    reply = [pickle.dumps({"dropped": dropped, "tensors": outbound.manifest}), outbound.data]
     if outbound.buffers:
         reply.append(protocol.bulk_digests(outbound.buffers))  # hashed here, outside any lock
     link.send(Kind.RESULT, call_id, reply, bulk=outbound.buffers)

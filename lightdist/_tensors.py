@@ -30,6 +30,8 @@ from __future__ import annotations
 import ctypes
 import io
 import os
+import pickle
+import sys
 import threading
 import warnings
 from dataclasses import dataclass, field
@@ -90,10 +92,11 @@ def byte_view(storage: torch.UntypedStorage) -> torch.Tensor:
 
 
 def _plain_tensor(obj: Any, device: str = "cpu") -> bool:
-    import torch
-
+    # No tensor can exist before torch is imported (and this runs for every object pickled).
+    torch = sys.modules.get("torch")
     return (
-        type(obj) in (torch.Tensor, torch.nn.Parameter)
+        torch is not None
+        and type(obj) in (torch.Tensor, torch.nn.Parameter)
         and obj.device.type == device
         and obj.layout == torch.strided
         and not obj.is_quantized
@@ -164,10 +167,41 @@ def _rebuild(index: int, meta: tuple[Any, ...], attrs: dict[str, Any] | None) ->
     return tensor
 
 
+_PLAIN_SCALARS = frozenset({type(None), bool, int, float, complex, str, bytes})
+_PLAIN_MAX_NODES = 256
+
+
+def _is_plain(obj: Any) -> bool:
+    """Whether ``obj`` is built only of builtin scalars, lists, tuples and dicts (at most
+    ``_PLAIN_MAX_NODES`` containers and items): then it holds no tensor and needs no cloudpickle."""
+    stack = [obj]
+    nodes = 0
+    while stack:
+        item = stack.pop()
+        kind = type(item)
+        if kind in _PLAIN_SCALARS:
+            continue
+        if kind is not dict and kind is not list and kind is not tuple:
+            return False
+        nodes += 1 + len(item)
+        if nodes > _PLAIN_MAX_NODES:
+            return False
+        if kind is dict:
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        else:
+            stack.extend(item)
+    return True
+
+
 def encode(obj: Any, transport: str, resident: ResidentSet | None = None, to_cpu: bool = False) -> Outbound:
     """Pickle ``obj`` with its tensors' storages out of band (see the module docstring). ``to_cpu``:
     CUDA tensors travel as CPU tensors (results, so the driver never needs CUDA). A ``resident`` call
     over ``shm`` adopts the weights it writes (see :func:`_adoptable`)."""
+    if resident is None and _is_plain(obj):
+        # The common small call and reply (a config, None, a few metrics): plain pickle, no
+        # tensor bookkeeping. Per-call overhead is what a warm pool sells.
+        return Outbound(pickle.dumps(obj, protocol=5), {"transport": transport, "records": []})
     buf = io.BytesIO()
     pickler = _Pickler(buf, to_cpu)
     pickler.dump(obj)
@@ -332,6 +366,8 @@ def decode(
     ready: dict[int, Any] | None = None,
 ) -> Any:
     """Rebuild what :func:`encode` made. ``ready``: storages already read (``vm``) by slot index."""
+    if not manifest["records"] and cache is None:
+        return pickle.loads(data)  # nothing out of band: no storages to find, no context to set
     storages, keys = take_storages(manifest, buffers, cache, ready)
     previous = getattr(_decoding, "ctx", None)
     _decoding.ctx = _DecodeContext(storages, keys, cache)

@@ -26,6 +26,11 @@ from lightdist.errors import ProtocolError
 from lightdist.protocol import Kind, Message, Session
 
 _BULK_MIN = 1 << 16  # frames this large are received as zmq frames, not copied into bytes
+# Plain ints, not pyzmq's enums: enum arithmetic costs microseconds per frame on the hot path.
+_SNDMORE = int(zmq.SNDMORE)
+_NOBLOCK = int(zmq.NOBLOCK)
+_POLLIN = int(zmq.POLLIN)
+_EVENTS = int(zmq.EVENTS)
 
 __all__ = ["Channel", "Waker", "deadline_after", "private_ipc_dir", "remaining", "thread_waker"]
 
@@ -194,22 +199,25 @@ class Channel:
         with self._lock:
             frames = self.session.pack(kind, call, payload, bulk)
             if not self.routed:
-                self.socket.send_multipart(frames, copy=False)
+                _send_frames(self.socket, frames)
             for ident in to:
                 try:
-                    self.socket.send_multipart([ident, *frames], copy=False)
+                    _send_frames(self.socket, [ident, *frames])
                 except zmq.ZMQError:
                     pass
-            if int(self.socket.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+            if self._readable():
                 self.waker.wake()  # we may have eaten the receiver's edge
+
+    def _readable(self) -> bool:
+        return bool(self.socket.getsockopt(_EVENTS) & _POLLIN)  # type: ignore[operator]  # EVENTS is an int
 
     def drain(self) -> list[tuple[bytes | None, Message]]:
         """Every verified message waiting now (receiving thread only). Rejected frames are counted."""
         out = []
         with self._lock:
-            while int(self.socket.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+            while self._readable():
                 # Large frames stay zmq's (no copy in this thread, which must keep heartbeats going).
-                raw = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
+                raw = self.socket.recv_multipart(_NOBLOCK, copy=False)
                 frames: list[Any] = [f.bytes if len(f) < _BULK_MIN else f for f in raw]
                 ident = raw[0].bytes if self.routed else None
                 try:
@@ -243,3 +251,12 @@ class Channel:
             if not self.socket.closed:
                 self.socket.close(linger=linger_ms)
         self.waker.close()
+
+
+def _send_frames(sock: zmq.Socket, frames: Sequence[Any]) -> None:  # type: ignore[type-arg]
+    """``send_multipart`` without its per-frame enum arithmetic; small frames are copied (cheaper
+    than wrapping them in a ``zmq.Frame``), large ones are sent without a copy."""
+    last = len(frames) - 1
+    for i, frame in enumerate(frames):
+        small = type(frame) is bytes and len(frame) < _BULK_MIN
+        sock.send(frame, _SNDMORE if i < last else 0, copy=small)

@@ -76,6 +76,24 @@ def test_a_rank_writing_its_copy_never_changes_the_drivers(keeper: DistributedRu
     assert float(x.sum()) == 0.0
 
 
+def test_plain_data_skips_the_tensor_pickler_and_tensors_still_go_out_of_band() -> None:
+    from lightdist import _tensors
+
+    plain = {"lr": 1e-3, "tags": ["a", "b"], "shape": (3, 4), "blob": b"x", "none": None, 7: True}
+    out = _tensors.encode(plain, _tensors.SHM)
+    assert out.manifest["records"] == [] and not out.memfiles
+    assert _tensors.decode(out.data, out.manifest) == plain
+    nested = {"cfg": plain, "deep": [[{"x": torch.ones(3)}]]}  # one tensor deep inside: not plain
+    out = _tensors.encode(nested, _tensors.FRAMES)
+    assert len(out.manifest["records"]) == 1
+    assert torch.equal(_tensors.decode(out.data, out.manifest, out.buffers)["deep"][0][0]["x"], torch.ones(3))
+    loop: list[Any] = []
+    loop.append(loop)  # self-referencing: the scan stops at its item budget, cloudpickle copes
+    out = _tensors.encode(loop, _tensors.SHM)
+    back = _tensors.decode(out.data, out.manifest)
+    assert back[0] is back
+
+
 def test_a_forged_tensor_frame_is_refused() -> None:
     key = os.urandom(32)
     driver, rank = Session(key, "driver", -1), Session(key, "r0", 0)

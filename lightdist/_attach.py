@@ -16,31 +16,32 @@ FENCED, so a healed host's agent kills its old ranks and exits), and its ranks m
 deadline. An agent that hears nothing from the driver for its lease kills its ranks and exits, so a
 dead driver takes every host down.
 
-Everything here runs under ``Pool._lock`` (the I/O thread or a leading caller routes messages).
+:class:`AgentPlacement` holds every multi-host fact (agents, spares, fenced names, ranks waiting for
+a host) and never calls into the pool: it returns :mod:`lightdist._placement` events. Everything
+here runs under ``Pool._lock`` (the I/O thread or a leading caller routes messages).
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
-import pickle
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
-from lightdist._procs import RankExit
+from lightdist import _messages as messages
+from lightdist._messages import Assignment, HostEvent, KillOrder, RankBoot
+from lightdist._placement import HostLost, PlacementEvent, PoolFailed, RankExited, SpawnRanks
+from lightdist._procs import RankExit, RankHost
+from lightdist._state import PoolState
 from lightdist.protocol import Kind, Message
+from lightdist.transport import Channel
 
-if TYPE_CHECKING:
-    from lightdist._pool import Pool
-
-__all__ = ["AGENT_PREFIX", "AgentHost", "AttachMixin", "HEARTBEAT_S", "HOST_TIMEOUT_S", "LEASE_S", "timings"]
+__all__ = ["AgentHost", "AgentPlacement", "HOST_TIMEOUT_S", "LEASE_S", "timings"]
 
 log = logging.getLogger("lightdist")
-AGENT_PREFIX = "agent."  # sender names of agents; also their ZMQ identities
 HOST_TIMEOUT_S = 2.0  # default silence after which the driver declares a host lost (host_timeout=)
-HEARTBEAT_S = HOST_TIMEOUT_S / 4  # the driver PINGs each agent this often
-LEASE_S = HOST_TIMEOUT_S * 1.5  # silence after which an agent gives up on the driver: > the host timeout
 
 
 def timings(host_timeout: float) -> tuple[float, float]:
@@ -49,11 +50,15 @@ def timings(host_timeout: float) -> tuple[float, float]:
     return host_timeout / 4, host_timeout * 1.5
 
 
+LEASE_S = timings(HOST_TIMEOUT_S)[1]  # an agent's lease under the default host timeout
+
+
 class AgentHost:
     """The driver's handle on one attached host (its agent); any thread may call the methods."""
 
-    def __init__(self, pool: Pool, sender: str, facts: dict[str, Any]) -> None:
-        self._pool = pool
+    def __init__(self, send: Callable[[Kind, list[bytes], list[bytes]], None], sender: str,
+                 facts: dict[str, Any]) -> None:  # fmt: skip
+        self._send_to = send
         self.sender = sender
         self.name = str(facts.get("host") or sender)
         self.nproc = int(facts["nproc"])
@@ -65,31 +70,27 @@ class AgentHost:
         self.last_heard = self.last_ping = time.monotonic()
         self._changed = threading.Condition()
 
-    def _send(self, kind: Kind, payload: list[bytes], call: int = 0) -> None:
-        self._pool.channel.send(kind, call or self._pool.host_generation, payload, to=[self.sender.encode()])
+    def _send(self, kind: Kind, payload: list[bytes]) -> None:
+        self._send_to(kind, payload, [self.sender.encode()])
 
-    def assign(self, ranks: list[int], node_rank: int, num_nodes: int) -> None:
+    def assign(self, assignment: Assignment) -> None:
         """Give this host its ranks. A spare is assigned none: it still gets its lease (so a dead
         driver takes it down too) and starts its template, ready to take over a lost host's ranks."""
-        self.ranks = list(ranks)
-        self.node_rank = node_rank
-        cfg = self._pool.config
-        heartbeat, lease = timings(cfg.host_timeout)
-        settings = {"ranks": ranks, "node_rank": node_rank, "num_nodes": num_nodes, "lease_s": lease,
-                    "heartbeat_s": heartbeat, "imports": list(cfg.imports), "cwd": cfg.cwd}  # fmt: skip
-        self._send(Kind.ASSIGN, [json.dumps(settings).encode()])
+        self.ranks = list(assignment.ranks)
+        self.node_rank = assignment.node_rank
+        self._send(Kind.ASSIGN, [messages.encode_assign(assignment)])
 
-    def spawn(self, rank: int, boot: dict[str, Any]) -> None:
+    def spawn(self, rank: int, boot: RankBoot) -> None:
         # a one-rank `lightdist worker` (torchrun) keeps the local rank its launcher gave it: its GPU
         local = self.facts.get("local_rank", self.ranks.index(rank))
-        boot = {**boot, "local_rank": local, "local_world_size": self.facts.get("local_world_size", len(self.ranks)),
-                "node_rank": self.node_rank}  # fmt: skip
-        self._send(Kind.SPAWN, [pickle.dumps(boot, protocol=5)])
+        boot = dataclasses.replace(boot, local_rank=local, node_rank=self.node_rank,
+                                   local_world_size=self.facts.get("local_world_size", len(self.ranks)))  # fmt: skip
+        self._send(Kind.SPAWN, [messages.encode_spawn(boot)])
 
     def signal_ranks(self, sig: int, ranks: list[int] | None = None) -> None:
         targets = self.ranks if ranks is None else [r for r in ranks if r in self.ranks]
         if targets and not self.lost:
-            self._send(Kind.KILL, [json.dumps({"ranks": targets, "signal": int(sig)}).encode()])
+            self._send(Kind.KILL, [messages.encode_kill(KillOrder(targets, int(sig)))])
 
     def ping(self) -> None:
         self.last_ping = time.monotonic()
@@ -130,138 +131,167 @@ class AgentHost:
             self._send(Kind.EXIT, [])
 
 
-class AttachMixin:
-    """The attach / form / heartbeat / host-loss part of :class:`~lightdist._pool.Pool`."""
+class AgentPlacement:
+    """Hosts attached by agents: attach, form, heartbeat, fencing, spares (see the module docstring)."""
 
-    # Provided by Pool (see there).
-    if TYPE_CHECKING:
-        _agents: dict[str, AgentHost]
-        _spares: list[AgentHost]
-        _fenced: set[str]
-        _homeless: set[int]
-        _lost_groups: list[list[int]]
-        _rank_hosts: dict[int, Any]
-        _store: Any
-        host_generation: int
-        state: str
-        world_size: int
-        channel: Any
-        config: Any
+    def __init__(self, channel: Channel, world_size: int, nodes: int, host_names: tuple[str, ...] | None,
+                 host_timeout: float, imports: list[str], cwd: str | None, address: str) -> None:  # fmt: skip
+        self.channel = channel
+        self.address = address  # where agents connect (the bound one: port 0 resolved)
+        self.world_size = world_size
+        self.nodes = nodes
+        self.host_names = host_names
+        self.host_timeout = host_timeout
+        self.imports = imports
+        self.cwd = cwd
+        self.generation = 1  # the agents' generation: the call field of driver <-> agent messages
+        self.store_up = False  # ranks can only join once the driver's store listens
+        self._rank_hosts: dict[int, AgentHost | None] = {}  # None: its host was lost
+        self._agents: dict[str, AgentHost] = {}  # attached hosts by agent sender name (spares included)
+        self._spares: list[AgentHost] = []
+        self._fenced: set[str] = set()  # agents declared lost: they are told so if they speak again
+        self._lost_groups: list[list[int]] = []  # ranks of each lost host, waiting for a spare (as a group)
 
-        def _spawn(self, rank: int) -> None: ...
-        def _rank_exited(self, info: RankExit) -> None: ...
-        def _on_broken(self, err: BaseException) -> None: ...
+    def _send(self, kind: Kind, payload: list[bytes], to: list[bytes]) -> None:
+        self.channel.send(kind, self.generation, payload, to=to)
 
-    def attach_status(self) -> str:
+    # --- the Placement interface -------------------------------------------------------------------
+    def host_of(self, rank: int) -> RankHost | None:
+        return self._rank_hosts.get(rank)
+
+    def hosts(self) -> list[RankHost]:
+        return list(self._agents.values())
+
+    def host_ranks(self) -> dict[str, list[int]]:
+        """``{host name: ranks}`` of the hosts that hold ranks (spares hold none)."""
+        out: dict[str, list[int]] = {}
+        for rank, host in sorted(self._rank_hosts.items()):
+            if host is not None:
+                out.setdefault(host.name, []).append(rank)
+        return out
+
+    def formed(self) -> bool:
+        return bool(self._rank_hosts)
+
+    def claim(self, ranks: list[int]) -> None:
+        if any(self._rank_hosts.get(rank) is None for rank in ranks):
+            self._place_lost_groups()
+
+    def close_linger_ms(self) -> int:
+        # Agents must get their EXIT before the socket goes (linger 0 would drop it; they would
+        # then only leave when their lease runs out).
+        return 1000 if self._agents else 0
+
+    def status(self) -> str:
         """For a start that timed out: which hosts attached, how many are missing."""
-        expected = self.config.nodes or 0
         names = sorted(host.name for host in self._agents.values())
-        if self.config.host_names is not None:
-            wanted = [name for name in names if name in self.config.host_names]
-            missing = [name for name in self.config.host_names if name not in names]
-            attached = f"{len(wanted)} of {expected} hosts attached ({', '.join(wanted) or 'none'}); missing: "
+        if self.host_names is not None:
+            wanted = [name for name in names if name in self.host_names]
+            missing = [name for name in self.host_names if name not in names]
+            attached = f"{len(wanted)} of {self.nodes} hosts attached ({', '.join(wanted) or 'none'}); missing: "
             attached += ", ".join(missing)
-            others = [name for name in names if name not in self.config.host_names]
+            others = [name for name in names if name not in self.host_names]
             if others:
                 attached += f" (also attached, not asked for: {', '.join(others)})"
         else:
-            attached = f"{len(names)} of {expected} hosts attached ({', '.join(names) or 'none'})"
-        return (f"{attached}; start 'lightdist agent --connect {self.channel_address_for_agents()} "
-                "--key-file ...' on each missing host")
+            attached = f"{len(names)} of {self.nodes} hosts attached ({', '.join(names) or 'none'})"
+        return f"{attached}; start 'lightdist agent --connect {self.address} --key-file ...' on each missing host"
 
-    def channel_address_for_agents(self) -> str:
-        return str(getattr(self, "address", self.config.worker_address))  # the bound one (port 0 resolved)
-
-    def _on_agent_message(self, msg: Message) -> None:
+    def on_message(self, msg: Message, state: PoolState) -> list[PlacementEvent]:
         h = msg.header
         if h.sender in self._fenced:
             self.channel.send(Kind.FENCED, 0, [], to=[h.sender.encode()])
-            return
+            return []
         host = self._agents.get(h.sender)
         if host is None:
             if h.kind is Kind.HELLO:
-                self._on_hello(h.sender, json.loads(msg.payload[0]))
-            return
+                return self._on_hello(h.sender, messages.decode_hello(msg.payload[0]), state)
+            return []
         host.last_heard = time.monotonic()
         if h.kind is Kind.HOST_EVENT:
-            self._on_host_event(host, json.loads(msg.payload[0]))
+            return self._on_host_event(host, messages.decode_host_event(msg.payload[0]), state)
+        return []
 
-    def _on_hello(self, sender: str, facts: dict[str, Any]) -> None:
+    def tick(self, now: float, state: PoolState) -> tuple[list[PlacementEvent], float | None]:
+        """PING due agents, declare silent ones lost; seconds until the next heartbeat work."""
+        events: list[PlacementEvent] = []
+        due = None
+        heartbeat, _ = timings(self.host_timeout)
+        for host in list(self._agents.values()):
+            if now - host.last_heard > self.host_timeout:
+                events += self._host_lost(host, f"no heartbeat for {now - host.last_heard:.1f} s", state)
+                continue
+            if now - host.last_ping >= heartbeat:
+                host.ping()
+            next_work = min(host.last_ping + heartbeat, host.last_heard + self.host_timeout)
+            due = next_work if due is None else min(due, next_work)
+        return events, None if due is None else max(0.0, due - now)
+
+    def try_form(self, state: PoolState) -> list[PlacementEvent]:
+        """Form the pool once the store is up and the expected hosts attached (HELLOs may come first)."""
+        if state is PoolState.STARTING and not self._rank_hosts and self.store_up:
+            if len(self._chosen_hosts()) >= self.nodes:
+                return self._form()
+        return []
+
+    # --- attach and form ---------------------------------------------------------------------------
+    def _on_hello(self, sender: str, facts: dict[str, Any], state: PoolState) -> list[PlacementEvent]:
         self.channel.accept_from(sender)
-        host = AgentHost(self, sender, facts)  # type: ignore[arg-type]
+        host = AgentHost(self._send, sender, facts)
         self._agents[sender] = host
         log.info("host %s attached (%d ranks)", host.name, host.nproc)
-        if self.state == "starting" and not self._rank_hosts:
-            self._maybe_form()
-        else:
-            self._spares.append(host)
-            host.assign([], node_rank=-1, num_nodes=self.config.nodes or 1)  # see _assign_spares
-            self._rehost()
+        if state is PoolState.STARTING and not self._rank_hosts:
+            return self.try_form(state)
+        self._spares.append(host)
+        host.assign(self._assignment([], node_rank=-1))
+        return self._rehost(state)
 
-    def _maybe_form(self) -> None:
-        """Form the pool once the store is up and the expected hosts attached (HELLOs may come first)."""
-        if self.state == "starting" and not self._rank_hosts and self._store is not None:
-            if len(self._chosen_hosts()) >= (self.config.nodes or 0):
-                self._form()
+    def _assignment(self, ranks: list[int], node_rank: int) -> Assignment:
+        heartbeat, lease = timings(self.host_timeout)
+        return Assignment(ranks=ranks, node_rank=node_rank, num_nodes=self.nodes, lease_s=lease,
+                          heartbeat_s=heartbeat, imports=self.imports, cwd=self.cwd)  # fmt: skip
 
     def _chosen_hosts(self) -> list[AgentHost]:
         """The hosts that form the pool, in rank order: by name when named, else by placement hint."""
-        names = self.config.host_names
-        if names is not None:
+        if self.host_names is not None:
             by_name = {host.name: host for host in self._agents.values()}
-            return [by_name[name] for name in names if name in by_name]
-        return sorted(self._agents.values(), key=_placement_order)[: self.config.nodes]
+            return [by_name[name] for name in self.host_names if name in by_name]
+        return sorted(self._agents.values(), key=_placement_order)[: self.nodes]
 
-    def _form(self) -> None:
+    def _form(self) -> list[PlacementEvent]:
         hosts = self._chosen_hosts()
         self._spares = [host for host in self._agents.values() if host not in hosts]
         per_host = self.world_size // len(hosts)
         if any(host.nproc != per_host for host in hosts):
             # equal ranges keep node_rank = rank // nproc true, which Lightning and spares rely on
             layout = ", ".join(f"{host.name}: {host.nproc}" for host in hosts)
-            self._on_broken(ValueError(
+            return [PoolFailed(ValueError(
                 f"every host must run world_size / nodes = {per_host} ranks, but the attached hosts bring "
-                f"{layout}; start each agent with --nproc-per-node {per_host}"))  # fmt: skip
-            return
+                f"{layout}; start each agent with --nproc-per-node {per_host}"))]  # fmt: skip
         first = 0
         for node_rank, host in enumerate(hosts):
             ranks = list(range(first, first + host.nproc))
             first += host.nproc
-            host.assign(ranks, node_rank, len(hosts))
+            host.assign(self._assignment(ranks, node_rank))
             for rank in ranks:
                 self._rank_hosts[rank] = host
         for spare in self._spares:
-            spare.assign([], node_rank=-1, num_nodes=len(hosts))
-        for rank in range(self.world_size):
-            self._spawn(rank)
+            spare.assign(self._assignment([], node_rank=-1))
+        return [SpawnRanks(list(range(self.world_size)))]
 
-    def _on_host_event(self, host: AgentHost, event: dict[str, Any]) -> None:
-        kind = event["ev"]
-        if kind == "spawned":
-            host.note_spawned(event["rank"], event["pid"])
-        elif kind == "exit":
-            host.note_exited(event["rank"], event["pid"])
-            self._rank_exited(RankExit(event["rank"], event["pid"], event["sender"], event["code"], event["signal"],
-                                       f"on host {host.name}"))  # fmt: skip
-        elif kind == "lost":  # the agent's template process failed
-            self._host_lost(host, f"its template process failed: {event.get('detail', '')}")
+    # --- what happens on the hosts ---------------------------------------------------------------
+    def _on_host_event(self, host: AgentHost, event: HostEvent, state: PoolState) -> list[PlacementEvent]:
+        if event.ev == "spawned":
+            host.note_spawned(event.rank, event.pid)
+        elif event.ev == "exit":
+            host.note_exited(event.rank, event.pid)
+            info = RankExit(event.rank, event.pid, event.sender, event.code, event.signal, f"on host {host.name}")
+            return [RankExited(info)]
+        elif event.ev == "lost":  # the agent's template process failed
+            return self._host_lost(host, f"its template process failed: {event.detail}", state)
+        return []
 
-    def _heartbeat(self, now: float) -> float | None:
-        """PING due agents, declare silent ones lost; seconds until the next heartbeat work."""
-        due = None
-        host_timeout = self.config.host_timeout
-        heartbeat, _ = timings(host_timeout)
-        for host in list(self._agents.values()):
-            if now - host.last_heard > host_timeout:
-                self._host_lost(host, f"no heartbeat for {now - host.last_heard:.1f} s")
-                continue
-            if now - host.last_ping >= heartbeat:
-                host.ping()
-            next_work = min(host.last_ping + heartbeat, host.last_heard + host_timeout)
-            due = next_work if due is None else min(due, next_work)
-        return due
-
-    def _host_lost(self, host: AgentHost, why: str) -> None:
+    def _host_lost(self, host: AgentHost, why: str, state: PoolState) -> list[PlacementEvent]:
         log.warning("host %s lost: %s", host.name, why)
         self._agents.pop(host.sender, None)
         if host in self._spares:
@@ -269,24 +299,17 @@ class AttachMixin:
         self._fenced.add(host.sender)
         self.channel.send(Kind.FENCED, 0, [], to=[host.sender.encode()])  # reaches it if it is only slow
         self.channel.forget(host.sender)
-        senders = {rank: self._senders.get(rank, "") for rank in host.ranks}  # type: ignore[attr-defined]
         alive = host.mark_lost()
-        if self.state in ("stopping", "closed", "broken") or not host.ranks:
-            return  # a spare, or an agent that left before the pool formed: nothing ran there
+        if state.over or not host.ranks:
+            return []  # a spare, or an agent that left before the pool formed: nothing ran there
         for rank in host.ranks:
             self._rank_hosts[rank] = None  # re-hosted when a spare or a new agent attaches
         self._lost_groups.append(list(host.ranks))
-        self._homeless |= set(host.ranks)
-        if self.state == "starting":
-            self._on_broken(RuntimeError(f"host {host.name} was lost while the pool started: {why}"))
-            return
-        # One event for all of them; a rank whose exit was already reported is skipped by sender
-        # (its sender was replaced or it is in _dead already).
-        gone = [RankExit(rank, alive.get(rank, 0), senders[rank], None, None, f"host {host.name} was lost ({why})")
-                for rank in host.ranks if rank not in self._dead]  # type: ignore[attr-defined]  # fmt: skip
-        self._ranks_exited(gone)  # type: ignore[attr-defined]
+        if state is PoolState.STARTING:
+            return [PoolFailed(RuntimeError(f"host {host.name} was lost while the pool started: {why}"))]
+        return [HostLost(host.name, list(host.ranks), alive, f"host {host.name} was lost ({why})")]
 
-    def _place_homeless(self) -> None:
+    def _place_lost_groups(self) -> None:
         """Give each lost host's ranks, as a group, to a spare host with room for them."""
         for group in list(self._lost_groups):
             spare = next((host for host in self._spares if host.nproc >= len(group)), None)
@@ -295,20 +318,19 @@ class AttachMixin:
             self._spares.remove(spare)
             self._lost_groups.remove(group)
             # the spare takes the lost host's place in the layout (hosts hold equal rank ranges)
-            spare.assign(group, node_rank=group[0] // len(group), num_nodes=self.config.nodes or 1)
+            spare.assign(self._assignment(group, node_rank=group[0] // len(group)))
             for rank in group:
                 self._rank_hosts[rank] = spare
             log.warning("ranks %s moved to host %s", group, spare.name)
-        self._homeless = {rank for group in self._lost_groups for rank in group}
 
-    def _rehost(self) -> None:
+    def _rehost(self, state: PoolState) -> list[PlacementEvent]:
         """A host attached while ranks were waiting for one: place them there and start them."""
-        if self._homeless and self.state == "recovering":
-            waiting = sorted(self._homeless)
-            self._place_homeless()
-            for rank in waiting:
-                if self._rank_hosts.get(rank) is not None:
-                    self._spawn(rank)
+        if not self._lost_groups or state is not PoolState.RECOVERING:
+            return []
+        waiting = sorted(rank for group in self._lost_groups for rank in group)
+        self._place_lost_groups()
+        placed = [rank for rank in waiting if self._rank_hosts.get(rank) is not None]
+        return [SpawnRanks(placed)] if placed else []
 
 
 def _placement_order(host: AgentHost) -> tuple[int, str, str]:

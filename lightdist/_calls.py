@@ -11,30 +11,26 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import os
-import pickle
-import sys
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from lightdist import _messages as messages
 from lightdist import protocol
 from lightdist._tensors import Outbound, encode
-from lightdist.errors import WorkerError
 from lightdist.transport import Waker, remaining
 
 if TYPE_CHECKING:
     from lightdist._resident import ResidentSet
 
-__all__ = ["Event", "PendingCall", "Reply", "encode_call", "worker_error"]
+__all__ = ["Event", "PendingCall", "Reply", "encode_call"]
 
 # Event kinds seen by the consumer. ``item``, ``ready`` carry data; the others end the call.
 ITEM = "item"
 READY = "ready"
 RESULT = "result"
 ERROR = "error"
-TERMINAL = frozenset({RESULT, ERROR})
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,19 +148,8 @@ def encode_call(
     cloudpickled keyword arguments with tensors out of band, then one frame per storage when the
     storages travel as frames. ``transports``: (driver → ranks, ranks → driver)."""
     outbound = encode(dict(payload), transports[0], resident)
-    envelope = {
-        "streaming": streaming,
-        "sys_path": [p if p else os.getcwd() for p in sys.path],
-        "cwd": cwd or os.getcwd(),
-        "tensors": outbound.manifest,
-        "reply_transport": transports[1],
-    }
-    frames = [pickle.dumps(envelope, protocol=5), outbound.data]
+    envelope = messages.encode_envelope(streaming, cwd, outbound.manifest, transports[1])
+    frames = [envelope, outbound.data]
     if outbound.buffers:  # frames transport: signed through their digests (see protocol.bulk_digests)
         frames.append(protocol.bulk_digests(outbound.buffers))
     return frames, outbound
-
-
-def worker_error(rank: int, report: bytes) -> WorkerError:
-    data = protocol.loads(report)
-    return WorkerError(rank, data["exc_type"], data["message"], data["traceback"])

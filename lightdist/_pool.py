@@ -1,20 +1,29 @@
-"""The driver's live pool: rank processes, the ROUTER channel, the I/O thread and the call queue.
+"""The driver's live pool: the ROUTER channel, the call queue, routing, the I/O thread, start and stop.
 
-Threads and the rule that keeps them apart: all pool state (state, call queue, current call, each
-call's bookkeeping) is guarded by ``Pool._lock``; sends go through the channel's own lock, always
-taken *inside* ``Pool._lock`` (never the other way round: deadlocks if re-ordered).
+The pool is composed of parts that each own one concern and never call back into it:
+
+* a **placement** (:mod:`lightdist._placement`): the hosts that run the ranks, the local template
+  process or the agents of other machines (:mod:`lightdist._attach`, attach, heartbeat, fencing,
+  spares). It reports what happens on its hosts as events that the pool acts on.
+* a :class:`~lightdist._recovery.Recovery`: lost ranks and the episode that brings them back; it
+  returns the steps to take and the pool takes them.
+* per call, a :class:`~lightdist._calls.PendingCall` (its events and bookkeeping).
+
+Threads and the rule that keeps them apart: all pool state is guarded by ``Pool._lock``; sends go
+through the channel's own lock, always taken *inside* ``Pool._lock`` (never the other way round:
+deadlocks if re-ordered).
 
 * **caller threads / coroutines** enqueue a call and, when the pool is idle, send its CALL
   themselves (no hand-off on the way out); then they wait on the call's own event buffer.
 * one thread at a time **receives**: a blocking caller waiting for its own call leads (it drains
   the socket and routes whatever arrives, so its reply needs no hand-off; see :meth:`Pool.wait_event`);
   otherwise the **I/O thread** does, which also dispatches the next queued call and runs the
-  keepalive timer. While a caller leads, the I/O thread stands by on its own waker.
+  timers (:meth:`Pool._tick`). While a caller leads, the I/O thread stands by on its own waker.
 * the **monitor** and **output** threads belong to :class:`~lightdist._procs.TemplateProcess`; the
   monitor reports rank exits here.
 
 No sleep-polling: the I/O thread blocks in ``select`` on the socket's fd and a waker, with a timeout
-only when a timer (keepalive) is due.
+only when a timer is due.
 """
 
 from __future__ import annotations
@@ -22,7 +31,6 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
-import pickle
 import secrets
 import select
 import signal
@@ -36,26 +44,29 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
+from lightdist import _messages as messages
 from lightdist import _shm, protocol
-from lightdist._attach import AGENT_PREFIX, AgentHost, AttachMixin
-from lightdist._calls import ERROR, ITEM, READY, RESULT, Event, PendingCall, Reply, encode_call, worker_error
+from lightdist._attach import HOST_TIMEOUT_S, AgentPlacement
+from lightdist._calls import ERROR, ITEM, READY, RESULT, Event, PendingCall, Reply, encode_call
+from lightdist._messages import AGENT_PREFIX, DRIVER_SENDER, RankBoot
+from lightdist._placement import HostLost, LocalPlacement, PlacementEvent, PoolFailed, RankExited, SpawnRanks
+from lightdist._procs import RankExit, RankHost, TemplateProcess
+from lightdist._recovery import Recovery
 from lightdist._resident import ResidentSet
+from lightdist._state import PoolState
 from lightdist._tensors import ADDR, FRAMES, SHM, VM
-from lightdist._recovery import RecoveryMixin
-from lightdist._procs import RankHost, TemplateProcess
-from lightdist.errors import PoolClosedError, WorkerDiedError, WorkerError
+from lightdist.errors import PoolClosedError, WorkerDiedError
 from lightdist.protocol import Kind, Message, Session
 from lightdist.transport import Channel, Waker, private_ipc_dir, remaining, remove_ipc_dir, thread_waker
 
 if TYPE_CHECKING:
     from lightdist._tensors import Outbound
 
-__all__ = ["Pool", "PoolConfig", "TransferCounters"]
+__all__ = ["Pool", "PoolConfig", "PoolStats", "TransferCounters"]
 
 log = logging.getLogger("lightdist")
-DRIVER_SENDER = "driver"
 HOLD_COLLECTIVE_ERROR_S = 0.25  # see _on_reply
-_PLAIN_REPLY: dict[str, Any] = {"dropped": (), "tensors": {"transport": None, "records": ()}}  # read only
+_PLAIN_MANIFEST: dict[str, Any] = {"transport": None, "records": ()}  # a plain reply's (read only)
 
 
 @dataclass(frozen=True)
@@ -74,10 +85,10 @@ class PoolConfig:
     worker_address: str | None  # tcp://host:port, or None for a private ipc socket
     keepalive_payload: dict[str, Any]
     keepalive_interval: float | None
-    grace_period: float = 2.0  # seconds a rank gets to finish a failed or cancelled call
+    grace_period: float = 2.0  # seconds a rank gets to finish a failed call (or one its peers left)
     nodes: int | None = None  # hosts to wait for (agents attach over TCP); None: ranks on this machine
     host_names: tuple[str, ...] | None = None  # the hosts to wait for by name, in rank order
-    host_timeout: float = 2.0  # silence after which an attached host is lost (see _attach.timings)
+    host_timeout: float = HOST_TIMEOUT_S  # silence after which an attached host is lost (see _attach.timings)
     curve: Any = None  # DriverKeys: CURVE server keys and client allow-list for a TCP channel
     tensor_transport: str = "auto"  # "auto": shared memory on one host, frames across hosts; "frames"
 
@@ -107,7 +118,26 @@ class TransferCounters:
         self.tensors_received += count
 
 
-class Pool(RecoveryMixin, AttachMixin):
+@dataclass(frozen=True)
+class PoolStats:
+    """A snapshot of a started pool, from ``DistributedRunner.stats()``."""
+
+    state: str  # starting, ready, recovering, broken, stopping or closed
+    world_size: int
+    address: str  # where ranks (and agents) connect
+    store_port: int | None  # the rendezvous store's TCP port (None until it listens)
+    template_pid: int | None  # this machine's template process (None across hosts)
+    rank_pids: dict[int, int]
+    hosts: dict[str, list[int]]
+    recoveries: int  # recovery episodes so far
+    last_recovery_seconds: float | None
+    calls: int  # calls sent (keepalives included)
+    queued: int  # calls waiting behind the running one
+    rejected_messages: int  # frames that failed verification (forged, replayed, malformed) and were dropped
+    refused_clients: int  # CURVE handshakes refused by the key allow-list (a TCP channel with a key file)
+
+
+class Pool:
     """One started pool. Created by ``DistributedRunner.start``; dead after :meth:`close`."""
 
     def __init__(self, config: PoolConfig) -> None:
@@ -115,7 +145,7 @@ class Pool(RecoveryMixin, AttachMixin):
         self.world_size = config.world_size
         # A multi-host pool shares its signing key with the agents through the key file.
         self.key = config.curve.hmac_key if config.curve is not None else protocol.new_key()
-        self.state = "starting"  # -> ready <-> recovering; -> broken; -> stopping -> closed
+        self.state = PoolState.STARTING
         self.broken: BaseException | None = None
         self._ipc_dir: str | None = None
         # Across hosts, more ZMQ I/O threads: CURVE-encrypting a large tensor frame for one rank
@@ -133,20 +163,6 @@ class Pool(RecoveryMixin, AttachMixin):
         if address is None:
             self._ipc_dir = private_ipc_dir()
             address = f"ipc://{self._ipc_dir}/pool.sock"
-        self._rank_hosts: dict[int, RankHost | None] = {}  # where each rank runs (None: its host was lost)
-        self._agents: dict[str, AgentHost] = {}  # attached hosts by agent sender name (spares included)
-        self._spares: list[AgentHost] = []
-        self._fenced: set[str] = set()  # agents declared lost: they are told so if they speak again
-        self._homeless: set[int] = set()  # ranks of lost hosts, waiting for a spare
-        self._lost_groups: list[list[int]] = []  # ...as one group per lost host (a spare takes a group)
-        self.host_generation = 1
-        # How tensors travel (see lightdist._tensors): shared memory on this host until a rank says it
-        # cannot open the driver's memfd or the driver cannot read a rank (READY reports), frames else.
-        local = config.nodes is None and config.tensor_transport != FRAMES
-        self.transports = (SHM, VM) if local else (FRAMES, FRAMES)
-        self._shm_probe = _shm.MemFile(_shm.PAGE, "lightdist-probe") if local else None
-        self.resident = ResidentSet()
-        self.transfers = TransferCounters()
         if config.nodes is not None:
             self.session.newcomer_prefix = AGENT_PREFIX  # agents introduce themselves (HELLO)
         try:
@@ -158,6 +174,20 @@ class Pool(RecoveryMixin, AttachMixin):
             self._context.destroy(linger=0)
             remove_ipc_dir(self._ipc_dir)
             raise
+        self.placement: LocalPlacement | AgentPlacement = (
+            LocalPlacement(config.world_size)
+            if config.nodes is None
+            else AgentPlacement(self.channel, config.world_size, config.nodes, config.host_names, config.host_timeout,
+                                list(config.imports), config.cwd, self.address)  # fmt: skip
+        )
+        self.recovery = Recovery(config.world_size, timeout=1800.0)
+        # How tensors travel (see lightdist._tensors): shared memory on this host until a rank says it
+        # cannot open the driver's memfd or the driver cannot read a rank (READY reports), frames else.
+        local = config.nodes is None and config.tensor_transport != FRAMES
+        self.transports = (SHM, VM) if local else (FRAMES, FRAMES)
+        self._shm_probe = _shm.MemFile(_shm.PAGE, "lightdist-probe") if local else None
+        self.resident = ResidentSet()
+        self.transfers = TransferCounters()
         self._senders: dict[int, str] = {}  # rank -> sender name (= ZMQ identity) of its live process
         self._incarnation = collections.Counter[int]()
         self._ids = itertools.count(1)
@@ -165,19 +195,9 @@ class Pool(RecoveryMixin, AttachMixin):
         self._queue: collections.deque[PendingCall] = collections.deque()
         self.current: PendingCall | None = None
         self.startup = PendingCall(id=0, pending=set(range(self.world_size)))
-        self.template: TemplateProcess | None = None
         self._store: Any = None
-        self._store_prefix = "pg0"
-        self._generation = 0
         self._start_timeout = 1800.0
-        self._dead: set[int] = set()  # ranks lost since the last recovery (died or killed)
         self._idle_death: WorkerDiedError | None = None  # reported to the next call
-        self._recovery_pending: set[int] = set()
-        self._recovery_deadline: float | None = None
-        self._recovery_started = 0.0
-        self._recovery_restarts = 0
-        self.recoveries = 0
-        self.last_recovery_seconds: float | None = None
         self._last_activity = time.monotonic()
         self._io_stop = False
         self._leader: int | None = None  # ident of the blocking caller receiving for the pool
@@ -189,14 +209,14 @@ class Pool(RecoveryMixin, AttachMixin):
     def launch(self, start_timeout: float) -> None:
         """Spawn the template, host the store and fork every rank; READY/FAILED arrive on ``startup``.
 
-        With ``nodes`` set, host the store only: ranks are spawned once the hosts' agents attached
+        Across hosts, host the store only: ranks are spawned once the hosts' agents attached
         (see :mod:`lightdist._attach`)."""
         cfg = self.config
         self._start_timeout = start_timeout
-        if cfg.nodes is None:
-            self.template = TemplateProcess(
-                list(cfg.imports), cfg.cwd, self._rank_exited, self._template_lost, cleanup_dir=self._ipc_dir
-            )
+        self.recovery.timeout = start_timeout
+        if isinstance(self.placement, LocalPlacement):
+            self.placement.start(TemplateProcess(list(cfg.imports), cfg.cwd, self._rank_exited, self._template_lost,
+                                                 cleanup_dir=self._ipc_dir))  # fmt: skip
         import torch.distributed as dist  # after the template started: both import in parallel
 
         # torch's TCPStore listens on every interface whatever host it is given; the store is
@@ -211,67 +231,76 @@ class Pool(RecoveryMixin, AttachMixin):
             listener.close()
             raise
         listener.detach()  # the store owns the fd now and closes it; closing it here too could hit a reused fd
-        if self.template is not None:
-            for rank in range(self.world_size):
-                self._rank_hosts[rank] = self.template
-                self._spawn(rank)
-        else:
-            with self._lock:
-                self._maybe_form()  # agents may have said HELLO while the store was starting
-            self._io_waker.wake()  # start the heartbeat timer
+        with self._lock:
+            if isinstance(self.placement, AgentPlacement):
+                self.placement.store_up = True
+                self._apply(self.placement.try_form(self.state))  # agents may have said HELLO already
+            else:
+                self._spawn_ranks(list(range(self.world_size)))
+        self._io_waker.wake()  # start the heartbeat timer
 
-    def _spawn(self, rank: int) -> None:
-        host = self._rank_hosts.get(rank)
-        if host is None:
-            self._place_homeless()
-            host = self._rank_hosts.get(rank)
+    def _boot(self, rank: int, sender: str) -> RankBoot:
+        """Rank ``rank``'s bootstrap for one life; a remote host adjusts its local layout."""
+        cfg = self.config
+        probe = None if self._shm_probe is None else (self._shm_probe.pid, self._shm_probe.fd)
+        return RankBoot(
+            rank=rank, world_size=cfg.world_size, local_rank=rank, local_world_size=cfg.world_size,
+            sender=sender, driver_seq=self.session.seq, key=self.key, address=self.address,
+            store_host=cfg.master_addr, store_port=self._store.port, store_prefix=self.recovery.store_prefix,
+            start_timeout=self._start_timeout, pg_timeout=cfg.pg_timeout, accelerator=cfg.accelerator,
+            backend=cfg.backend, worker_cls=cfg.worker_cls, setup_kwargs=cfg.setup_kwargs, cwd=cfg.cwd,
+            sys_path=cfg.sys_path, argv=tuple(sys.argv), shm_probe=probe,
+        )  # fmt: skip
+
+    def _spawn_ranks(self, ranks: list[int]) -> None:
+        self.placement.claim(ranks)  # ranks of a lost host go to a spare, if there is one
+        for rank in ranks:
+            host = self.placement.host_of(rank)
             if host is None:
                 log.warning("rank %d waits for a host: start another agent (a spare host)", rank)
-                return
+                continue
+            self._spawn(rank, host)
+
+    def _spawn(self, rank: int, host: RankHost) -> None:
         self._incarnation[rank] += 1
         # The sender name is also the ZMQ identity: a random part keeps a local client from taking
         # the name first (a ROUTER ignores a second peer with an identity already in use).
         sender = f"r{rank}.{self._incarnation[rank]}.{secrets.token_hex(8)}"
-        cfg = self.config
-        boot = {
-            "rank": rank,
-            "world_size": cfg.world_size,
-            "local_rank": rank,
-            "local_world_size": cfg.world_size,
-            "sender": sender,
-            "driver_sender": DRIVER_SENDER,
-            "driver_seq": self.session.seq,
-            "key": self.key,
-            "address": self.address,
-            "store_host": cfg.master_addr,
-            "store_port": self._store.port,
-            "store_prefix": self._store_prefix,
-            "start_timeout": self._start_timeout,
-            "pg_timeout": cfg.pg_timeout,
-            "accelerator": cfg.accelerator,
-            "backend": cfg.backend,
-            "worker_cls": cfg.worker_cls,
-            "setup_kwargs": cfg.setup_kwargs,
-            "cwd": cfg.cwd,
-            "sys_path": list(cfg.sys_path),
-            "argv": list(sys.argv),  # worker code from a script may read its arguments
-            "shm_probe": None if self._shm_probe is None else (self._shm_probe.pid, self._shm_probe.fd),
-        }  # a remote host's AgentHost fills in local_rank / local_world_size from its rank range
-        with self._lock:  # accept the new sender before it can possibly send
-            old = self._senders.get(rank)
-            if old is not None:
-                self.channel.forget(old)
-            self._senders[rank] = sender
-            self.channel.accept_from(sender)
+        old = self._senders.get(rank)  # accept the new sender before it can possibly send
+        if old is not None:
+            self.channel.forget(old)
+        self._senders[rank] = sender
+        self.channel.accept_from(sender)
         try:
-            host.spawn(rank, boot)
+            host.spawn(rank, self._boot(rank, sender))
         except OSError as exc:  # the template is gone; its monitor reports why
             self._on_broken(RuntimeError(f"cannot start rank {rank}: the template process is gone ({exc})"))
 
+    def startup_event(self, event: Event) -> bool:
+        """Consume one start-up event (raising a failure); True once every rank is READY."""
+        if event.kind == ERROR:
+            raise event.value
+        if event.kind == READY:
+            with self._lock:
+                self.startup.pending.discard(event.rank)
+        return not self.startup.pending
+
+    def start_error(self, exc: BaseException, timeout: float) -> BaseException:
+        """What the caller of start() should see for ``exc``: a timeout names what was missing."""
+        if not isinstance(exc, TimeoutError):
+            return exc
+        if not self.placement.formed():
+            return TimeoutError(f"the pool did not form within {timeout} s: {self.placement.status()}")
+        waiting = sorted(self.startup.pending)
+        return TimeoutError(
+            f"ranks {waiting} were not ready within {timeout} s (setup still running, or stuck); "
+            "every worker process was stopped. Raise start(timeout=...) if setup is slow"
+        )
+
     def mark_ready(self) -> None:
         with self._lock:
-            if self.state == "starting":
-                self.state = "ready"
+            if self.state is PoolState.STARTING:
+                self.state = PoolState.READY
                 self._last_activity = time.monotonic()
         self._io_waker.wake()  # re-arm the keepalive timer
 
@@ -288,7 +317,7 @@ class Pool(RecoveryMixin, AttachMixin):
                 call.push(Event(ERROR, self._idle_death))
                 call.finished.set()
                 self._idle_death = None
-            elif self.state in ("ready", "recovering"):
+            elif self.state.serving:
                 self._queue.append(call)
                 self._dispatch()
             else:
@@ -298,19 +327,30 @@ class Pool(RecoveryMixin, AttachMixin):
 
     def interrupt(self, call: PendingCall) -> None:
         """Ask the ranks to stop ``call`` (they see ``cancelled``) but still deliver its reply:
-        cooperative code returns what it has (an interrupted fit returns its state so far)."""
+        cooperative code returns what it has (an interrupted fit returns its state so far). Ranks
+        still in the call after the grace period are replaced and the caller gets TimeoutError."""
         with self._lock:
             if call is self.current and not call.finished.is_set():
                 self._stop_running(call)
 
     def cancel(self, call: PendingCall) -> None:
-        """The caller gave up on ``call`` (timeout, task cancelled, Ctrl-C, stream closed)."""
+        """The caller gave up on ``call`` (timeout, task cancelled, Ctrl-C, stream closed).
+
+        As in fal.distributed, the ranks finish their call: they see ``cancelled`` and may return
+        early, and nobody is killed for being slow. Only once a rank has left the call do the
+        others get ``grace_period`` seconds: a rank still inside after that is wedged in a
+        collective its peers will never join, and is replaced (see _on_reply, _grace_timer)."""
         with self._lock:
             if call.finished.is_set() or call.cancelled:
                 return
             call.cancelled = True
             if call is self.current:
-                self._stop_running(call)
+                live = call.pending - self.recovery.dead
+                if live:
+                    self._send_to(Kind.CANCEL, call.id, [], live)
+                if len(call.pending) < self.world_size and call.failed_at is None:
+                    call.failed_at = time.monotonic()  # some rank already left the call
+                    self._io_waker.wake()
             elif call in self._queue:
                 self._queue.remove(call)
                 call.finished.set()
@@ -331,9 +371,9 @@ class Pool(RecoveryMixin, AttachMixin):
                 self._io_waker.clear()
                 continue
             with self._lock:  # drain and route as one step: see _receive
-                messages = self._receive()
+                messages_in = self._receive()
                 timeout = self._tick()
-            if not messages:
+            if not messages_in:
                 self.channel.wait(timeout, extra=[self._io_waker.fd])
                 self._io_waker.clear()
 
@@ -389,65 +429,82 @@ class Pool(RecoveryMixin, AttachMixin):
             if released:
                 self._io_waker.wake()
 
+    # --- timers (under _lock) ---------------------------------------------------------------------
     def _tick(self) -> float | None:
-        """Run the timers that are due (grace, recovery, keepalive); seconds until the next one."""
+        """Run the timers that are due; seconds until the next one (None: none armed)."""
         now = time.monotonic()
-        due: list[float] = []
-        call = self.current
-        if call is not None and call.held is not None and not call.failed:
-            if now >= call.held[0]:
-                self._fail(call, call.held[1])  # no death explained it: the error stands
-            else:
-                due.append(call.held[0])
-        if call is not None and call.failed_at is not None and call.pending:
-            expires = call.failed_at + self.config.grace_period
-            if now >= expires:  # still running a failed or cancelled call: stuck
-                stuck = sorted(call.pending)
-                self._kill(call.pending, "did not finish a failed or cancelled call within the grace period")
-                call.pending.clear()
-                if not call.failed:  # an interrupted call whose caller still waits for its reply
-                    call.failed = True
-                    call.push(Event(ERROR, TimeoutError(
-                        f"ranks {stuck} did not stop within the grace period "
-                        f"({self.config.grace_period} s) and were replaced")))  # fmt: skip
-                self._finish(call)
-            else:
-                due.append(expires)
-        if self.state == "recovering" and self._recovery_deadline is not None:
-            if now >= self._recovery_deadline:
-                self._on_broken(RuntimeError(
-                    f"recovery did not finish within {self._start_timeout:.0f} s (ranks "
-                    f"{sorted(self._recovery_pending)} never reported back); call start() again"
-                ))  # fmt: skip
-            else:
-                due.append(self._recovery_deadline)
-        if self._agents or self._fenced:
-            beat = self._heartbeat(now)
-            if beat is not None:
-                due.append(beat)
-        interval = self.config.keepalive_interval
-        if interval is not None and self.state == "ready" and self.current is None and not self._queue:
-            if now - self._last_activity >= interval:
-                frames, outbound = encode_call(self.config.keepalive_payload, False, self.config.cwd, self.transports)
-                self._queue.append(PendingCall(id=next(self._ids), frames=frames, internal=True, outbound=outbound))
-                self._last_activity = now
-                self._dispatch()
-            else:
-                due.append(self._last_activity + interval)
-        return max(0.0, min(due) - now) if due else None
+        events, heartbeat = self.placement.tick(now, self.state)
+        self._apply(events)
+        due = [self._held_error_timer(now), self._grace_timer(now), self._recovery_timer(now), heartbeat,
+               self._keepalive_timer(now)]  # fmt: skip
+        armed = [d for d in due if d is not None]
+        return min(armed) if armed else None
 
+    def _held_error_timer(self, now: float) -> float | None:
+        """A collective's error held back in case a death explains it (see _on_reply)."""
+        call = self.current
+        if call is None or call.held is None or call.failed:
+            return None
+        if now < call.held[0]:
+            return call.held[0] - now
+        self._fail(call, call.held[1])  # no death explained it: the error stands
+        return None
+
+    def _grace_timer(self, now: float) -> float | None:
+        """Ranks still running a failed call (or one their peers left) after the grace period are stuck."""
+        call = self.current
+        if call is None or call.failed_at is None or not call.pending:
+            return None
+        expires = call.failed_at + self.config.grace_period
+        if now < expires:
+            return expires - now
+        stuck = sorted(call.pending)
+        self._kill(call.pending, "was still inside a failed or abandoned call after the grace period")
+        call.pending.clear()
+        if not call.failed and not call.cancelled:  # an interrupted call whose caller still waits for its reply
+            call.failed = True
+            call.push(Event(ERROR, TimeoutError(
+                f"ranks {stuck} did not stop within the grace period "
+                f"({self.config.grace_period} s) and were replaced")))  # fmt: skip
+        self._finish(call)
+        return None
+
+    def _recovery_timer(self, now: float) -> float | None:
+        if self.state is not PoolState.RECOVERING or self.recovery.deadline is None:
+            return None
+        if not self.recovery.expired(now):
+            return self.recovery.deadline - now
+        self._on_broken(RuntimeError(
+            f"recovery did not finish within {self._start_timeout:.0f} s (ranks "
+            f"{sorted(self.recovery.pending)} never reported back); call start() again"
+        ))  # fmt: skip
+        return None
+
+    def _keepalive_timer(self, now: float) -> float | None:
+        interval = self.config.keepalive_interval
+        if interval is None or self.state is not PoolState.READY or self.current is not None or self._queue:
+            return None
+        if now - self._last_activity < interval:
+            return self._last_activity + interval - now
+        frames, outbound = encode_call(self.config.keepalive_payload, False, self.config.cwd, self.transports)
+        self._queue.append(PendingCall(id=next(self._ids), frames=frames, internal=True, outbound=outbound))
+        self._last_activity = now
+        self._dispatch()
+        return None
+
+    # --- routing (under _lock) -------------------------------------------------------------------
     def _not_ready_error(self) -> BaseException:
-        if self.state == "broken" and self.broken is not None:
+        if self.state is PoolState.BROKEN and self.broken is not None:
             return self.broken
-        if self.state == "starting":
+        if self.state is PoolState.STARTING:
             return PoolClosedError("the pool is still starting; call it once start() has returned")
-        return PoolClosedError(f"the pool is {self.state}; call start() first")
+        return PoolClosedError(f"the pool is {self.state.value}; call start() first")
 
     def is_alive(self) -> bool:
-        return self.state in ("ready", "recovering")
+        return self.state.serving
 
     def _dispatch(self) -> None:
-        while self.current is None and self._queue and self.state == "ready":
+        while self.current is None and self._queue and self.state is PoolState.READY:
             call = self._queue.popleft()
             if call.cancelled:  # gave up while queued: never ran
                 call.finished.set()
@@ -470,10 +527,10 @@ class Pool(RecoveryMixin, AttachMixin):
         between the I/O thread and a leading caller, two batches drained back to back would
         otherwise be routed in either order, and stream items would arrive out of order.
         """
-        messages = self.channel.drain()
-        for _, msg in messages:
+        drained = self.channel.drain()
+        for _, msg in drained:
             self._on_message(msg)
-        return len(messages)
+        return len(drained)
 
     def _on_message(self, msg: Message) -> None:
         try:
@@ -486,7 +543,7 @@ class Pool(RecoveryMixin, AttachMixin):
     def _route(self, msg: Message) -> None:
         h = msg.header
         if h.sender.startswith(AGENT_PREFIX):
-            self._on_agent_message(msg)
+            self._apply(self.placement.on_message(msg, self.state))
             return
         if self._senders.get(h.rank) != h.sender:
             return  # a previous life of this rank
@@ -503,22 +560,29 @@ class Pool(RecoveryMixin, AttachMixin):
                 if call.outbound is not None and len(call.taken) == self.world_size:
                     call.outbound.release()  # every rank mapped or copied them: free the memfd now
         elif kind in (Kind.READY, Kind.REBUILT, Kind.FAILED):
-            if kind is Kind.READY and msg.payload:
-                self._on_reach_report(h.rank, pickle.loads(msg.payload[0]))
-            if self.state == "starting":
-                value = worker_error(h.rank, msg.payload[0]) if kind is Kind.FAILED else None
-                self.startup.push(Event(ERROR if value else READY, value, rank=h.rank))
-            elif self.state == "recovering" and (kind is not Kind.REBUILT or h.call == self._generation):
-                self._on_recovery_reply(h.rank, kind, msg.payload)
+            self._on_rank_report(h.rank, h.call, kind, msg.payload)
+
+    def _on_rank_report(self, rank: int, call: int, kind: Kind, payload: tuple[bytes, ...]) -> None:
+        """READY, REBUILT or FAILED: a rank finished starting or rebuilding its group."""
+        if kind is Kind.READY and payload:
+            self._on_reach_report(rank, messages.decode_reach(payload[0]))
+        failure = messages.decode_error(rank, payload[0])[0] if kind is Kind.FAILED else None
+        if self.state is PoolState.STARTING:
+            self.startup.push(Event(ERROR, failure, rank=rank) if failure else Event(READY, None, rank=rank))
+        elif self.state is PoolState.RECOVERING and (kind is not Kind.REBUILT or call == self.recovery.generation):
+            if failure is not None:
+                self._on_broken(RuntimeError(f"the pool could not recover: {failure}"))
+            elif self.recovery.reported(rank):
+                self.state = PoolState.READY
+                log.info("pool recovered in %.2f s", self.recovery.last_seconds)
+                self._dispatch()
 
     def _on_reply(self, call: PendingCall, rank: int, kind: Kind, payload: tuple[bytes, ...],
                   bulk: tuple[Any, ...] = ()) -> None:  # fmt: skip
         call.pending.discard(rank)
         if kind is Kind.ERROR:
-            report = protocol.loads(payload[0])
-            in_collective = bool(report.get("in_collective"))
+            err, in_collective = messages.decode_error(rank, payload[0])
             call.rebuild = call.rebuild or in_collective
-            err = WorkerError(rank, report["exc_type"], report["message"], report["traceback"])
             if call.internal:
                 log.warning("keepalive call failed: %s", err)
             if not call.failed and in_collective and call.held is None:
@@ -533,24 +597,29 @@ class Pool(RecoveryMixin, AttachMixin):
         elif kind is Kind.RESULT:
             if len(payload) == 1:  # a plain reply: its data frame only (see _rank._run_call)
                 payload = (b"", *payload)
-                meta = _PLAIN_REPLY
+                dropped: list[int] = []
+                manifest = _PLAIN_MANIFEST
             else:
-                meta = pickle.loads(payload[0])
-            call.dropped.update(meta["dropped"])
+                dropped, manifest = messages.decode_result_meta(payload[0])
+            call.dropped.update(dropped)
             if rank == 0:
                 try:
-                    ready = self._read_reply_storages(call, meta["tensors"])
+                    ready = self._read_reply_storages(call, manifest)
                 except OSError as exc:
                     self._fail(call, RuntimeError(f"cannot read rank 0's result from its memory: {exc}"))
                 else:
                     digests = payload[2] if bulk else b""
-                    call.reply = (payload[1], meta["tensors"], bulk, digests, ready)
+                    call.reply = (payload[1], manifest, bulk, digests, ready)
+        if call.cancelled and call.failed_at is None and call.pending:
+            # A rank left the cancelled call: the others can no longer meet it in a collective.
+            call.failed_at = time.monotonic()  # their grace period starts (see _grace_timer)
+            self._io_waker.wake()
         if not call.pending:
             self._finish(call)
 
     def _fail(self, call: PendingCall, err: BaseException) -> None:
         """Deliver ``err`` now; the ranks still running ``call`` are asked to stop, then given
-        ``grace_period`` seconds before they are killed (see _tick)."""
+        ``grace_period`` seconds before they are killed (see _grace_timer)."""
         call.failed = True
         call.push(Event(ERROR, err))
         self._stop_running(call)
@@ -558,7 +627,7 @@ class Pool(RecoveryMixin, AttachMixin):
     def _stop_running(self, call: PendingCall) -> None:
         if call.failed_at is None:
             call.failed_at = time.monotonic()
-        live = call.pending - self._dead
+        live = call.pending - self.recovery.dead
         if live:
             self._send_to(Kind.CANCEL, call.id, [], live)
         self._io_waker.wake()  # arm the grace timer (the I/O thread may be idle or standing by)
@@ -581,9 +650,121 @@ class Pool(RecoveryMixin, AttachMixin):
         call.finished.set()
         self.current = None
         self._last_activity = time.monotonic()
-        if self._dead or call.rebuild:
+        if self.recovery.dead or call.rebuild:
             self._recover()
         self._dispatch()
+
+    # --- hosts and failures (under _lock, or from the monitor thread) ----------------------------
+    def _apply(self, events: list[PlacementEvent]) -> None:
+        """Act on what the placement reports about its hosts."""
+        for event in events:
+            if isinstance(event, SpawnRanks):
+                self._spawn_ranks(event.ranks)
+            elif isinstance(event, RankExited):
+                self._ranks_exited([event.info])
+            elif isinstance(event, HostLost):
+                # One failure for all of them; a rank whose exit was already reported is skipped
+                # (its sender was replaced, or it is dead already).
+                self._ranks_exited([RankExit(rank, event.pids.get(rank, 0), self._senders.get(rank, ""), None, None,
+                                             event.why)
+                                    for rank in event.ranks if rank not in self.recovery.dead])  # fmt: skip
+            elif isinstance(event, PoolFailed):
+                self._on_broken(event.error)
+
+    def _rank_exited(self, info: RankExit) -> None:  # monitor thread
+        with self._lock:
+            self._ranks_exited([info])
+
+    def _template_lost(self, detail: str) -> None:  # monitor thread
+        with self._lock:
+            self._on_broken(RuntimeError(f"the pool's template process is gone: {detail}"))
+
+    def _ranks_exited(self, infos: list[RankExit]) -> None:
+        """Ranks died together (one process, or every rank of a lost host): one failure event.
+
+        Handled as one so that the ranks of a lost host start one recovery, not one per rank (a
+        second death during recovery restarts every rank, and restarts are capped)."""
+        if self.state.over:
+            return
+        # a previous life of a rank (killed by us and replaced) is expected to die
+        infos = [info for info in infos if self._senders.get(info.rank) == info.sender]
+        if not infos:
+            return
+        first = infos[0]
+        err = WorkerDiedError(first.rank, first.exitcode, first.signal, first.detail)
+        if self.state is PoolState.STARTING:
+            self.startup.push(Event(ERROR, err))
+            return
+        ranks = {info.rank for info in infos}
+        self.recovery.lost(ranks)
+        others = f" (and ranks {sorted(ranks - {first.rank})})" if len(ranks) > 1 else ""
+        log.warning("%s%s; recovering the pool", err, others)
+        call = self.current
+        if self.state is PoolState.RECOVERING:
+            self._recover(again=True, cause=err)  # a second failure: start every rank afresh
+        elif call is not None:
+            call.pending -= ranks
+            if not call.failed:
+                self._fail(call, err)
+            if not call.pending:
+                self._finish(call)
+        else:
+            self._idle_death = err
+            self._recover()
+
+    def _kill(self, ranks: set[int], why: str) -> None:
+        """SIGKILL the live ones of ``ranks``; they count as lost from now on."""
+        self._sigkill(ranks - self.recovery.dead, why)
+        self.recovery.lost(ranks)
+
+    def _sigkill(self, ranks: set[int], why: str) -> None:
+        for rank in sorted(ranks):
+            host = self.placement.host_of(rank)
+            pid = host.pids.get(rank) if host is not None else None
+            log.warning("killing rank %d (pid %s on %s): it %s", rank, pid, getattr(host, "name", "?"), why)
+            if host is not None and pid is not None:
+                host.signal_ranks(signal.SIGKILL, [rank])
+
+    def _recover(self, again: bool = False, cause: BaseException | None = None) -> None:
+        """Respawn lost ranks (setup runs again with the original kwargs) and rebuild the group on a
+        fresh store prefix; the other ranks keep their state. Calls queue until it is done."""
+        step = self.recovery.begin(again)
+        if step is None:  # a respawned rank that dies in setup every time would loop forever
+            self._on_broken(RuntimeError(
+                f"the pool could not recover: ranks kept dying while it restarted them "
+                f"(last: {cause}); fix the cause and call start() again"))  # fmt: skip
+            return
+        self._sigkill(set(step.kill), "was alive when recovery had to start over")
+        self.state = PoolState.RECOVERING
+        self.resident.invalidate()  # respawned ranks hold nothing; survivors' copies are in doubt
+        if step.survivors:
+            self._send_to(Kind.REBUILD, step.generation, [messages.encode_rebuild(step.store_prefix)],
+                          set(step.survivors))  # fmt: skip
+        self._spawn_ranks(step.respawn)
+        self._io_waker.wake()  # arm the recovery deadline
+
+    def _on_broken(self, err: BaseException) -> None:
+        if self.state in (PoolState.STOPPING, PoolState.CLOSED):
+            return
+        if self.state is PoolState.STARTING:
+            self.startup.push(Event(ERROR, err))
+        self.state = PoolState.BROKEN
+        self.broken = err
+        self._idle_death = None  # superseded: the broken pool's error says more
+        self.recovery.abandon()
+        self._fail_every_call(err)
+
+    def _fail_every_call(self, err: BaseException) -> list[PendingCall]:
+        """Every running and queued call ends with ``err``; returns them (the running one first)."""
+        calls = [*([self.current] if self.current else []), *self._queue]
+        for call in calls:
+            if not call.failed:
+                call.failed = True
+                call.push(Event(ERROR, err))
+            call.finished.set()
+        self.current = None
+        self._queue.clear()
+        return calls
 
     # --- tensors out of band ------------------------------------------------------------------------
     def _on_reach_report(self, rank: int, report: dict[str, Any]) -> None:
@@ -625,25 +806,19 @@ class Pool(RecoveryMixin, AttachMixin):
     def close(self, timeout: float) -> None:
         """EXIT → ``timeout`` → SIGTERM → grace → SIGKILL; then release sockets, store and files."""
         with self._lock:
-            was_ready = self.state == "ready"
-            if self.state == "recovering":
+            was_ready = self.state is PoolState.READY
+            if self.state is PoolState.RECOVERING:
                 # Survivors re-joining the group wait for peers that may never come (a lost host):
                 # they cannot see EXIT until then, so waiting the full timeout would only delay stop.
                 timeout = min(timeout, self.config.grace_period)
-            self.state = "stopping"
-            closed = PoolClosedError("the pool was stopped")
-            for call in [*([self.current] if self.current else []), *self._queue]:
-                if not call.failed:
-                    call.failed = True
-                    call.push(Event(ERROR, closed))
-                if call is self.current:
+            self.state = PoolState.STOPPING
+            running = self.current
+            for call in self._fail_every_call(PoolClosedError("the pool was stopped")):
+                if call is running:
                     self._send_to(Kind.CANCEL, call.id, [], call.pending)
-                call.finished.set()
-            self._queue.clear()
-            self.current = None
             if was_ready or self._senders:
                 self._send_to(Kind.EXIT, 0, [])
-        hosts = self._hosts()
+        hosts = self.placement.hosts()
         deadline = time.monotonic() + timeout
         for host in hosts:
             host.wait_ranks_gone(max(0.0, deadline - time.monotonic()))
@@ -661,9 +836,7 @@ class Pool(RecoveryMixin, AttachMixin):
         self._io_waker.wake()
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout=5)
-        # Agents on other hosts must get their EXIT before the socket goes (linger 0 would drop it;
-        # they would then only leave when their lease runs out).
-        self.channel.close(linger_ms=1000 if self._agents else 0)
+        self.channel.close(linger_ms=self.placement.close_linger_ms())
         self._io_waker.close()
         if self._auth is not None:
             self._auth.stop()
@@ -672,33 +845,38 @@ class Pool(RecoveryMixin, AttachMixin):
         if self._shm_probe is not None:
             self._shm_probe.close()
         remove_ipc_dir(self._ipc_dir)
-        self.state = "closed"
+        self.state = PoolState.CLOSED
 
     def kill(self) -> None:
         """Immediate teardown (failed start, interpreter exit): no EXIT, no grace."""
-        for host in self._hosts():
+        for host in self.placement.hosts():
             host.signal_ranks(signal.SIGKILL)
         self.close(timeout=0.0)
 
-    def _hosts(self) -> list[RankHost]:
-        """Every host with ranks or attached (the local template, agents, spares), once each."""
-        hosts: list[RankHost] = [] if self.template is None else [self.template]
-        hosts += [host for host in self._agents.values() if host not in hosts]
-        return hosts
-
+    # --- views -----------------------------------------------------------------------------------
     def host_ranks(self) -> dict[str, list[int]]:
         """``{host name: ranks}`` of the hosts that hold ranks (spares hold none)."""
-        out: dict[str, list[int]] = {}
-        for rank, host in sorted(self._rank_hosts.items()):
-            if host is not None:
-                out.setdefault(host.name, []).append(rank)
-        return out
+        return self.placement.host_ranks()
 
     def rank_pids(self) -> dict[int, int]:
         pids: dict[int, int] = {}
-        for host in self._hosts():
+        for host in self.placement.hosts():
             pids.update(host.pids)
         return pids
+
+    def stats(self) -> PoolStats:
+        template = self.placement.template if isinstance(self.placement, LocalPlacement) else None
+        store = self._store
+        with self._lock:
+            return PoolStats(
+                state=self.state.value, world_size=self.world_size, address=self.address,
+                store_port=None if store is None else int(store.port),
+                template_pid=None if template is None else template.pid, rank_pids=self.rank_pids(),
+                hosts=self.host_ranks(), recoveries=self.recovery.count,
+                last_recovery_seconds=self.recovery.last_seconds, calls=self.transfers.calls,
+                queued=len(self._queue), rejected_messages=self.channel.rejected,
+                refused_clients=0 if self._auth is None else int(self._auth.denied),
+            )  # fmt: skip
 
 
 def _listen(host: str, port: int) -> socket.socket:

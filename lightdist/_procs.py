@@ -22,24 +22,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-__all__ = ["RankExit", "RankHost", "TemplateProcess", "die_with_parent"]
+from lightdist._messages import RankBoot, driver_sys_path
+
+__all__ = ["RankExit", "RankHost", "TemplateProcess"]
 
 _LEN = struct.Struct("!I")
 _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TEMPLATE_BOOT = "import sys; sys.path.insert(0, {root!r}); from lightdist._template import main; main()"
-
-
-def die_with_parent(sig: int = signal.SIGKILL) -> None:
-    """Have the kernel send ``sig`` to this process when its parent exits (Linux; a no-op elsewhere).
-
-    Cheap and import-free, so it is safe in a ``preexec_fn``. The caller checks ``os.getppid()``
-    afterwards if the parent may already have died."""
-    import ctypes
-
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(sig))  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # pragma: no cover - not Linux
-        pass
 
 
 @dataclass(frozen=True)
@@ -59,7 +48,7 @@ class RankHost(Protocol):
     name: str
     pids: dict[int, int]  # rank -> pid of its live process on this host
 
-    def spawn(self, rank: int, boot: dict[str, Any]) -> None: ...
+    def spawn(self, rank: int, boot: RankBoot) -> None: ...
     def signal_ranks(self, sig: int, ranks: list[int] | None = None) -> None: ...
     def wait_ranks_gone(self, timeout: float) -> bool: ...
     def close(self, grace: float = 2.0) -> None: ...
@@ -85,7 +74,6 @@ class TemplateProcess:
         self.pids: dict[int, int] = {}  # rank -> pid of the live process
         self.senders: dict[int, str] = {}  # rank -> sender name of that process
         self._spawned = threading.Condition(self._lock)
-        self.import_seconds: float | None = None
         self.error: str | None = None
         self._closing = False
         control_r, control_w = os.pipe()
@@ -106,7 +94,7 @@ class TemplateProcess:
         finally:
             os.close(control_w)
         self._control = os.fdopen(control_r, "rb")
-        self._send({"control_fd": control_w, "imports": imports, "sys_path": _importable_sys_path(),
+        self._send({"control_fd": control_w, "imports": imports, "sys_path": driver_sys_path(),
                     "cleanup_dir": cleanup_dir})  # fmt: skip
         self._monitor = threading.Thread(target=self._watch, name="lightdist-monitor", daemon=True)
         self._output = threading.Thread(target=self._forward_output, name="lightdist-output", daemon=True)
@@ -124,19 +112,9 @@ class TemplateProcess:
             self.proc.stdin.write(_LEN.pack(len(data)) + data)
             self.proc.stdin.flush()
 
-    def spawn(self, rank: int, boot: dict[str, Any]) -> None:
+    def spawn(self, rank: int, boot: RankBoot) -> None:
         """Ask the template to fork ``rank``; returns at once (READY comes over ZMQ)."""
         self._send({"op": "spawn", "rank": rank, "boot": boot})
-
-    def wait_spawned(self, ranks: list[int], timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        with self._spawned:
-            while not all(r in self.pids for r in ranks):
-                left = deadline - time.monotonic()
-                if left <= 0 or self.proc.poll() is not None:
-                    return False
-                self._spawned.wait(min(left, 0.5))
-        return True
 
     def signal_ranks(self, sig: int, ranks: list[int] | None = None) -> None:
         with self._lock:
@@ -146,10 +124,6 @@ class TemplateProcess:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
-
-    def live_ranks(self) -> list[int]:
-        with self._lock:
-            return sorted(self.pids)
 
     def wait_ranks_gone(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -199,8 +173,6 @@ class TemplateProcess:
                         del self.pids[event["rank"]]
                     self._spawned.notify_all()
                 self._on_exit(RankExit(event["rank"], event["pid"], event["sender"], event["code"], event["signal"]))
-            elif kind == "imported":
-                self.import_seconds = event["seconds"]
             elif kind == "error":
                 self.error = event["traceback"]
         # EOF: the template exited. Its ranks die with it (PDEATHSIG). Report the template first:
@@ -236,9 +208,3 @@ class TemplateProcess:
                 except (OSError, ValueError):
                     pass  # a closed driver stream must not stop us draining the pipe
         sel.close()
-
-
-def _importable_sys_path() -> list[str]:
-    # The driver's import path, so the template can import what the driver can (a src/ layout,
-    # a sys.path.insert in the user's script). Entries that are not directories are kept too (zips).
-    return [p if p else os.getcwd() for p in sys.path]

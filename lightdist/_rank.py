@@ -7,10 +7,10 @@ fresh one without losing its ``setup`` state.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import gc
 import os
-import pickle
 import signal
 import sys
 import traceback
@@ -18,9 +18,11 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
+from lightdist import _messages as messages
 from lightdist import _shm, _tensors, protocol
 from lightdist._link import Link
-from lightdist._procs import die_with_parent
+from lightdist._messages import DRIVER_SENDER, RankBoot
+from lightdist._lifetime import die_with_parent
 from lightdist._shm import trim_heap
 from lightdist._resident import RankCache
 from lightdist.protocol import Kind, Message, Session
@@ -30,63 +32,28 @@ from lightdist.worker import DistributedWorker
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["error_report", "rank_main"]
-
-def error_report(exc: BaseException) -> bytes:
-    """An exception as plain data: the driver can always read it, whatever classes it has.
-
-    ``in_collective`` says whether it came out of a collective (a timed-out or failed one, in
-    torch.distributed or in DDP's reducer): the group may then be unusable, so the driver rebuilds
-    it before the next call.
-    """
-    cls = type(exc)
-    name = cls.__qualname__ if cls.__module__ in ("builtins", "__main__") else f"{cls.__module__}.{cls.__qualname__}"
-    tb = "".join(traceback.format_exception(cls, exc, exc.__traceback__))
-    return protocol.dumps({"exc_type": name, "message": str(exc), "traceback": tb, "in_collective": _from_collective(exc)})
+__all__ = ["rank_main"]
 
 
-_COLLECTIVE_FILES = (f"torch{os.sep}distributed{os.sep}", f"torch{os.sep}nn{os.sep}parallel{os.sep}")
-_COLLECTIVE_MARKERS = ("gloo", "nccl", "processgroup", "connection closed by peer", "connection reset by peer")
-
-
-def _from_collective(exc: BaseException) -> bool:
-    # Walk the whole chain (user code often re-raises: `raise X from exc`). DDP runs its
-    # all-reduce from C++ autograd, so a failure there shows no torch.distributed frame: the
-    # backends' messages and torch's Dist*Error types tell instead.
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if type(current).__module__.startswith("torch.distributed") or type(current).__name__.startswith("Dist"):
-            return True
-        if any(f.filename and any(m in f.filename for m in _COLLECTIVE_FILES) for f in traceback.extract_tb(current.__traceback__)):
-            return True
-        message = str(current).lower()
-        if any(marker in message for marker in _COLLECTIVE_MARKERS):
-            return True
-        current = current.__cause__ or current.__context__
-    return False
-
-
-def rank_main(boot: dict[str, Any], template_pid: int) -> int:
+def rank_main(boot: RankBoot, template_pid: int) -> int:
     """Entry point of a forked rank; returns the process exit code."""
     _die_with_parent(template_pid)
     _apply_environment(boot)
     context = zmq.Context()
-    session = Session(boot["key"], sender=boot["sender"], rank=boot["rank"])
-    session.accept_from(boot["driver_sender"], after_seq=boot["driver_seq"])
-    channel = Channel.connect_dealer(context, boot["address"], boot["sender"].encode(), session,
-                                     curve=boot.get("curve"))  # fmt: skip
+    session = Session(boot.key, sender=boot.sender, rank=boot.rank)
+    session.accept_from(DRIVER_SENDER, after_seq=boot.driver_seq)
+    channel = Channel.connect_dealer(context, boot.address, boot.sender.encode(), session,
+                                     curve=boot.curve)  # fmt: skip
     link = Link(channel)
     link.start()
     try:
-        worker = _build_worker(boot, link)
+        worker, boot = _build_worker(boot, link)
     except BaseException as exc:  # noqa: BLE001 - every setup failure is reported with its traceback
-        link.send(Kind.FAILED, 0, [error_report(exc)])
+        link.send(Kind.FAILED, 0, [messages.encode_error(exc)])
         link.close()
         context.term()
         return 1
-    link.send(Kind.READY, 0, [pickle.dumps(_reach_report(boot))])
+    link.send(Kind.READY, 0, [messages.encode_reach(_reach_report(boot))])
     code = _serve(worker, link, boot)
     link.close()
     context.term()
@@ -96,14 +63,14 @@ def rank_main(boot: dict[str, Any], template_pid: int) -> int:
 _probe_buffer: Any = None  # the driver reads it once (READY) to learn whether it can read our memory
 
 
-def _reach_report(boot: dict[str, Any]) -> dict[str, Any]:
+def _reach_report(boot: RankBoot) -> dict[str, Any]:
     """What this rank can reach out of band: the driver's probe memfd, and a buffer of ours the
     driver tries to read (see lightdist._shm)."""
     global _probe_buffer
     shm_ok = False
-    if boot.get("shm_probe"):
+    if boot.shm_probe:
         try:
-            os.close(_shm.open_remote_fd(*boot["shm_probe"]))
+            os.close(_shm.open_remote_fd(*boot.shm_probe))
             shm_ok = True
         except OSError:
             pass
@@ -119,48 +86,43 @@ def _die_with_parent(template_pid: int) -> None:
         os._exit(1)
 
 
-def _apply_environment(boot: dict[str, Any]) -> None:
+def _apply_environment(boot: RankBoot) -> None:
     os.environ.update(
-        RANK=str(boot["rank"]),
-        WORLD_SIZE=str(boot["world_size"]),
-        LOCAL_RANK=str(boot["local_rank"]),
-        LOCAL_WORLD_SIZE=str(boot["local_world_size"]),
-        NODE_RANK=str(boot.get("node_rank", 0)),  # the host's index in a pool across hosts
+        RANK=str(boot.rank),
+        WORLD_SIZE=str(boot.world_size),
+        LOCAL_RANK=str(boot.local_rank),
+        LOCAL_WORLD_SIZE=str(boot.local_world_size),
+        NODE_RANK=str(boot.node_rank),  # the host's index in a pool across hosts
     )
-    sys.argv = list(boot.get("argv", sys.argv))
-    if boot.get("cwd"):
-        os.chdir(boot["cwd"])
-    _prepend_sys_path(boot.get("sys_path", []))
+    sys.argv = list(boot.argv)
+    if boot.cwd:
+        os.chdir(boot.cwd)
+    messages.adopt_sys_path(boot.sys_path)
 
 
-def _prepend_sys_path(paths: list[str]) -> None:
-    for path in reversed(paths):
-        if path not in sys.path:
-            sys.path.insert(0, path)
-
-
-def _build_worker(boot: dict[str, Any], link: Link) -> DistributedWorker:
+def _build_worker(boot: RankBoot, link: Link) -> tuple[DistributedWorker, RankBoot]:
+    """The worker, set up; and ``boot`` with its backend decided (a rebuilt group uses it again)."""
     import torch
 
     device = _pick_device(boot)
+    boot = dataclasses.replace(boot, backend=boot.backend or ("nccl" if device.type == "cuda" else "gloo"))
     if device.type == "cpu":
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        torch.set_num_threads(max(1, cpus // boot["local_world_size"]))
+        torch.set_num_threads(max(1, cpus // boot.local_world_size))
     else:
         torch.cuda.set_device(device)
-    boot["backend"] = boot["backend"] or ("nccl" if device.type == "cuda" else "gloo")
-    _join_group(boot, boot["store_prefix"])
-    worker_cls = protocol.loads(boot["worker_cls"])
-    kwargs = protocol.loads(boot["setup_kwargs"])
-    worker = worker_cls(boot["rank"], boot["world_size"])
+    _join_group(boot, boot.store_prefix)
+    worker_cls = protocol.loads(boot.worker_cls)
+    kwargs = protocol.loads(boot.setup_kwargs)
+    worker = worker_cls(boot.rank, boot.world_size)
     if not isinstance(worker, DistributedWorker):
         raise TypeError(f"{worker_cls!r} must subclass lightdist.DistributedWorker")
-    worker._attach(link, boot["local_rank"], boot["local_world_size"], device)
+    worker._attach(link, boot.local_rank, boot.local_world_size, device)
     worker.setup(**kwargs)
-    return worker
+    return worker, boot
 
 
-def _join_group(boot: dict[str, Any], prefix: str) -> None:
+def _join_group(boot: RankBoot, prefix: str) -> None:
     """Join the default process group through the driver's store, under ``prefix``.
 
     A rebuilt group uses a fresh prefix, so keys of the broken one can never be read again.
@@ -168,37 +130,37 @@ def _join_group(boot: dict[str, Any], prefix: str) -> None:
     import torch.distributed as dist
 
     store = dist.TCPStore(  # type: ignore[attr-defined]
-        boot["store_host"], boot["store_port"], is_master=False,
-        timeout=datetime.timedelta(seconds=boot["start_timeout"]),
+        boot.store_host, boot.store_port, is_master=False,
+        timeout=datetime.timedelta(seconds=boot.start_timeout),
     )  # fmt: skip
     dist.init_process_group(
-        boot["backend"],
+        boot.backend,
         store=dist.PrefixStore(prefix, store),  # type: ignore[attr-defined]
-        rank=boot["rank"],
-        world_size=boot["world_size"],
-        timeout=datetime.timedelta(seconds=boot["pg_timeout"]),
+        rank=boot.rank,
+        world_size=boot.world_size,
+        timeout=datetime.timedelta(seconds=boot.pg_timeout),
     )
 
 
-def _pick_device(boot: dict[str, Any]) -> torch.device:
+def _pick_device(boot: RankBoot) -> torch.device:
     import torch
 
-    want = boot["accelerator"]
+    want = boot.accelerator
     # Every rank must decide alike (one group cannot mix NCCL and gloo): GPUs only if each local
     # rank gets its own.
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    has_cuda = gpus >= boot["local_world_size"]
+    has_cuda = gpus >= boot.local_world_size
     if want == "cuda" and not has_cuda:
         raise RuntimeError(
-            f"accelerator='cuda' needs a GPU per rank: {boot['local_world_size']} local ranks but "
+            f"accelerator='cuda' needs a GPU per rank: {boot.local_world_size} local ranks but "
             f"{gpus} GPU(s) visible; use accelerator='cpu' or world_size <= {gpus}"
         )
     if want == "cuda" or (want == "auto" and has_cuda):
-        return torch.device("cuda", boot["local_rank"])
+        return torch.device("cuda", boot.local_rank)
     return torch.device("cpu")
 
 
-def _serve(worker: DistributedWorker, link: Link, boot: dict[str, Any]) -> int:
+def _serve(worker: DistributedWorker, link: Link, boot: RankBoot) -> int:
     """Run calls until EXIT; every call ends in exactly one RESULT or ERROR reply."""
     cache = RankCache()
     rss_after_gc = _rss_bytes()
@@ -248,14 +210,14 @@ def _rss_bytes() -> int:
         return 0
 
 
-def _rebuild(worker: DistributedWorker, link: Link, boot: dict[str, Any], msg: Message) -> None:
+def _rebuild(worker: DistributedWorker, link: Link, boot: RankBoot, msg: Message) -> None:
     """Leave the old group (it may be broken: a peer died or was killed) and join the new one."""
     try:
         _destroy_process_group()
-        _join_group(boot, pickle.loads(msg.payload[0]))
+        _join_group(boot, messages.decode_rebuild(msg.payload[0]))
         worker.on_process_group_rebuilt()
     except BaseException as exc:  # noqa: BLE001 - the driver gives up on recovery and says why
-        link.send(Kind.FAILED, msg.header.call, [error_report(exc)])
+        link.send(Kind.FAILED, msg.header.call, [messages.encode_error(exc)])
         return
     link.send(Kind.REBUILT, msg.header.call)
 
@@ -267,9 +229,9 @@ def _run_call(worker: DistributedWorker, link: Link, msg: Message, cache: RankCa
     try:
         # The envelope first: the driver's sys.path must be in place before the payload, which
         # may hold objects of modules only that path can import, is unpickled.
-        envelope = pickle.loads(msg.payload[0])
+        envelope = messages.decode_envelope(msg.payload[0])
         link.begin_call(call_id, envelope["streaming"])
-        _prepend_sys_path(envelope["sys_path"])
+        messages.adopt_sys_path(envelope["sys_path"])
         if envelope["cwd"] and envelope["cwd"] != os.getcwd():
             os.chdir(envelope["cwd"])
         manifest = envelope["tensors"]
@@ -292,7 +254,7 @@ def _run_call(worker: DistributedWorker, link: Link, msg: Message, cache: RankCa
             cache.clear()  # the driver resends everything after a failed resident call
         worker._resident = None
         link.end_call()
-        link.send(Kind.ERROR, call_id, [error_report(exc)])
+        link.send(Kind.ERROR, call_id, [messages.encode_error(exc)])
         return []
     worker._resident = None
     link.end_call()
@@ -300,7 +262,7 @@ def _run_call(worker: DistributedWorker, link: Link, msg: Message, cache: RankCa
         # The usual small reply (no tensor, nothing dropped): its data frame alone says so.
         link.send(Kind.RESULT, call_id, [outbound.data])
         return []
-    reply = [pickle.dumps({"dropped": dropped, "tensors": outbound.manifest}), outbound.data]
+    reply = [messages.encode_result_meta(dropped, outbound.manifest), outbound.data]
     if outbound.buffers:
         reply.append(protocol.bulk_digests(outbound.buffers))  # hashed here, outside any lock
     link.send(Kind.RESULT, call_id, reply, bulk=outbound.buffers)

@@ -9,7 +9,7 @@ Channels with the driver (all private pipes, so they carry trusted data):
 
 * stdin: length-prefixed pickled commands (``init``, ``spawn``). EOF means the driver is gone: every
   rank is killed and this process exits. This is the death pipe.
-* control fd (passed by the driver): JSON lines of events (``imported``, ``spawned``, ``exit``).
+* control fd (passed by the driver): JSON lines of events (``spawned``, ``exit``, ``error``).
 * stdout/stderr: each rank's output, line by line, prefixed with ``[rank N]``.
 
 One ``select`` loop serves all of it; a one-second tick checks that the driver is still our parent.
@@ -24,9 +24,11 @@ import select
 import signal
 import struct
 import sys
-import time
 import traceback
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lightdist._messages import RankBoot
 
 _LEN = struct.Struct("!I")
 _MAX_PARTIAL_LINE = 1 << 16
@@ -70,7 +72,7 @@ class Template:
         return commands
 
     # --- ranks -----------------------------------------------------------------------------------
-    def spawn(self, rank: int, boot: dict[str, Any]) -> None:
+    def spawn(self, rank: int, boot: RankBoot) -> None:
         # One process per rank: an earlier life still running (a respawn during recovery) goes first.
         for old in [r for r in self.ranks.values() if r.rank == rank]:
             try:
@@ -99,8 +101,8 @@ class Template:
             _flush_and_exit(code)
         os.close(out_w)
         os.close(err_w)
-        self.ranks[pid] = _Rank(rank, boot["sender"], pid, os.pidfd_open(pid), out_r, err_r)
-        self.emit(ev="spawned", rank=rank, pid=pid, sender=boot["sender"])
+        self.ranks[pid] = _Rank(rank, boot.sender, pid, os.pidfd_open(pid), out_r, err_r)
+        self.emit(ev="spawned", rank=rank, pid=pid, sender=boot.sender)
 
     def _fds(self) -> list[int]:
         fds = []
@@ -235,10 +237,9 @@ def main() -> None:
     template.cleanup_dir = init.get("cleanup_dir")
     try:
         os.environ.update(init.get("env", {}))
-        for path in reversed(init.get("sys_path", [])):
-            if path not in sys.path:
-                sys.path.insert(0, path)
-        started = time.perf_counter()
+        from lightdist._messages import adopt_sys_path
+
+        adopt_sys_path(init.get("sys_path", []))
         for module in init["imports"]:
             __import__(module)
         # Everything imported so far lives as long as the ranks do: freezing it keeps it out of
@@ -247,7 +248,6 @@ def main() -> None:
         import gc
 
         gc.freeze()
-        template.emit(ev="imported", seconds=time.perf_counter() - started)
     except BaseException:  # noqa: BLE001
         template.emit(ev="error", traceback=traceback.format_exc())
         _flush_and_exit(1)

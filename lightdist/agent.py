@@ -20,10 +20,9 @@ placement only and removed before the ranks start: the pool's layout is the only
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import logging
 import os
-import pickle
 import queue
 import secrets
 import select
@@ -36,7 +35,8 @@ from typing import Any
 
 import zmq
 
-from lightdist._attach import AGENT_PREFIX
+from lightdist import _messages as messages
+from lightdist._messages import AGENT_PREFIX, Assignment, HostEvent, RankBoot
 from lightdist._procs import RankExit, TemplateProcess
 from lightdist.protocol import Kind, Session
 from lightdist.transport import Channel
@@ -111,7 +111,7 @@ class Agent:
         self.generation = 0
         self.lease = connect_timeout  # until ASSIGN says otherwise
         self.template: TemplateProcess | None = None
-        self._spawns: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
+        self._spawns: queue.SimpleQueue[RankBoot | None] = queue.SimpleQueue()
         self._spawner: threading.Thread | None = None
         self.local_ip, self.ifname = route_interface(connect)
         self._context = zmq.Context()
@@ -182,24 +182,24 @@ class Agent:
     def _hello(self) -> None:
         facts = {"host": self.host, "nproc": self.nproc, "pid": os.getpid(), "ip": self.local_ip,
                  "ifname": self.ifname, "node_hint": node_hint(dict(os.environ)), **self.extra_facts}  # fmt: skip
-        self.channel.send(Kind.HELLO, 0, [json.dumps(facts).encode()])
+        self.channel.send(Kind.HELLO, 0, [messages.encode_hello(facts)])
 
     def _handle(self, kind: Kind, call: int, payload: tuple[bytes, ...]) -> int | None:
         if kind is Kind.PING:
             self.channel.send(Kind.PONG, self.generation)
         elif kind is Kind.ASSIGN:
-            self._assign(call, json.loads(payload[0]))
+            self._assign(call, messages.decode_assign(payload[0]))
         elif kind is Kind.SPAWN:
-            boot = pickle.loads(payload[0])  # signed by the driver: trusted
+            boot = messages.decode_spawn(payload[0])
             if self.curve is not None:
-                boot["curve"] = self.curve  # the rank connects with this host's client keys
+                boot = dataclasses.replace(boot, curve=self.curve)  # the rank connects with this host's client keys
             # Handed to a thread: the template reads its pipe only once its imports are done, so a
             # large bootstrap (setup kwargs) would block this loop and the heartbeat with it.
             self._spawns.put(boot)
         elif kind is Kind.KILL:
-            order = json.loads(payload[0])
+            order = messages.decode_kill(payload[0])
             if self.template is not None:
-                self.template.signal_ranks(int(order["signal"]), list(order["ranks"]))
+                self.template.signal_ranks(order.signal, order.ranks)
         elif kind is Kind.EXIT:
             return 0
         elif kind is Kind.FENCED:
@@ -208,40 +208,40 @@ class Agent:
             return 1
         return None
 
-    def _assign(self, generation: int, settings: dict[str, Any]) -> None:
+    def _assign(self, generation: int, settings: Assignment) -> None:
         self.generation = generation
-        self.lease = float(settings["lease_s"])
+        self.lease = settings.lease_s
         _scrub_launcher_environment()
         if self.ifname:  # unless the user chose already
             os.environ.setdefault("GLOO_SOCKET_IFNAME", self.ifname)
             os.environ.setdefault("NCCL_SOCKET_IFNAME", self.ifname)
         if self.template is None:
-            self.template = TemplateProcess(list(settings["imports"]), settings.get("cwd"), self._rank_exited,
+            self.template = TemplateProcess(settings.imports, settings.cwd, self._rank_exited,
                                             self._template_lost, on_spawned=self._rank_spawned)  # fmt: skip
             self._spawner = threading.Thread(target=self._spawn_loop, name="lightdist-agent-spawn", daemon=True)
             self._spawner.start()
-        log.info("agent %s: ranks %s (generation %d)", self.host, settings["ranks"], generation)
+        log.info("agent %s: ranks %s (generation %d)", self.host, settings.ranks, generation)
 
     def _spawn_loop(self) -> None:
         while (boot := self._spawns.get()) is not None:
             assert self.template is not None
             try:
-                self.template.spawn(boot["rank"], boot)
+                self.template.spawn(boot.rank, boot)
             except OSError as error:  # the template is gone; its monitor reports it
-                log.warning("cannot spawn rank %s: %s", boot["rank"], error)
+                log.warning("cannot spawn rank %s: %s", boot.rank, error)
 
-    def _event(self, **event: Any) -> None:
-        self.channel.send(Kind.HOST_EVENT, self.generation, [json.dumps(event).encode()])
+    def _event(self, event: HostEvent) -> None:
+        self.channel.send(Kind.HOST_EVENT, self.generation, [messages.encode_host_event(event)])
 
     def _rank_spawned(self, rank: int, pid: int, sender: str) -> None:  # template monitor thread
-        self._event(ev="spawned", rank=rank, pid=pid, sender=sender)
+        self._event(HostEvent("spawned", rank=rank, pid=pid, sender=sender))
 
     def _rank_exited(self, info: RankExit) -> None:  # template monitor thread
-        self._event(ev="exit", rank=info.rank, pid=info.pid, sender=info.sender, code=info.exitcode,
-                    signal=info.signal)  # fmt: skip
+        self._event(HostEvent("exit", rank=info.rank, pid=info.pid, sender=info.sender, code=info.exitcode,
+                              signal=info.signal))  # fmt: skip
 
     def _template_lost(self, detail: str) -> None:
-        self._event(ev="lost", detail=detail)
+        self._event(HostEvent("lost", detail=detail))
 
     def _shutdown(self) -> None:
         if self._spawner is not None:

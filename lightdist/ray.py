@@ -31,7 +31,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from lightdist._procs import die_with_parent
+from lightdist._lifetime import die_with_parent
 
 __all__ = ["RayAgents", "start_agents"]
 

@@ -14,7 +14,6 @@ import atexit
 import contextlib
 import copy
 import os
-import sys
 import threading
 import warnings
 import weakref
@@ -23,8 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from lightdist import _tensors, protocol
-from lightdist._calls import ERROR, ITEM, READY, RESULT, Event, PendingCall, Reply, encode_call
-from lightdist._pool import Pool, PoolConfig
+from lightdist._calls import ERROR, ITEM, RESULT, Event, PendingCall, Reply, encode_call
+from lightdist._attach import HOST_TIMEOUT_S
+from lightdist._messages import driver_sys_path
+from lightdist._pool import Pool, PoolConfig, PoolStats
+from lightdist._state import PoolState
 from lightdist.errors import PayloadError, PoolClosedError, TextEventError
 from lightdist.transport import deadline_after, remaining
 from lightdist.worker import DistributedWorker
@@ -106,7 +108,7 @@ class DistributedRunner:
         host_names: Sequence[str] | None = None,
         listen: str | None = None,
         key_file: str | os.PathLike[str] | None = None,
-        host_timeout: float = 2.0,
+        host_timeout: float = HOST_TIMEOUT_S,
         tensor_transport: str = "auto",
     ) -> None:
         _check_worker_cls(worker_cls)
@@ -171,13 +173,25 @@ class DistributedRunner:
         pool = self._pool
         return dict(vars(pool.transfers)) if pool is not None else {}
 
+    def stats(self) -> PoolStats:
+        """A snapshot of the pool: state, address, store port, template and rank pids, hosts,
+        recoveries so far, calls sent and queued.
+
+        Raises:
+            PoolClosedError: before ``start()`` or after ``stop()``.
+        """
+        pool = self._pool
+        if pool is None:
+            raise PoolClosedError(f"{self!r}: no pool to describe; call start() first")
+        return pool.stats()
+
     @property
     def pids(self) -> dict[int, int]:
         """``{rank: pid}`` of the live rank processes."""
         return self._pool.rank_pids() if self._pool is not None else {}
 
     def __repr__(self) -> str:
-        state = self._pool.state if self._pool is not None else "not started"
+        state = self._pool.state.value if self._pool is not None else "not started"
         return f"DistributedRunner({self.worker_cls.__qualname__}, world_size={self.world_size}, {state})"
 
     # --- start -----------------------------------------------------------------------------------
@@ -199,11 +213,11 @@ class DistributedRunner:
             launch.add_done_callback(self._abort_launched)
             raise
         try:
-            while not _started(pool, await pool.startup.anext(deadline)):
+            while not pool.startup_event(await pool.startup.anext(deadline)):
                 pass
         except BaseException as exc:
             await asyncio.to_thread(self._abort_start, pool)
-            _raise_start_error(exc, timeout, pool)
+            raise pool.start_error(exc, timeout) from None
         pool.mark_ready()
 
     def start_sync(self, timeout: int | float = 1800, **kwargs: Any) -> None:
@@ -211,17 +225,17 @@ class DistributedRunner:
         deadline = deadline_after(timeout)
         pool = self._launch(kwargs, timeout)
         try:
-            while not _started(pool, pool.startup.next(deadline)):
+            while not pool.startup_event(pool.startup.next(deadline)):
                 pass
         except BaseException as exc:
             self._abort_start(pool)
-            _raise_start_error(exc, timeout, pool)
+            raise pool.start_error(exc, timeout) from None
         pool.mark_ready()
 
     def _launch(self, kwargs: dict[str, Any], timeout: float) -> Pool:
         with self._lifecycle:
             if self._pool is not None:
-                if self._pool.state in ("starting", "ready", "recovering"):
+                if self._pool.state in (PoolState.STARTING, PoolState.READY, PoolState.RECOVERING):
                     raise RuntimeError(f"{self!r} is already running; stop() it first")
                 self._pool.kill()  # a broken pool: reap what is left before replacing it
                 self._pool = None
@@ -231,7 +245,7 @@ class DistributedRunner:
                 setup_kwargs=_dumps_kwargs(kwargs, "start() keyword argument"),
                 imports=("torch", *self.preload),
                 cwd=self.cwd,
-                sys_path=tuple(_sys_path()),
+                sys_path=tuple(driver_sys_path()),
                 pg_timeout=float(self.timeout),
                 accelerator=self.accelerator,
                 backend=self.backend,
@@ -552,27 +566,6 @@ def _final_value(event: Event, pool: Pool) -> Any:
     return value
 
 
-def _started(pool: Pool, event: Event) -> bool:
-    """Consume one start-up event; True once every rank is READY."""
-    if event.kind == ERROR:
-        raise event.value
-    if event.kind == READY:
-        pool.startup.pending.discard(event.rank)
-    return not pool.startup.pending
-
-
-def _raise_start_error(exc: BaseException, timeout: float, pool: Pool) -> None:
-    if isinstance(exc, TimeoutError) and pool.config.nodes is not None and not pool._rank_hosts:
-        raise TimeoutError(f"the pool did not form within {timeout} s: {pool.attach_status()}") from None
-    if isinstance(exc, TimeoutError):
-        waiting = sorted(pool.startup.pending)
-        raise TimeoutError(
-            f"ranks {waiting} were not ready within {timeout} s (setup still running, or stuck); "
-            "every worker process was stopped. Raise start(timeout=...) if setup is slow"
-        ) from None
-    raise exc
-
-
 def _check_host_names(host_names: Sequence[str], nodes: int | None) -> list[str]:
     names = [host_names] if isinstance(host_names, str) else list(host_names)
     if not names or not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
@@ -602,10 +595,6 @@ def _check_worker_cls(worker_cls: Any) -> None:
 def _check_world_size(world_size: Any) -> None:
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be a positive int (one rank per GPU on a GPU machine), got {world_size!r}")
-
-
-def _sys_path() -> list[str]:
-    return [p if p else os.getcwd() for p in sys.path]
 
 
 def _dumps_or_raise(obj: Any, what: str) -> bytes:

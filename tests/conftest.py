@@ -79,9 +79,9 @@ def _pool_owned() -> set[int]:
 
     owned: set[int] = set()
     for runner in list(_live_runners):
-        pool = runner._pool
-        if pool is not None and pool.template is not None and pool.is_alive():
-            owned |= {pool.template.pid, *runner.pids.values()}
+        if runner.is_alive():
+            template = runner.stats().template_pid
+            owned |= {*([template] if template is not None else []), *runner.pids.values()}
     return owned
 
 

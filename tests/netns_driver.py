@@ -19,7 +19,7 @@ def main() -> None:
     pool = DistributedRunner(Gather, world_size=world_size, nodes=nodes, listen=listen, key_file=key_file,
                              accelerator="cpu", timeout=30)  # fmt: skip
     pool.start_sync(timeout=90)
-    store_port = pool._pool._store.port if pool._pool is not None else None
+    store_port = pool.stats().store_port
     print(json.dumps({"ready": True, "hosts": pool.hosts, "pids": pool.pids, "store_port": store_port}), flush=True)
     for line in sys.stdin:
         started = time.monotonic()
@@ -28,8 +28,8 @@ def main() -> None:
             reply = {"ok": True, "out": out}
         except Exception as error:  # noqa: BLE001 - reported to the test as data
             reply = {"ok": False, "type": type(error).__name__, "error": str(error)}
-        inner = pool._pool
-        security = {"rejected": inner.channel.rejected, "denied": inner._auth.denied} if inner is not None else {}
+        stats = pool.stats()
+        security = {"rejected": stats.rejected_messages, "denied": stats.refused_clients}
         reply.update(seconds=time.monotonic() - started, hosts=pool.hosts, **security)
         print(json.dumps(reply), flush=True)
     pool.stop_sync()

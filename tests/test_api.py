@@ -163,7 +163,7 @@ def test_explicit_master_port_hosts_the_store_there() -> None:
     runner = DistributedRunner(Echo, world_size=1, master_port=port)
     runner.start_sync(timeout=120)
     try:
-        assert runner._pool is not None and runner._pool._store.port == port
+        assert runner.stats().store_port == port
         assert runner.invoke_sync({"a": 1})["payload"] == {"a": 1}
     finally:
         runner.stop_sync()
@@ -175,7 +175,7 @@ def test_worker_port_uses_tcp() -> None:
     runner = DistributedRunner(Echo, world_size=2, worker_port=port)
     runner.start_sync(timeout=120)
     try:
-        assert runner._pool is not None and runner._pool.address == f"tcp://127.0.0.1:{port}"
+        assert runner.stats().address == runner.address == f"tcp://127.0.0.1:{port}"
         assert runner.invoke_sync({"b": 2})["payload"] == {"b": 2}
     finally:
         runner.stop_sync()

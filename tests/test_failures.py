@@ -32,13 +32,18 @@ class Faulty(DistributedWorker):
         self.setups = getattr(self, "setups", 0) + 1
         self.saw_cancel = False
 
-    def __call__(self, streaming: bool = False, mode: str = "ok", who: str = "", token: str = "") -> object:
+    def __call__(self, streaming: bool = False, mode: str = "ok", who: str = "", token: str = "",
+                 seconds: float = 60.0) -> object:  # fmt: skip
         if mode == "raise" and (who == "all" or str(self.rank) == who):
             raise ValueError(f"boom on rank {self.rank} ({token})")
         if mode == "raise":  # the others wait in a collective that the raising rank never joins
             dist.all_reduce(torch.ones(1))
+        if mode == "wedge":  # rank 1 enters a collective that rank 0 leaves for when it is cancelled
+            if self.rank == 1:
+                dist.all_reduce(torch.ones(1))
+            mode = "sleep_coop"
         if mode in ("sleep", "sleep_coop"):
-            deadline = time.monotonic() + 60
+            deadline = time.monotonic() + seconds
             while time.monotonic() < deadline and not (mode == "sleep_coop" and self.cancelled):
                 if streaming and self.rank == 0:
                     self.add_streaming_result("tick")
@@ -126,7 +131,7 @@ def test_error_on_every_rank_keeps_every_process(pool: DistributedRunner, how: s
     err, took = timed(lambda: call(pool, how, {"mode": "raise", "who": "all"}))
     assert isinstance(err, WorkerError) and err.exc_type == "ValueError" and took < DETECT_S
     assert healthy(pool)["ranks"] == before
-    assert pool._pool.recoveries == 0  # type: ignore[union-attr]
+    assert pool.stats().recoveries == 0  # type: ignore[union-attr]
 
 
 # --- 2. dead ranks ------------------------------------------------------------------------------
@@ -157,7 +162,7 @@ def test_rank_killed_while_idle_is_reported_to_the_next_call(pool: DistributedRu
     """A rank that dies between calls: the next call raises WorkerDiedError, the one after works."""
     before = healthy(pool, "before")["ranks"]
     os.kill(pool.pids[0], signal.SIGKILL)
-    assert wait_until(lambda: pool._pool.recoveries == 1, 10)  # type: ignore[union-attr]
+    assert wait_until(lambda: pool.stats().recoveries == 1, 10)  # type: ignore[union-attr]
     err, took = timed(lambda: pool.invoke_sync({"token": "x"}, timeout=60))
     assert isinstance(err, WorkerDiedError) and err.rank == 0 and took < DETECT_S
     after = healthy(pool)["ranks"]
@@ -179,13 +184,27 @@ def test_timeout_cancels_and_a_late_reply_never_reaches_a_later_call(pool: Distr
     assert pool.invoke_sync({"mode": "saw_cancel"}, timeout=30) is True
 
 
-def test_stuck_ranks_are_replaced_after_a_timeout(pool: DistributedRunner) -> None:
-    """Ranks that ignore `cancelled` are killed after the grace period and respawned."""
+def test_a_timed_out_call_is_never_killed_for_being_slow(pool: DistributedRunner) -> None:
+    """As in fal.distributed, ranks that ignore `cancelled` finish their call: nothing is killed
+    (the model stays loaded), and the next call runs once they are done, on the same processes."""
     before = healthy(pool, "before")["ranks"]
-    err, took = timed(lambda: pool.invoke_sync({"mode": "sleep"}, timeout=0.5))
+    err, took = timed(lambda: pool.invoke_sync({"mode": "sleep", "seconds": 3 * GRACE + 1.0}, timeout=0.5))
+    assert isinstance(err, TimeoutError) and took < 0.5 + DETECT_S
+    out = healthy(pool)  # queued behind the slow call, not racing it
+    assert out["ranks"] == before, "a slow cancelled call must not cost the ranks their processes"
+    assert pool.stats().recoveries == 0
+
+
+def test_a_rank_left_alone_in_a_collective_is_replaced_after_the_grace_period(pool: DistributedRunner) -> None:
+    """Cancelled while rank 1 waits in all_reduce for rank 0, which returns when it sees `cancelled`:
+    rank 1 can never leave (gloo cannot abort), so once its peer left the call it gets the grace
+    period and is then replaced; rank 0 keeps its process."""
+    before = healthy(pool, "before")["ranks"]
+    err, took = timed(lambda: pool.invoke_sync({"mode": "wedge"}, timeout=0.5))
     assert isinstance(err, TimeoutError) and took < 0.5 + DETECT_S
     after = healthy(pool)["ranks"]
-    assert all(a["pid"] != b["pid"] for a, b in zip(after, before))
+    assert after[0] == before[0] and after[1]["pid"] != before[1]["pid"]
+    assert pool.stats().recoveries == 1
 
 
 def test_stream_timeouts_cancel_the_call(pool: DistributedRunner) -> None:
@@ -235,7 +254,7 @@ try:
 except KeyboardInterrupt:
     print("INTERRUPTED after %.2f s" % (time.monotonic() - started), flush=True)
 print("HANDLER UNCHANGED", signal.getsignal(signal.SIGINT) is handler, flush=True)
-print("NEXT", runner.invoke_sync(timeout=30), "RECOVERIES", runner._pool.recoveries, flush=True)
+print("NEXT", runner.invoke_sync(timeout=30), "RECOVERIES", runner.stats().recoveries, flush=True)
 runner.stop_sync()
 """
 
@@ -300,7 +319,7 @@ class W(DistributedWorker):
 
 runner = DistributedRunner(W, world_size=2)
 runner.start_sync(timeout=120)
-print(runner._pool._ipc_dir, runner._pool.template.pid, *runner.pids.values(), flush=True)
+print(runner._pool._ipc_dir, runner.stats().template_pid, *runner.pids.values(), flush=True)
 time.sleep(120)
 """
 
@@ -336,7 +355,7 @@ class W(DistributedWorker):
 runner = DistributedRunner(W, world_size=2)
 runner.start_sync(timeout=120)
 runner.invoke_sync()
-print(runner._pool.template.pid, *runner.pids.values(), flush=True)
+print(runner.stats().template_pid, *runner.pids.values(), flush=True)
 # no stop(): the interpreter exits and atexit stops the pool
 """
 
@@ -442,7 +461,7 @@ def test_collective_failure_inside_ddp_rebuilds_the_group() -> None:
             runner.invoke_sync({"fail": True}, timeout=60)
         for _ in range(3):
             assert runner.invoke_sync(timeout=60) == "ok"
-        assert runner._pool.recoveries == 1  # type: ignore[union-attr]
+        assert runner.stats().recoveries == 1  # type: ignore[union-attr]
     finally:
         runner.stop_sync(timeout=2)
 

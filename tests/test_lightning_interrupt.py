@@ -44,7 +44,7 @@ print("HANDLER", signal.getsignal(signal.SIGINT) is handler, flush=True)
 again = trainer(1)
 again.fit(Slow(), data)
 print("NEXT", again.global_step, "SAME PIDS", again.strategy.pool().pids == pids,
-      "RECOVERIES", again.strategy.pool()._pool.recoveries, flush=True)
+      "RECOVERIES", again.strategy.pool().stats().recoveries, flush=True)
 """
 
 

@@ -118,7 +118,7 @@ def test_class_from_module_on_driver_side_sys_path(tmp_path: Path, monkeypatch: 
 
 def test_store_is_hosted_by_the_driver_on_a_free_port(echo_pool: DistributedRunner) -> None:
     """The rendezvous store lives in the driver process (it outlives rank restarts)."""
-    port = echo_pool._pool._store.port  # type: ignore[union-attr]
+    port = echo_pool.stats().store_port
     assert port > 0
     listeners = Path("/proc/net/tcp").read_text() + Path("/proc/net/tcp6").read_text()
     assert f":{port:04X} " in listeners
@@ -127,7 +127,7 @@ def test_store_is_hosted_by_the_driver_on_a_free_port(echo_pool: DistributedRunn
 def test_bootstrap_travels_over_stdin_not_argv_or_env(echo_pool: DistributedRunner) -> None:
     """The pool key never appears in a worker's command line or environment."""
     key = echo_pool._pool.key  # type: ignore[union-attr]
-    template = echo_pool._pool.template.pid  # type: ignore[union-attr]
+    template = echo_pool.stats().template_pid
     for pid in [template, *echo_pool.pids.values()]:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         environ = Path(f"/proc/{pid}/environ").read_bytes()
@@ -138,7 +138,7 @@ def test_bootstrap_travels_over_stdin_not_argv_or_env(echo_pool: DistributedRunn
 
 def test_ranks_are_forked_from_one_template(echo_pool: DistributedRunner) -> None:
     """Ranks are children of the template process, which is a child of the driver."""
-    template = echo_pool._pool.template.pid  # type: ignore[union-attr]
+    template = echo_pool.stats().template_pid
     for pid in echo_pool.pids.values():
         stat = Path(f"/proc/{pid}/stat").read_text()
         assert int(stat[stat.rindex(")") + 2 :].split()[1]) == template

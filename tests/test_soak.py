@@ -136,15 +136,16 @@ def sample_rss(runner: DistributedRunner, tally: Tally) -> None:
 
 def checkpoint(runner: DistributedRunner, label: str) -> dict[str, Any]:
     """Driver fds and threads, and the process tree: exactly the template and two ranks."""
-    assert runner._pool is not None and runner._pool.template is not None
-    expected = {runner._pool.template.pid, *live_pids(runner).values()}
+    template = runner.stats().template_pid
+    assert template is not None
+    expected = {template, *live_pids(runner).values()}
     wait_until(lambda: descendants() == expected, 10.0)  # a killed rank is reaped within moments
     fig = {
         "fds": len(os.listdir("/proc/self/fd")),
         "threads": threading.active_count(),
         "procs": len(descendants()),
         "rank_rss_mb": {r: round(rss_kb(p) / 1024, 1) for r, p in sorted(runner.pids.items())},
-        "recoveries": runner._pool.recoveries,
+        "recoveries": runner.stats().recoveries,
     }
     print(f"[soak] {label}: {fig}", flush=True)
     assert descendants() == expected, (descendants(), expected)

@@ -66,8 +66,9 @@ class DistributedRunner:
         backend: torch.distributed backend; None picks NCCL on GPU and gloo on CPU.
         preload: modules the template imports before forking ranks (torch always); e.g.
             ``("lightning",)`` so every rank starts with Lightning already imported.
-        grace_period: seconds a rank gets to finish a call that failed elsewhere or was cancelled
-            (it sees ``cancelled``); then it is killed and replaced (see docs/failures.md).
+        grace_period: seconds a rank gets to finish a call that failed on another rank (it sees
+            ``cancelled``), or a cancelled call that another rank already left; then it is killed
+            and replaced. A call that was only cancelled is never cut short (see docs/failures.md).
         nodes: a pool across hosts: wait for this many ``lightdist agent`` processes (one per host)
             to attach, then give each a contiguous range of ``world_size`` ranks. Needs ``listen``
             and ``key_file``; see docs/multinode.md. ``host_names`` instead waits for those hosts
@@ -357,7 +358,8 @@ class DistributedRunner:
         Returns ``(value, interrupted)``. Worker code that polls ``cancelled`` can return what it has
         (the Lightning layer returns the state of a fit stopped at a batch all ranks agreed on).
         With ``on_item`` the call streams (``streaming=True``) and each item of rank 0 is passed to
-        it as it arrives, in order. Ranks that do not return within ``grace_period`` are replaced
+        it as it arrives, in order. Ranks that do not return within ``grace_period`` of the first
+        Ctrl-C are replaced
         and ``TimeoutError`` is raised; a second Ctrl-C abandons the call (KeyboardInterrupt).
 
         With ``resident`` the payload's tensors stay on the ranks after the call, and later resident

@@ -95,6 +95,8 @@ class PoolStrategy(DDPStrategy):
         return self.hub.events()
 
     # --- driver side -----------------------------------------------------------------------------
+    # _configure_launcher and _setup_model are private hooks of DDPStrategy, overridden by name:
+    # tests/test_lightning_compat.py pins them (lightdist.lightning._compat.OVERRIDDEN_HOOKS).
     @override
     def _configure_launcher(self) -> None:
         self._check_layout()

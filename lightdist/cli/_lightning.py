@@ -65,8 +65,9 @@ class LightdistCLI(LightningCLI):
 
     @override
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
-        # Overrides a private LightningCLI hook (stable since 1.5) because an argument added in
-        # add_arguments_to_parser would appear in every subcommand; this one is predict's alone.
+        # Overrides a private LightningCLI hook (stable since 1.5; pinned in _compat.OVERRIDDEN_HOOKS)
+        # because an argument added in add_arguments_to_parser would appear in every subcommand;
+        # this one is predict's alone.
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
         if subcommand == "predict":
             parser.add_argument(

@@ -1,8 +1,9 @@
 """The rank side of the Lightning layer: runs one Trainer entry point per call.
 
-``TrainerWorker`` receives the Trainer and its entry point (``_fit_impl``, ``_validate_impl``...)
-pickled together, so ``function.__self__ is trainer`` holds here as in the driver, runs it on the
-rank's main thread, and sends back what the driver needs to look as if it had run the Trainer
+``TrainerWorker`` receives the Trainer and its entry point (the bound method Lightning hands to the
+launcher, see :data:`lightdist.lightning._compat.ENTRY_POINTS`) pickled together, so
+``function.__self__ is trainer`` holds here as in the driver, runs it on the rank's main thread
+with its arguments by name, and sends back what the driver needs to look as if it had run the Trainer
 itself (rank 0 only; every rank takes part in the collectives that gathering needs).
 """
 
@@ -13,9 +14,9 @@ from typing import Any
 
 import torch
 from lightning.pytorch.callbacks import Callback, ProgressBar
-from lightning.pytorch.trainer import call
 from lightning.pytorch.trainer.states import TrainerFn
 
+from lightdist.lightning import _compat
 from lightdist.lightning.events import EventStreamer
 from lightdist.worker import DistributedWorker
 
@@ -29,8 +30,8 @@ class TrainerWorker(DistributedWorker):
                  flags: dict[str, Any] | None = None) -> dict[str, Any] | None:  # fmt: skip
         _apply_env(env or {})
         _apply_flags(flags or {})
-        trainer, function, args, kwargs = job
-        tracker = _ModelTracker(self._resident, _model_arg(trainer, args), self.rank)
+        trainer, function, arguments = job
+        tracker = _ModelTracker(self._resident, _model_arg(trainer, arguments), self.rank)
         trainer.strategy._sent_unchanged = tracker.unchanged  # lets DDP skip its start-up broadcast
         # This rank's copy of the Trainer: the driver draws the one progress bar from rank 0's events.
         trainer.callbacks[:] = [cb for cb in trainer.callbacks if not isinstance(cb, ProgressBar)]
@@ -38,19 +39,19 @@ class TrainerWorker(DistributedWorker):
         if streaming and self.rank == 0:
             trainer.callbacks.append(EventStreamer(self))
         try:
-            results = function(*args, **kwargs)
+            results = function(**arguments)  # by name: see _compat.entry_point_kwargs
         except CancelledByCaller as exc:
             # Every rank stopped at the same batch: finish like an interrupted in-process run
             # (on_exception hooks, teardown) and send back the state reached so far.
-            call._interrupt(trainer, exc)
-            trainer._teardown()
+            _compat.handle_interrupt(trainer, exc)
+            _compat.teardown(trainer)
             results = None
         except BaseException as exc:
-            # The launcher calls the entry point directly, so Lightning's own cleanup
-            # (_call_and_handle_interrupt) does not run here: on_exception hooks, strategy cleanup,
-            # loggers finalised as "failed", model to CPU. Run it before the error goes back.
-            call._interrupt(trainer, exc)
-            trainer._teardown()
+            # The launcher calls the entry point directly, so Lightning's own cleanup around the
+            # launcher does not run here: on_exception hooks, strategy cleanup, loggers finalised
+            # as "failed", model to CPU. Run it before the error goes back.
+            _compat.handle_interrupt(trainer, exc)
+            _compat.teardown(trainer)
             raise
         return _collect(trainer, results, self.rank, tracker)
 
@@ -154,11 +155,12 @@ def _collect(trainer: Any, results: Any, rank: int, tracker: _ModelTracker) -> d
     return out
 
 
-def _model_arg(trainer: Any, args: tuple[Any, ...]) -> Any:
+def _model_arg(trainer: Any, arguments: dict[str, Any]) -> Any:
     from lightning.pytorch import LightningModule
 
-    if args and isinstance(args[0], LightningModule):
-        return args[0]
+    model = _compat.entry_point_model(arguments)
+    if isinstance(model, LightningModule):
+        return model
     return trainer.strategy.lightning_module  # validate/test/predict(model=None) after a fit
 
 
@@ -238,14 +240,14 @@ def _gather_predictions(trainer: Any, results: Any, rank: int) -> Any:
 
     A DistributedSampler gives rank r the samples r, r + world_size, ... (padded with repeats), so
     rank 0's batches alone are neither complete nor in order. Lightning records each batch's
-    dataset indices (``_IndexBatchSamplerWrapper``); with them every output is split per sample,
+    dataset indices (:func:`~lightdist.lightning._compat.seen_batch_indices`); with them every output is split per sample,
     duplicates from padding are dropped, and the samples are re-batched in dataset order, which is
     what a single-process ``predict`` returns.
     """
     import torch.distributed as dist
 
-    loaders = trainer.predict_loop._combined_loader.flattened
-    indices = [getattr(dl.batch_sampler, "seen_batch_indices", []) for dl in loaders]
+    loaders = _compat.predict_loaders(trainer)
+    indices = [_compat.seen_batch_indices(dl) for dl in loaders]
     per_loader = results if len(loaders) > 1 else [results]
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, (indices, _to_cpu(per_loader)))

@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.strategies.launchers.launcher import _Launcher
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightdist import protocol
 from lightdist.errors import PayloadError, WorkerDiedError
+from lightdist.lightning import _compat
 from lightdist.lightning.events import DriverProgressBar
 
 if TYPE_CHECKING:
@@ -33,7 +33,7 @@ __all__ = ["_PoolLauncher"]
 _SEED_VARS = ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")
 
 
-class _PoolLauncher(_Launcher):
+class _PoolLauncher(_compat.Launcher):
     def __init__(self, strategy: PoolStrategy) -> None:
         self._strategy = strategy
 
@@ -60,8 +60,10 @@ class _PoolLauncher(_Launcher):
                 bar(event)
             hub.publish(event)
 
+        # Named from here on: the ranks call the entry point with keywords only (see _compat).
+        arguments = _compat.entry_point_kwargs(function, args, kwargs)
         if trainer is not None:
-            _attach(trainer, args)
+            _attach(trainer, arguments)
         fn = trainer.state.fn.value if trainer is not None and trainer.state.fn is not None else None
         outcome: dict[str, Any] = {"event": "end", "fn": fn, "interrupted": False, "error": None}
         restarts = 0
@@ -70,22 +72,21 @@ class _PoolLauncher(_Launcher):
                 # Trainer and entry point in one payload (function.__self__ is trainer on the ranks
                 # too). Resident: the model's tensors stay on the ranks for the next call, and what
                 # training changed is written back into this model's own tensors.
-                job = (trainer, function, args, kwargs)
+                job = (trainer, function, arguments)
                 try:
                     out, interrupted = runner.invoke_interruptible(
                         {"job": job, "env": _seed_env(), "flags": _torch_flags()}, on_item=on_event, resident=True
                     )
                     break
                 except PayloadError as exc:
-                    raise TypeError(_unpicklable(exc, trainer, args)) from exc
+                    raise TypeError(_unpicklable(exc, trainer, arguments)) from exc
                 except WorkerDiedError as exc:
                     if fn != "fit" or restarts >= self._strategy.max_restarts:
                         raise
                     restarts += 1
                     rank_zero_warn(f"{exc}: resuming the fit from its last checkpoint on the recovered pool "
                                    f"(restart {restarts} of {self._strategy.max_restarts})")  # fmt: skip
-                    # _fit_impl(model, train_dataloaders, val_dataloaders, datamodule, ckpt_path, ...)
-                    args = (*args[:4], "last", *args[5:])
+                    arguments = _compat.resume_fit_from(arguments, "last")
             outcome["interrupted"] = interrupted
         except BaseException as exc:
             outcome["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0]
@@ -97,7 +98,7 @@ class _PoolLauncher(_Launcher):
         if interrupted:
             rank_zero_info("Ctrl-C: every rank stopped at the same batch; the pool stays warm")
         if trainer is not None and out is not None:
-            _apply(out, trainer, args)
+            _apply(out, trainer, arguments)
         return None if out is None else out["results"]
 
     @override
@@ -120,7 +121,7 @@ def _torch_flags() -> dict[str, Any]:
     }
 
 
-def _apply(out: dict[str, Any], trainer: pl.Trainer, args: tuple[Any, ...]) -> None:
+def _apply(out: dict[str, Any], trainer: pl.Trainer, arguments: dict[str, Any]) -> None:
     model = trainer.lightning_module
     # The tensors the driver sent were written back in place already (resident call); "weights"
     # holds only entries the ranks created themselves (e.g. layers built in configure_model).
@@ -135,15 +136,10 @@ def _apply(out: dict[str, Any], trainer: pl.Trainer, args: tuple[Any, ...]) -> N
     trainer.state.fn = out["state"].fn
     trainer.state.status = out["state"].status
     trainer.state.stage = out["state"].stage
-    connector = trainer._logger_connector
-    connector._callback_metrics.update(out["callback_metrics"])
-    connector._logged_metrics.update(out["logged_metrics"])
-    connector._progress_bar_metrics.update(out["progress_bar_metrics"])
+    _compat.restore_metrics(trainer, out["callback_metrics"], out["logged_metrics"], out["progress_bar_metrics"])
     if out["fit_loop"] is not None:
         trainer.fit_loop.load_state_dict(out["fit_loop"])
-        trainer.fit_loop.restarting = False  # a second fit continues like a single-process Trainer
-        trainer.fit_loop.epoch_loop.restarting = False
-        trainer.fit_loop.epoch_loop.val_loop.restarting = False
+        _compat.clear_fit_restarting(trainer)  # a second fit continues like a single-process Trainer
     states = out["callbacks"]
     for callback in trainer.callbacks:  # type: ignore[attr-defined]
         state = states.get(callback.state_key)
@@ -152,13 +148,13 @@ def _apply(out: dict[str, Any], trainer: pl.Trainer, args: tuple[Any, ...]) -> N
         if isinstance(callback, ModelCheckpoint):
             callback.dirpath = state.get("dirpath")  # load_state_dict ignores most fields otherwise
         callback.load_state_dict(state)
-    model._trainer = trainer
-    datamodule = _datamodule_arg(args)
+    _compat.set_module_trainer(model, trainer)
+    datamodule = _datamodule_arg(arguments)
     if datamodule is not None:  # as the Trainer would have in-process: loops, hooks, back-reference
-        trainer._data_connector.attach_datamodule(model, datamodule=datamodule)
+        _compat.attach_datamodule(trainer, model, datamodule)
 
 
-def _attach(trainer: pl.Trainer, args: tuple[Any, ...]) -> None:
+def _attach(trainer: pl.Trainer, arguments: dict[str, Any]) -> None:
     """Point the call's model and datamodule at ``trainer`` before they are pickled.
 
     Lightning does this first thing in ``_fit_impl`` (and the other entry points), which here run on
@@ -166,24 +162,25 @@ def _attach(trainer: pl.Trainer, args: tuple[Any, ...]) -> None:
     one, and would carry it to every rank with everything it holds: its model, optimizers, loops."""
     from lightning.pytorch import LightningDataModule, LightningModule
 
-    for arg in (*args, trainer.lightning_module):
-        if isinstance(arg, LightningModule) and arg._trainer is not trainer:
+    for arg in (*arguments.values(), trainer.lightning_module):
+        if isinstance(arg, LightningModule) and _compat.module_trainer(arg) is not trainer:
             arg.trainer = trainer
         elif isinstance(arg, LightningDataModule) and arg.trainer is not trainer:
             arg.trainer = trainer
 
 
-def _datamodule_arg(args: tuple[Any, ...]) -> Any:
-    # Its position differs between _fit_impl, _validate_impl, _test_impl and _predict_impl, and it
-    # may come as the dataloaders argument: take whichever argument is one.
+def _datamodule_arg(arguments: dict[str, Any]) -> Any:
+    # It may come as the datamodule argument or as the dataloaders argument (Lightning accepts
+    # both): take whichever argument is one.
     from lightning.pytorch import LightningDataModule
 
-    return next((a for a in args if isinstance(a, LightningDataModule)), None)
+    return next((a for a in arguments.values() if isinstance(a, LightningDataModule)), None)
 
 
-def _unpicklable(exc: Exception, trainer: pl.Trainer | None, args: tuple[Any, ...]) -> str:
+def _unpicklable(exc: Exception, trainer: pl.Trainer | None, arguments: dict[str, Any]) -> str:
     """Name what could not travel to the ranks, down to the attribute, and say what to do."""
-    suspects: list[tuple[str, Any]] = [(f"argument {i}", a) for i, a in enumerate(args) if a is not None]
+    # Numbered by parameter position (the model is argument 0), as Lightning's call passes them.
+    suspects: list[tuple[str, Any]] = [(f"argument {i}", a) for i, a in enumerate(arguments.values()) if a is not None]
     if trainer is not None:
         suspects += [(f"callback {type(cb).__name__}", cb) for cb in trainer.callbacks]  # type: ignore[attr-defined]
         suspects += [(f"logger {type(lg).__name__}", lg) for lg in trainer.loggers]

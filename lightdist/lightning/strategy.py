@@ -15,11 +15,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from lightning.fabric.strategies.registry import _StrategyRegistry
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.strategies import DDPStrategy
 from typing_extensions import override
 
+from lightdist.lightning import _compat
 from lightdist.lightning._worker import TrainerWorker
 from lightdist.lightning.environment import PoolEnvironment
 from lightdist.lightning.events import EventHub
@@ -95,10 +95,12 @@ class PoolStrategy(DDPStrategy):
         return self.hub.events()
 
     # --- driver side -----------------------------------------------------------------------------
+    # _configure_launcher and _setup_model are private hooks of DDPStrategy, overridden by name:
+    # tests/test_lightning_compat.py pins them (lightdist.lightning._compat.OVERRIDDEN_HOOKS).
     @override
     def _configure_launcher(self) -> None:
         self._check_layout()
-        self._launcher = _PoolLauncher(self)
+        _compat.set_launcher(self, _PoolLauncher(self))
 
     def _check_layout(self) -> None:
         world = self.num_nodes * self.num_processes
@@ -162,11 +164,12 @@ class PoolStrategy(DDPStrategy):
         # DDP's start-up broadcast of all parameters and buffers would copy equal values (and turn
         # shared copy-on-write pages of frozen weights into private copies on every rank).
         unchanged = getattr(self, "_sent_unchanged", None)
-        if "init_sync" not in self._ddp_kwargs and unchanged is not None and unchanged(model):
+        ddp_kwargs = _compat.ddp_kwargs(self)
+        if "init_sync" not in ddp_kwargs and unchanged is not None and unchanged(model):
             from torch.nn.parallel import DistributedDataParallel
 
             return DistributedDataParallel(module=model, device_ids=self.determine_ddp_device_ids(), init_sync=False,
-                                           **self._ddp_kwargs)  # fmt: skip
+                                           **ddp_kwargs)  # fmt: skip
         return super()._setup_model(model)
 
     @override
@@ -179,9 +182,9 @@ class PoolStrategy(DDPStrategy):
             raise RuntimeError(
                 f"the pool's process group has {dist.get_world_size()} ranks but the Trainer expects {self.world_size}"
             )
-        self._process_group_backend = dist.get_backend()
+        _compat.set_process_group_backend(self, dist.get_backend())
 
     @classmethod
     @override
-    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
+    def register_strategies(cls, strategy_registry: _compat.StrategyRegistryType) -> None:
         strategy_registry.register("lightdist", cls, description="DDP on a warm lightdist pool")

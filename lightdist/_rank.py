@@ -156,7 +156,7 @@ def _build_worker(boot: dict[str, Any], link: Link) -> DistributedWorker:
     if not isinstance(worker, DistributedWorker):
         raise TypeError(f"{worker_cls!r} must subclass lightdist.DistributedWorker")
     worker._attach(link, boot["local_rank"], boot["local_world_size"], device)
-    worker.setup(**kwargs)
+    worker._complete(worker.setup(**kwargs))  # awaited when async
     return worker
 
 
@@ -228,7 +228,8 @@ def _serve(worker: DistributedWorker, link: Link, boot: dict[str, Any]) -> int:
                 rss_after_gc = _rss_bytes()
     code = 0
     try:
-        worker.teardown()
+        worker._complete(worker.teardown())
+        worker._close_loop()
     except BaseException:  # noqa: BLE001 - report and still exit
         traceback.print_exc()
         code = 1
@@ -253,7 +254,7 @@ def _rebuild(worker: DistributedWorker, link: Link, boot: dict[str, Any], msg: M
     try:
         _destroy_process_group()
         _join_group(boot, pickle.loads(msg.payload[0]))
-        worker.on_process_group_rebuilt()
+        worker._complete(worker.on_process_group_rebuilt())
     except BaseException as exc:  # noqa: BLE001 - the driver gives up on recovery and says why
         link.send(Kind.FAILED, msg.header.call, [error_report(exc)])
         return
@@ -282,7 +283,7 @@ def _run_call(worker: DistributedWorker, link: Link, msg: Message, cache: RankCa
         if "memfds" in manifest:
             link.send(Kind.TAKEN, call_id)  # the driver may free its memfd now
         worker._resident = cache if resident is not None else None
-        value = worker(streaming=envelope["streaming"], **payload)
+        value = worker._complete(worker(streaming=envelope["streaming"], **payload))
         writeback, dropped = cache.end() if resident is not None else ({}, [])
         cache.collect_due = resident is not None
         del payload  # release the call's objects now, not when the next call replaces them

@@ -14,11 +14,13 @@ import pickle
 import signal
 import sys
 import traceback
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import zmq
 
 from lightdist import _shm, _tensors, protocol
+from lightdist._devices import choose_device
 from lightdist._link import Link
 from lightdist._procs import die_with_parent
 from lightdist._shm import trim_heap
@@ -183,19 +185,11 @@ def _join_group(boot: dict[str, Any], prefix: str) -> None:
 def _pick_device(boot: dict[str, Any]) -> torch.device:
     import torch
 
-    want = boot["accelerator"]
-    # Every rank must decide alike (one group cannot mix NCCL and gloo): GPUs only if each local
-    # rank gets its own.
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    has_cuda = gpus >= boot["local_world_size"]
-    if want == "cuda" and not has_cuda:
-        raise RuntimeError(
-            f"accelerator='cuda' needs a GPU per rank: {boot['local_world_size']} local ranks but "
-            f"{gpus} GPU(s) visible; use accelerator='cpu' or world_size <= {gpus}"
-        )
-    if want == "cuda" or (want == "auto" and has_cuda):
-        return torch.device("cuda", boot["local_rank"])
-    return torch.device("cpu")
+    kind, warning = choose_device(gpus, boot["local_world_size"], boot["accelerator"])
+    if warning is not None and boot["local_rank"] == 0:  # once per host; shown as [rank N] by the driver
+        warnings.warn(warning, stacklevel=1)
+    return torch.device("cuda", boot["local_rank"]) if kind == "cuda" else torch.device("cpu")
 
 
 def _serve(worker: DistributedWorker, link: Link, boot: dict[str, Any]) -> int:

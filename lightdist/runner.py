@@ -24,6 +24,7 @@ from typing import Any
 
 from lightdist import _tensors, protocol
 from lightdist._calls import ERROR, ITEM, READY, RESULT, Event, PendingCall, Reply, encode_call
+from lightdist._devices import choose_device, driver_visible_gpus
 from lightdist._pool import Pool, PoolConfig
 from lightdist.errors import PayloadError, PoolClosedError, TextEventError
 from lightdist.transport import deadline_after, remaining
@@ -219,6 +220,7 @@ class DistributedRunner:
         pool.mark_ready()
 
     def _launch(self, kwargs: dict[str, Any], timeout: float) -> Pool:
+        self._warn_if_gpus_unused()
         with self._lifecycle:
             if self._pool is not None:
                 if self._pool.state in ("starting", "ready", "recovering"):
@@ -257,6 +259,17 @@ class DistributedRunner:
                 self._pool = None
                 raise
             return pool
+
+    def _warn_if_gpus_unused(self) -> None:
+        # Said here, in the caller's process, before any rank starts; a pool across hosts has
+        # other hosts' GPUs, which only their ranks can count (they warn too, as [rank N] lines).
+        if self.accelerator != "auto" or self.nodes is not None:
+            return
+        gpus = driver_visible_gpus()
+        if gpus is not None:
+            _, warning = choose_device(gpus, self.world_size, self.accelerator)
+            if warning is not None:
+                warnings.warn(warning, stacklevel=4)
 
     def _worker_address(self) -> str | None:
         if self.listen is not None:

@@ -14,12 +14,14 @@ import os
 import signal
 import sys
 import traceback
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import zmq
 
 from lightdist import _messages as messages
 from lightdist import _shm, _tensors, protocol
+from lightdist._devices import choose_device
 from lightdist._link import Link
 from lightdist._messages import DRIVER_SENDER, RankBoot
 from lightdist._lifetime import die_with_parent
@@ -118,7 +120,7 @@ def _build_worker(boot: RankBoot, link: Link) -> tuple[DistributedWorker, RankBo
     if not isinstance(worker, DistributedWorker):
         raise TypeError(f"{worker_cls!r} must subclass lightdist.DistributedWorker")
     worker._attach(link, boot.local_rank, boot.local_world_size, device)
-    worker.setup(**kwargs)
+    worker._complete(worker.setup(**kwargs))  # awaited when async
     return worker, boot
 
 
@@ -145,19 +147,11 @@ def _join_group(boot: RankBoot, prefix: str) -> None:
 def _pick_device(boot: RankBoot) -> torch.device:
     import torch
 
-    want = boot.accelerator
-    # Every rank must decide alike (one group cannot mix NCCL and gloo): GPUs only if each local
-    # rank gets its own.
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    has_cuda = gpus >= boot.local_world_size
-    if want == "cuda" and not has_cuda:
-        raise RuntimeError(
-            f"accelerator='cuda' needs a GPU per rank: {boot.local_world_size} local ranks but "
-            f"{gpus} GPU(s) visible; use accelerator='cpu' or world_size <= {gpus}"
-        )
-    if want == "cuda" or (want == "auto" and has_cuda):
-        return torch.device("cuda", boot.local_rank)
-    return torch.device("cpu")
+    kind, warning = choose_device(gpus, boot.local_world_size, boot.accelerator)
+    if warning is not None and boot.local_rank == 0:  # once per host; shown as [rank N] by the driver
+        warnings.warn(warning, stacklevel=1)
+    return torch.device("cuda", boot.local_rank) if kind == "cuda" else torch.device("cpu")
 
 
 def _serve(worker: DistributedWorker, link: Link, boot: RankBoot) -> int:
@@ -190,7 +184,8 @@ def _serve(worker: DistributedWorker, link: Link, boot: RankBoot) -> int:
                 rss_after_gc = _rss_bytes()
     code = 0
     try:
-        worker.teardown()
+        worker._complete(worker.teardown())
+        worker._close_loop()
     except BaseException:  # noqa: BLE001 - report and still exit
         traceback.print_exc()
         code = 1
@@ -215,7 +210,7 @@ def _rebuild(worker: DistributedWorker, link: Link, boot: RankBoot, msg: Message
     try:
         _destroy_process_group()
         _join_group(boot, messages.decode_rebuild(msg.payload[0]))
-        worker.on_process_group_rebuilt()
+        worker._complete(worker.on_process_group_rebuilt())
     except BaseException as exc:  # noqa: BLE001 - the driver gives up on recovery and says why
         link.send(Kind.FAILED, msg.header.call, [messages.encode_error(exc)])
         return
@@ -244,7 +239,7 @@ def _run_call(worker: DistributedWorker, link: Link, msg: Message, cache: RankCa
         if "memfds" in manifest:
             link.send(Kind.TAKEN, call_id)  # the driver may free its memfd now
         worker._resident = cache if resident is not None else None
-        value = worker(streaming=envelope["streaming"], **payload)
+        value = worker._complete(worker(streaming=envelope["streaming"], **payload))
         writeback, dropped = cache.end() if resident is not None else ({}, [])
         cache.collect_due = resident is not None
         del payload  # release the call's objects now, not when the next call replaces them

@@ -27,6 +27,7 @@ import json
 import math
 import os
 import struct
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -256,11 +257,11 @@ _JSON_SCALARS = (str, int, bool, type(None))
 
 
 def to_jsonable(value: Any, image_format: str = "jpeg", _path: str = "item") -> Any:
-    """Turn ``value`` into plain JSON data.
+    """Turn ``value`` into plain JSON data, encoding media the way ``fal.distributed`` does.
 
-    Tensors and numpy arrays become (nested) lists, numpy/tensor scalars numbers, PIL images
-    ``data:`` URLs in ``image_format``, dataclasses dicts; non-finite floats become ``null`` (JSON has
-    no NaN). Anything else raises :class:`TextEventError` naming where in ``value`` it sits.
+    PIL images, torch tensors and numpy arrays become media objects (see :func:`_media_object`),
+    numpy scalars numbers, dataclasses dicts; non-finite floats become ``null`` (JSON has no NaN).
+    Anything else raises :class:`TextEventError` naming where in ``value`` it sits.
     """
     if isinstance(value, _JSON_SCALARS):
         return value
@@ -273,13 +274,12 @@ def to_jsonable(value: Any, image_format: str = "jpeg", _path: str = "item") -> 
         return out
     if isinstance(value, (list, tuple)):
         return [to_jsonable(v, image_format, f"{_path}[{i}]") for i, v in enumerate(value)]
-    module = type(value).__module__.split(".")[0]
-    if module in ("torch", "numpy") and hasattr(value, "tolist"):
-        if module == "torch":
-            value = value.detach().cpu()
-        return to_jsonable(value.tolist(), image_format, _path)
-    if module == "PIL" and hasattr(value, "save"):
-        return _image_data_url(value, image_format)
+    media = _media_object(value, image_format, _path)
+    if media is not None:
+        return media
+    numpy = sys.modules.get("numpy")
+    if numpy is not None and isinstance(value, numpy.generic):
+        return to_jsonable(value.item(), image_format, _path)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return to_jsonable(dataclasses.asdict(value), image_format, _path)
     raise TextEventError(
@@ -289,7 +289,41 @@ def to_jsonable(value: Any, image_format: str = "jpeg", _path: str = "item") -> 
     )
 
 
-def _image_data_url(image: Any, image_format: str) -> str:
+def _media_object(value: Any, image_format: str, path: str) -> dict[str, Any] | None:
+    """A PIL image, tensor or numpy array as ``fal.distributed`` sends it in a text event, else None.
+
+    The fields are fal's, so front ends written for it read ours: ``content_type``, ``url`` (a
+    ``data:`` URL of the encoded bytes), ``data`` (always ``null`` in JSON), and ``width``/``height``
+    for images or ``shape``/``dtype`` for tensors and arrays. A tensor's bytes are ``torch.save``'s,
+    an array's ``numpy.save``'s. The classes are looked up in ``sys.modules``: a value of one means
+    its library is loaded, and this module must not import torch itself.
+    """
+    torch, numpy, pil = sys.modules.get("torch"), sys.modules.get("numpy"), sys.modules.get("PIL.Image")
+    if pil is not None and isinstance(value, pil.Image):
+        fmt, encoded = _encode_image(value, image_format)
+        width, height = value.size
+        return _media(f"image/{fmt}", encoded, width=width, height=height)
+    if torch is not None and isinstance(value, torch.Tensor):
+        tensor = value.detach().cpu().clone()  # clone: a view would save its whole base storage
+        buf = io.BytesIO()
+        torch.save(tensor, buf)
+        return _media("application/tensor", buf.getvalue(), shape=list(tensor.shape), dtype=str(tensor.dtype))
+    if numpy is not None and isinstance(value, numpy.ndarray):
+        buf = io.BytesIO()
+        try:
+            numpy.save(buf, value, allow_pickle=False)
+        except ValueError:
+            raise TextEventError(f"{path} is a numpy array of dtype {value.dtype}, which has no JSON form") from None
+        return _media("application/ndarray", buf.getvalue(), shape=list(value.shape), dtype=str(value.dtype))
+    return None
+
+
+def _media(content_type: str, encoded: bytes, **fields: Any) -> dict[str, Any]:
+    url = f"data:{content_type};base64,{base64.b64encode(encoded).decode()}"
+    return {"content_type": content_type, **fields, "data": None, "url": url}
+
+
+def _encode_image(image: Any, image_format: str) -> tuple[str, bytes]:
     fmt = image_format.lower()
     if fmt not in ("jpeg", "jpg", "png"):
         raise TextEventError(f"image_format must be 'jpeg' or 'png', got {image_format!r}")
@@ -298,7 +332,7 @@ def _image_data_url(image: Any, image_format: str) -> str:
         image = image.convert("RGB")  # JPEG has no alpha channel
     buf = io.BytesIO()
     image.save(buf, format=fmt.upper())
-    return f"data:image/{fmt};base64,{base64.b64encode(buf.getvalue()).decode()}"
+    return fmt, buf.getvalue()
 
 
 def encode_text_event(value: Any, image_format: str = "jpeg") -> bytes:

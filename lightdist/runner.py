@@ -27,6 +27,7 @@ from lightdist._attach import HOST_TIMEOUT_S
 from lightdist._messages import driver_sys_path
 from lightdist._pool import Pool, PoolConfig, PoolStats
 from lightdist._state import PoolState
+from lightdist._devices import choose_device, driver_visible_gpus
 from lightdist.errors import PayloadError, PoolClosedError, TextEventError
 from lightdist.transport import deadline_after, remaining
 from lightdist.worker import DistributedWorker
@@ -234,6 +235,7 @@ class DistributedRunner:
         pool.mark_ready()
 
     def _launch(self, kwargs: dict[str, Any], timeout: float) -> Pool:
+        self._warn_if_gpus_unused()
         with self._lifecycle:
             if self._pool is not None:
                 if self._pool.state in (PoolState.STARTING, PoolState.READY, PoolState.RECOVERING):
@@ -272,6 +274,17 @@ class DistributedRunner:
                 self._pool = None
                 raise
             return pool
+
+    def _warn_if_gpus_unused(self) -> None:
+        # Said here, in the caller's process, before any rank starts; a pool across hosts has
+        # other hosts' GPUs, which only their ranks can count (they warn too, as [rank N] lines).
+        if self.accelerator != "auto" or self.nodes is not None:
+            return
+        gpus = driver_visible_gpus()
+        if gpus is not None:
+            _, warning = choose_device(gpus, self.world_size, self.accelerator)
+            if warning is not None:
+                warnings.warn(warning, stacklevel=4)
 
     def _worker_address(self) -> str | None:
         if self.listen is not None:

@@ -8,10 +8,13 @@ receives while a call runs, so ``cancelled`` turns true at once. The process sid
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import threading
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from lightdist import protocol
@@ -30,7 +33,10 @@ class DistributedWorker:
     """Base class for the code that runs on every rank of a pool.
 
     Override ``setup`` (load models once), ``__call__`` (one request) and optionally ``teardown``.
-    Every rank runs each call; only rank 0's return value and stream items reach the caller::
+    Every rank runs each call; only rank 0's return value and stream items reach the caller.
+    ``setup``, ``__call__``, ``teardown`` and ``on_process_group_rebuilt`` may be ``async def``: they
+    are awaited on one event loop per rank, kept for the life of the rank, so objects bound to it (an
+    ``aiohttp`` session made in ``setup``) stay usable in every call::
 
         class Doubler(DistributedWorker):
             def setup(self, factor: int = 2) -> None:
@@ -56,12 +62,13 @@ class DistributedWorker:
         self._resident: RankCache | None = None  # set while a resident call runs (see lightdist._resident)
         self._warned_nonzero_stream = -1
         self._thread_calls: weakref.WeakKeyDictionary[threading.Thread, int] = weakref.WeakKeyDictionary()
+        self._loop: asyncio.AbstractEventLoop | None = None  # made by the first async hook
 
     # --- what users override ---------------------------------------------------------------------
     if TYPE_CHECKING:
         # Each subclass picks its own keyword arguments (``def setup(self, model_path: str)``):
-        # typed as open callables so such overrides type-check.
-        setup: Callable[..., None]
+        # typed as open callables so such overrides type-check, sync or ``async def``.
+        setup: Callable[..., Awaitable[None] | None]
         __call__: Callable[..., Any]
     else:
 
@@ -72,10 +79,10 @@ class DistributedWorker:
             """Called on every rank for each ``invoke``/``stream``; rank 0's return value is the result."""
             return {}
 
-    def teardown(self) -> None:
-        """Called once per rank when the pool stops."""
+    def teardown(self) -> Awaitable[None] | None:
+        """Called once per rank when the pool stops (may be ``async def``)."""
 
-    def on_process_group_rebuilt(self) -> None:
+    def on_process_group_rebuilt(self) -> Awaitable[None] | None:
         """Called on a surviving rank after the pool rebuilt the process group (another rank died or
         got stuck and was replaced). ``setup`` state is kept; re-create here anything bound to the
         old group, e.g. a ``DistributedDataParallel`` wrapper made in ``setup``."""
@@ -150,8 +157,41 @@ class DistributedWorker:
         print(f"[debug] {message}" if debug else message, flush=True)
 
     # --- pool internals --------------------------------------------------------------------------
+    def _complete(self, value: Any) -> Any:
+        """``value`` itself, or what it gives once awaited when a hook was ``async def``.
+
+        Runs on the rank's main thread, like a sync hook (``cancelled`` is set by the link thread
+        meanwhile). The loop is made once and reused, so state bound to it survives between calls.
+        """
+        if not inspect.isawaitable(value):
+            return value
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
+        # A fresh default executor per hook: ``asyncio.to_thread`` reuses its threads, and a thread
+        # that streamed in one call would otherwise be taken for a leftover in the next one.
+        executor = ThreadPoolExecutor(thread_name_prefix=f"rank{self.rank}-to_thread")
+        self._loop.set_default_executor(executor)
+        try:
+            return self._loop.run_until_complete(_awaited(value))
+        finally:
+            executor.shutdown(wait=False)
+
+    def _close_loop(self) -> None:
+        """After ``teardown``: finish async generators and close the loop (no-op without one)."""
+        loop, self._loop = self._loop, None
+        if loop is not None:
+            try:
+                loop.run_until_complete(loop.shutdown_asyncgens())
+            finally:
+                loop.close()
+
     def _attach(self, link: Link, local_rank: int, local_world_size: int, device: torch.device) -> None:
         self._link = link
         self.local_rank = local_rank
         self.local_world_size = local_world_size
         self._device = device
+
+
+async def _awaited(value: Any) -> Any:
+    # run_until_complete takes futures and coroutines; this also admits any other awaitable.
+    return await value

@@ -5,7 +5,9 @@ No processes, no ports: every test here runs in milliseconds.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import io
 import json
 import math
 import os
@@ -355,19 +357,34 @@ def test_unencodable_top_level_value() -> None:
         protocol.to_jsonable({1, 2})
 
 
-def test_numpy_arrays_become_lists() -> None:
-    """Arrays and numpy scalars become plain numbers, NaN included."""
+def test_numpy_arrays_become_fal_media_objects() -> None:
+    """Arrays become ``application/ndarray`` objects (``numpy.save`` bytes); numpy scalars numbers."""
     np = pytest.importorskip("numpy")
     out = protocol.to_jsonable({"a": np.array([[1.0, np.nan]]), "s": np.int64(4)})
-    assert out == {"a": [[1.0, None]], "s": 4}
+    assert out["s"] == 4
+    a = out["a"]
+    assert (a["content_type"], a["shape"], a["dtype"], a["data"]) == ("application/ndarray", [1, 2], "float64", None)
+    prefix = "data:application/ndarray;base64,"
+    assert a["url"].startswith(prefix)
+    back = np.load(io.BytesIO(base64.b64decode(a["url"][len(prefix) :])), allow_pickle=False)
+    assert np.array_equal(back, np.array([[1.0, np.nan]]), equal_nan=True)
+
+
+def test_object_arrays_are_refused_with_their_path() -> None:
+    """``numpy.save`` would pickle an object array: refused, naming where it sits."""
+    np = pytest.importorskip("numpy")
+    with pytest.raises(TextEventError, match=r"item\['a'\] is a numpy array of dtype object"):
+        protocol.to_jsonable({"a": np.array([object()])})
 
 
 @pytest.mark.parametrize(("fmt", "mime"), [("png", "png"), ("jpeg", "jpeg"), ("JPG", "jpeg")])
-def test_pil_images_become_data_urls(fmt: str, mime: str) -> None:
-    """PIL images (RGBA too, even as JPEG) become ``data:image/...;base64,`` URLs."""
+def test_pil_images_become_fal_image_objects(fmt: str, mime: str) -> None:
+    """PIL images (RGBA too, even as JPEG) become ``{"content_type", "width", "height", "data", "url"}``."""
     image_mod = pytest.importorskip("PIL.Image")
-    url = protocol.to_jsonable(image_mod.new("RGBA", (4, 4), (255, 0, 0, 128)), image_format=fmt)
-    assert url.startswith(f"data:image/{mime};base64,")
+    out = protocol.to_jsonable(image_mod.new("RGBA", (4, 3), (255, 0, 0, 128)), image_format=fmt)
+    assert list(out) == ["content_type", "width", "height", "data", "url"]
+    assert (out["content_type"], out["width"], out["height"], out["data"]) == (f"image/{mime}", 4, 3, None)
+    assert out["url"].startswith(f"data:image/{mime};base64,")
 
 
 def test_unknown_image_format_is_refused() -> None:

@@ -5,6 +5,8 @@ pretrained one. Each runs on a real 2-rank pool."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 import json
 from pathlib import Path
 
@@ -199,7 +201,11 @@ def test_pattern_streaming_progress_as_text_events() -> None:
     assert all(e.startswith(b"data: ") and e.endswith(b"\n\n") for e in events)
     decoded = [json.loads(e[len(b"data: ") :]) for e in events]
     assert decoded[:-1] == [{"step": s, "progress": s / 20} for s in range(0, 20, 5)]
-    assert decoded[-1] == {"output": [2.0]}
+    # The final result holds a tensor: it arrives as fal's media object (torch.save bytes in a data URL).
+    output = decoded[-1]["output"]
+    assert (output["content_type"], output["shape"], output["dtype"]) == ("application/tensor", [1], "torch.float32")
+    data = base64.b64decode(output["url"].removeprefix("data:application/tensor;base64,"))
+    assert torch.load(io.BytesIO(data)).tolist() == [2.0]
 
 
 def test_pattern_streaming_progress_as_objects() -> None:

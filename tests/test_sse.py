@@ -97,12 +97,34 @@ def parse(event: bytes) -> Any:
     return json.loads(event[len(b"data: ") : -2])
 
 
-def decode_image(url: str, fmt: str) -> Image.Image:
-    prefix = f"data:image/{fmt};base64,"
-    assert url.startswith(prefix), url[:40]
-    image = Image.open(io.BytesIO(base64.b64decode(url[len(prefix) :], validate=True)))
+def decode_image(event: Any, fmt: str) -> Image.Image:
+    """The PIL image in a media object as fal sends it, checking its fields against the pixels."""
+    assert event["content_type"] == f"image/{fmt}" and event["data"] is None, {**event, "url": "..."}
+    image = Image.open(io.BytesIO(decode_url(event["url"], f"image/{fmt}")))
     assert image.format == fmt.upper()
+    assert (event["width"], event["height"]) == image.size
     return image
+
+
+def decode_url(url: str, content_type: str) -> bytes:
+    prefix = f"data:{content_type};base64,"
+    assert url.startswith(prefix), url[:40]
+    return base64.b64decode(url[len(prefix) :], validate=True)
+
+
+def decode_tensor(event: Any) -> torch.Tensor:
+    assert event["content_type"] == "application/tensor" and event["data"] is None
+    tensor = torch.load(io.BytesIO(decode_url(event["url"], "application/tensor")))
+    assert isinstance(tensor, torch.Tensor)
+    assert (event["shape"], event["dtype"]) == (list(tensor.shape), str(tensor.dtype))
+    return tensor
+
+
+def decode_array(event: Any) -> np.ndarray:
+    assert event["content_type"] == "application/ndarray" and event["data"] is None
+    array = np.load(io.BytesIO(decode_url(event["url"], "application/ndarray")), allow_pickle=False)
+    assert (event["shape"], event["dtype"]) == (list(array.shape), str(array.dtype))
+    return array
 
 
 def assert_serves(runner: DistributedRunner) -> None:
@@ -120,28 +142,38 @@ def test_text_events_are_data_frames_in_order_with_final_last(pool: DistributedR
     assert [parse(e) for e in got] == [*items, {"done": True}]
 
 
-def test_tensors_arrays_and_numpy_scalars_become_json(pool: DistributedRunner) -> None:
-    """Tensors and arrays become nested lists, numpy/tensor scalars numbers, non-finite floats null."""
+def test_tensors_and_arrays_become_fal_media_objects(pool: DistributedRunner) -> None:
+    """Tensors and arrays become fal's media objects (torch.save / numpy.save bytes in a data URL) that
+    decode to equal values, anywhere in an item; numpy scalars become numbers, non-finite floats null."""
     items = [
         torch.arange(6).reshape(2, 3),
-        torch.tensor([[0.5, -1.0]], dtype=torch.float64),
+        torch.tensor([[0.5, float("inf")]], dtype=torch.float64),
         np.arange(4, dtype=np.int32).reshape(2, 2),
-        np.array([0.25, 1.5]),
-        np.int64(7),
-        np.float32(0.5),
         torch.tensor(3),
-        torch.tensor([float("inf"), 1.0]),
-        {"nested": [torch.ones(2), np.zeros((1, 1))]},
+        {"nested": [torch.ones(2), np.zeros((1, 1))], "n": np.int64(7), "f": np.float32(0.5)},
         float("nan"),
     ]
     got = [parse(e) for e in events(pool, {"items": items, "final": np.float64(2.5)})]
-    assert got == [[[0, 1, 2], [3, 4, 5]], [[0.5, -1.0]], [[0, 1], [2, 3]], [0.25, 1.5], 7, 0.5, 3, [None, 1.0],
-                   {"nested": [[1.0, 1.0], [[0.0]]]}, None, 2.5]  # fmt: skip
-    assert all(type(x) is int for x in got[0][0] + got[4:5] + got[6:7])  # ints stay ints
+    assert torch.equal(decode_tensor(got[0]), items[0]) and got[0]["dtype"] == "torch.int64"
+    assert torch.equal(decode_tensor(got[1]), items[1]) and got[1]["shape"] == [1, 2]
+    assert np.array_equal(decode_array(got[2]), items[2]) and got[2]["dtype"] == "int32"
+    assert decode_tensor(got[3]).item() == 3 and got[3]["shape"] == []
+    assert torch.equal(decode_tensor(got[4]["nested"][0]), torch.ones(2))
+    assert np.array_equal(decode_array(got[4]["nested"][1]), np.zeros((1, 1)))
+    assert (got[4]["n"], got[4]["f"], got[5], got[6]) == (7, 0.5, None, 2.5)
+    assert type(got[4]["n"]) is int  # ints stay ints
+
+
+def test_a_view_sends_only_its_own_elements(pool: DistributedRunner) -> None:
+    """A small slice of a big tensor is saved on its own, not with its base's whole storage."""
+    big = torch.zeros(1_000_000)
+    got = parse(events(pool, {"items": [big[:3]]})[0])
+    assert torch.equal(decode_tensor(got), torch.zeros(3)) and len(got["url"]) < 10_000
 
 
 def test_images_become_data_urls_in_the_requested_format(pool: DistributedRunner) -> None:
-    """PIL images become jpeg data URLs by default and png ones with image_format="png"; both decode."""
+    """PIL images become fal's image objects: content type, width, height and a data URL, jpeg by
+    default and png with image_format="png"; the URL decodes back to the pixels."""
     rgb = Image.new("RGB", (12, 8), (200, 30, 60))
     rgba = Image.new("RGBA", (5, 7), (10, 20, 30, 128))
     items = [rgb, rgba, rgba]
@@ -241,7 +273,7 @@ def test_starlette_sse_endpoint_streams_every_event_to_an_http_client(pool: Dist
         thread.join(timeout=30)
     assert not thread.is_alive()
     assert data[:n] == list(range(n))
-    assert data[n] == [[1.0, 1.0], [1.0, 1.0]]
+    assert torch.equal(decode_tensor(data[n]), torch.ones(2, 2))
     assert decode_image(data[n + 1], "jpeg").size == (3, 2)
     assert data[n + 2:] == [{"done": n}]
 

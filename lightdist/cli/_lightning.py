@@ -14,7 +14,6 @@ Everything Lightning users know carries over (``--config``, ``--trainer.max_epoc
 from __future__ import annotations
 
 import json
-import re
 import sys
 import warnings
 from collections.abc import Iterable, Sequence
@@ -22,15 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from typing_extensions import override
 
 import lightdist.lightning  # noqa: F401  (registers strategy="lightdist" with Lightning)
 from lightdist.cli._catalog import resolve_config_args
-from lightdist.errors import ConfigError, WorkerDiedError, WorkerError
+from lightdist.cli._errors import BAD_INPUT, INTERRUPTED, classify, explain, one_line
 
-__all__ = ["LightdistCLI", "run_trainer_command"]
+__all__ = ["LightdistCLI", "explain", "one_line", "run_trainer_command"]
 
 _SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
@@ -173,74 +171,21 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def one_line(error: BaseException) -> str:
-    """An error message on one line (jsonargparse's span several, indented)."""
-    return " ".join(part.strip() for part in str(error).splitlines() if part.strip())
-
-
-def explain(error: BaseException) -> str:
-    """The line to show for a bad command line or config.
-
-    A recipe's own ``ConfigError`` wins wherever it sits in the exception chain (jsonargparse wraps
-    errors raised by a class's ``__init__``). For a ``class_path`` group jsonargparse reports every
-    member of the ``Union[Module, None]`` it tried; only the class's own complaint is kept, with its
-    key made whole: ``model.lr: Expected a <class 'float'>. Got value: abc``.
-    """
-    config_error = _config_error_in(error)
-    if config_error is not None:
-        return one_line(config_error)
-    text = str(error)
-    group = re.match(r'Parser key "([^"]+)":', text)
-    problem = re.search(r"Problem with given class_path '([^']+)':\s*(.*?)(?:\n\s*- Expected a <class 'NoneType'>|$)",
-                        text, re.S)  # fmt: skip
-    if group is None or problem is None:
-        return one_line(error)
-    class_path, detail = problem.group(1), one_line(Exception(problem.group(2)))
-    inner = re.match(r'Parser key "([^"]+)":\s*(.*)', detail)
-    if inner is not None:
-        return f"{group.group(1)}.{inner.group(1)}: {inner.group(2)}"
-    unknown = re.match(r"Option '([^']+)' is not accepted", detail)
-    if unknown is not None:
-        return f"{group.group(1)}.{unknown.group(1)}: no such argument of {class_path}"
-    return f"{group.group(1)} ({class_path}): {detail}"
-
-
-def _config_error_in(error: BaseException) -> ConfigError | None:
-    """The recipe's ``ConfigError`` in ``error``'s chain (jsonargparse wraps what ``__init__`` raises)."""
-    seen: BaseException | None = error
-    while seen is not None:
-        if isinstance(seen, ConfigError):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return None
-
-
-def _caused_by_config_error(error: BaseException) -> bool:
-    return _config_error_in(error) is not None
-
-
 def run_trainer_command(command: str, args: list[str]) -> int:
-    """``lightdist <command> args...`` → exit status (0 ok, 1 a rank failed, 2 bad input)."""
+    """``lightdist <command> args...`` → exit status (0 ok, 1 a rank failed, 2 bad input, 130 Ctrl-C)."""
     try:
         cli = LightdistCLI([command, *resolve_config_args(args)])
-    except (ArgumentError, ConfigError) as error:
-        print(f"lightdist {command}: error: {explain(error)} (see: lightdist {command} --help)", file=sys.stderr)
-        return 2
-    except ValueError as error:
-        if not _caused_by_config_error(error):
+    except Exception as error:  # noqa: BLE001 - classified in one place; a bug is re-raised
+        outcome = classify(error)
+        if outcome is None:
             raise
-        print(f"lightdist {command}: error: {explain(error)}", file=sys.stderr)
-        return 2
-    except WorkerError as error:
-        if error.exc_type.rsplit(".", 1)[-1] == ConfigError.__name__:  # a recipe's check that needs the ranks
-            print(f"lightdist {command}: error: {one_line(Exception(error.message))}", file=sys.stderr)
-            return 2
-        print(f"lightdist {command}: {error}", file=sys.stderr)
-        return 1
-    except WorkerDiedError as error:
-        print(f"lightdist {command}: {error}", file=sys.stderr)
-        return 1
+        status, line = outcome
+        if status == BAD_INPUT:
+            print(f"lightdist {command}: error: {line} (see: lightdist {command} --help)", file=sys.stderr)
+        else:
+            print(f"lightdist {command}: {error}", file=sys.stderr)  # all of it: the rank's traceback
+        return status
     if cli.trainer.interrupted:  # Ctrl-C: the ranks stopped at the same batch and the driver returned
         print(f"lightdist {command}: interrupted", file=sys.stderr)
-        return 130
+        return INTERRUPTED
     return 0

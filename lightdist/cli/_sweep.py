@@ -135,8 +135,7 @@ def _table(grid_keys: list[str], combos: list[Combination]) -> str:
 
 def main(argv: list[str]) -> int:
     from lightdist.cli._catalog import resolve_config_args
-    from lightdist.cli._lightning import _caused_by_config_error, explain
-    from lightdist.errors import WorkerDiedError, WorkerError
+    from lightdist.cli._errors import BAD_INPUT, INTERRUPTED, RANK_FAILED, classify
 
     parser = argparse.ArgumentParser(
         prog="lightdist sweep",
@@ -167,16 +166,16 @@ def main(argv: list[str]) -> int:
     for index, combo in enumerate(combos, 1):
         try:
             finished = _fit(combo, args, sweep_dir)
-        except Exception as error:  # noqa: BLE001 (classified below)
-            from jsonargparse import ArgumentError
-
-            if isinstance(error, ArgumentError) or _caused_by_config_error(error):
-                # the same config is behind every combination: one bad key fails them all
-                print(f"lightdist sweep: error: {combo.label}: {explain(error)}", file=sys.stderr)
-                return 2
-            if not isinstance(error, (WorkerError, WorkerDiedError)):
+        except Exception as error:  # noqa: BLE001 - classified in one place; a bug is re-raised
+            outcome = classify(error)
+            if outcome is None:
                 raise
-            combo.error, status = str(error).splitlines()[0], 1
+            code, line = outcome
+            if code == BAD_INPUT:
+                # the same config is behind every combination: one bad key fails them all
+                print(f"lightdist sweep: error: {combo.label}: {line}", file=sys.stderr)
+                return code
+            combo.error, status = line, RANK_FAILED
             print(f"[{index}/{len(combos)}] {combo.label}: failed: {combo.error}", file=sys.stderr, flush=True)
             continue
         if index == 1:
@@ -186,7 +185,7 @@ def main(argv: list[str]) -> int:
         print(f"[{index}/{len(combos)}] {combo.label}: {shown} ({combo.seconds:.1f} s)", flush=True)
         if not finished:
             print("lightdist sweep: interrupted; the remaining combinations were not run", file=sys.stderr)
-            combos, status = combos[:index], 130
+            combos, status = combos[:index], INTERRUPTED
             break
     _write_results(sweep_dir, combos)
     print("\n" + _table([key for key, _ in grid], combos), flush=True)

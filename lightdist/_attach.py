@@ -56,8 +56,9 @@ LEASE_S = timings(HOST_TIMEOUT_S)[1]  # an agent's lease under the default host 
 class AgentHost:
     """The driver's handle on one attached host (its agent); any thread may call the methods."""
 
-    def __init__(self, send: Callable[[Kind, list[bytes], list[bytes]], None], sender: str,
-                 facts: dict[str, Any]) -> None:  # fmt: skip
+    def __init__(
+        self, send: Callable[[Kind, list[bytes], list[bytes]], None], sender: str, facts: dict[str, Any]
+    ) -> None:
         self._send_to = send
         self.sender = sender
         self.name = str(facts.get("host") or sender)
@@ -83,8 +84,12 @@ class AgentHost:
     def spawn(self, rank: int, boot: RankBoot) -> None:
         # a one-rank `lightdist worker` (torchrun) keeps the local rank its launcher gave it: its GPU
         local = self.facts.get("local_rank", self.ranks.index(rank))
-        boot = dataclasses.replace(boot, local_rank=local, node_rank=self.node_rank,
-                                   local_world_size=self.facts.get("local_world_size", len(self.ranks)))  # fmt: skip
+        boot = dataclasses.replace(
+            boot,
+            local_rank=local,
+            node_rank=self.node_rank,
+            local_world_size=self.facts.get("local_world_size", len(self.ranks)),
+        )
         self._send(Kind.SPAWN, [messages.encode_spawn(boot)])
 
     def signal_ranks(self, sig: int, ranks: list[int] | None = None) -> None:
@@ -134,8 +139,17 @@ class AgentHost:
 class AgentPlacement:
     """Hosts attached by agents: attach, form, heartbeat, fencing, spares (see the module docstring)."""
 
-    def __init__(self, channel: Channel, world_size: int, nodes: int, host_names: tuple[str, ...] | None,
-                 host_timeout: float, imports: list[str], cwd: str | None, address: str) -> None:  # fmt: skip
+    def __init__(
+        self,
+        channel: Channel,
+        world_size: int,
+        nodes: int,
+        host_names: tuple[str, ...] | None,
+        host_timeout: float,
+        imports: list[str],
+        cwd: str | None,
+        address: str,
+    ) -> None:
         self.channel = channel
         self.address = address  # where agents connect (the bound one: port 0 resolved)
         self.world_size = world_size
@@ -248,8 +262,15 @@ class AgentPlacement:
 
     def _assignment(self, ranks: list[int], node_rank: int) -> Assignment:
         heartbeat, lease = timings(self.host_timeout)
-        return Assignment(ranks=ranks, node_rank=node_rank, num_nodes=self.nodes, lease_s=lease,
-                          heartbeat_s=heartbeat, imports=self.imports, cwd=self.cwd)  # fmt: skip
+        return Assignment(
+            ranks=ranks,
+            node_rank=node_rank,
+            num_nodes=self.nodes,
+            lease_s=lease,
+            heartbeat_s=heartbeat,
+            imports=self.imports,
+            cwd=self.cwd,
+        )
 
     def _chosen_hosts(self) -> list[AgentHost]:
         """The hosts that form the pool, in rank order: by name when named, else by placement hint."""
@@ -265,9 +286,14 @@ class AgentPlacement:
         if any(host.nproc != per_host for host in hosts):
             # equal ranges keep node_rank = rank // nproc true, which Lightning and spares rely on
             layout = ", ".join(f"{host.name}: {host.nproc}" for host in hosts)
-            return [PoolFailed(ValueError(
-                f"every host must run world_size / nodes = {per_host} ranks, but the attached hosts bring "
-                f"{layout}; start each agent with --nproc-per-node {per_host}"))]  # fmt: skip
+            return [
+                PoolFailed(
+                    ValueError(
+                        f"every host must run world_size / nodes = {per_host} ranks, but the attached hosts bring "
+                        f"{layout}; start each agent with --nproc-per-node {per_host}"
+                    )
+                )
+            ]
         first = 0
         for node_rank, host in enumerate(hosts):
             ranks = list(range(first, first + host.nproc))

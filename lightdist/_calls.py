@@ -3,8 +3,8 @@
 Whichever thread is receiving for the pool (the I/O thread, or a blocking caller that leads, see
 ``Pool.wait_event``) pushes events (stream items, the result, an error) as frames arrive. One
 consumer reads them: a blocking thread (:meth:`PendingCall.next`, or ``Pool.wait_event`` with
-:attr:`PendingCall.waker`) or a coroutine on any event loop (:meth:`PendingCall.anext`). Events are buffered without bound, so a
-slow consumer delays nothing and loses nothing.
+:attr:`PendingCall.waker`) or a coroutine on any event loop (:meth:`PendingCall.anext`). Events
+are buffered without bound, so a slow consumer delays nothing and loses nothing.
 """
 
 from __future__ import annotations

@@ -9,10 +9,10 @@ receives, so CANCEL sets ``cancel_event`` and PING is answered even while ``__ca
 from __future__ import annotations
 
 import queue
-from collections.abc import Sequence
-from typing import Any
 import select
 import threading
+from collections.abc import Sequence
+from typing import Any
 
 import zmq
 

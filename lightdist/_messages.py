@@ -190,8 +190,13 @@ def decode_reach(payload: bytes) -> dict[str, Any]:
 def encode_envelope(streaming: bool, cwd: str | None, manifest: dict[str, Any], reply_transport: str) -> bytes:
     """Plain data a rank reads before the payload: the driver's import path must be in place before
     the payload, which may hold objects of modules only that path can import, is unpickled."""
-    envelope = {"streaming": streaming, "sys_path": driver_sys_path(), "cwd": cwd or os.getcwd(),
-                "tensors": manifest, "reply_transport": reply_transport}  # fmt: skip
+    envelope = {
+        "streaming": streaming,
+        "sys_path": driver_sys_path(),
+        "cwd": cwd or os.getcwd(),
+        "tensors": manifest,
+        "reply_transport": reply_transport,
+    }
     return pickle.dumps(envelope, protocol=5)
 
 

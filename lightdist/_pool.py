@@ -166,8 +166,7 @@ class Pool:
         if config.nodes is not None:
             self.session.newcomer_prefix = AGENT_PREFIX  # agents introduce themselves (HELLO)
         try:
-            self.channel, self.address = Channel.bind_router(self._context, address, self.session,
-                                                             curve=config.curve)  # fmt: skip
+            self.channel, self.address = Channel.bind_router(self._context, address, self.session, curve=config.curve)
         except BaseException:
             if self._auth is not None:
                 self._auth.stop()
@@ -177,8 +176,16 @@ class Pool:
         self.placement: LocalPlacement | AgentPlacement = (
             LocalPlacement(config.world_size)
             if config.nodes is None
-            else AgentPlacement(self.channel, config.world_size, config.nodes, config.host_names, config.host_timeout,
-                                list(config.imports), config.cwd, self.address)  # fmt: skip
+            else AgentPlacement(
+                self.channel,
+                config.world_size,
+                config.nodes,
+                config.host_names,
+                config.host_timeout,
+                list(config.imports),
+                config.cwd,
+                self.address,
+            )
         )
         self.recovery = Recovery(config.world_size, timeout=1800.0)
         # How tensors travel (see lightdist._tensors): shared memory on this host until a rank says it
@@ -215,8 +222,11 @@ class Pool:
         self._start_timeout = start_timeout
         self.recovery.timeout = start_timeout
         if isinstance(self.placement, LocalPlacement):
-            self.placement.start(TemplateProcess(list(cfg.imports), cfg.cwd, self._rank_exited, self._template_lost,
-                                                 cleanup_dir=self._ipc_dir))  # fmt: skip
+            self.placement.start(
+                TemplateProcess(
+                    list(cfg.imports), cfg.cwd, self._rank_exited, self._template_lost, cleanup_dir=self._ipc_dir
+                )
+            )
         import torch.distributed as dist  # after the template started: both import in parallel
 
         # torch's TCPStore listens on every interface whatever host it is given; the store is
@@ -224,9 +234,14 @@ class Pool:
         listener = _listen(cfg.master_addr, cfg.master_port or 0)
         try:
             self._store = dist.TCPStore(  # type: ignore[attr-defined]
-                cfg.master_addr, listener.getsockname()[1], None, True, wait_for_workers=False, use_libuv=True,
+                cfg.master_addr,
+                listener.getsockname()[1],
+                None,
+                True,
+                wait_for_workers=False,
+                use_libuv=True,
                 master_listen_fd=listener.fileno(),
-            )  # fmt: skip
+            )
         except BaseException:
             listener.close()
             raise
@@ -244,13 +259,28 @@ class Pool:
         cfg = self.config
         probe = None if self._shm_probe is None else (self._shm_probe.pid, self._shm_probe.fd)
         return RankBoot(
-            rank=rank, world_size=cfg.world_size, local_rank=rank, local_world_size=cfg.world_size,
-            sender=sender, driver_seq=self.session.seq, key=self.key, address=self.address,
-            store_host=cfg.master_addr, store_port=self._store.port, store_prefix=self.recovery.store_prefix,
-            start_timeout=self._start_timeout, pg_timeout=cfg.pg_timeout, accelerator=cfg.accelerator,
-            backend=cfg.backend, worker_cls=cfg.worker_cls, setup_kwargs=cfg.setup_kwargs, cwd=cfg.cwd,
-            sys_path=cfg.sys_path, argv=tuple(sys.argv), shm_probe=probe,
-        )  # fmt: skip
+            rank=rank,
+            world_size=cfg.world_size,
+            local_rank=rank,
+            local_world_size=cfg.world_size,
+            sender=sender,
+            driver_seq=self.session.seq,
+            key=self.key,
+            address=self.address,
+            store_host=cfg.master_addr,
+            store_port=self._store.port,
+            store_prefix=self.recovery.store_prefix,
+            start_timeout=self._start_timeout,
+            pg_timeout=cfg.pg_timeout,
+            accelerator=cfg.accelerator,
+            backend=cfg.backend,
+            worker_cls=cfg.worker_cls,
+            setup_kwargs=cfg.setup_kwargs,
+            cwd=cfg.cwd,
+            sys_path=cfg.sys_path,
+            argv=tuple(sys.argv),
+            shm_probe=probe,
+        )
 
     def _spawn_ranks(self, ranks: list[int]) -> None:
         self.placement.claim(ranks)  # ranks of a lost host go to a spare, if there is one
@@ -305,11 +335,23 @@ class Pool:
         self._io_waker.wake()  # re-arm the keepalive timer
 
     # --- calls (any thread) ----------------------------------------------------------------------
-    def submit(self, frames: list[Any], streaming: bool, internal: bool = False, outbound: Outbound | None = None,
-               resident_serial: int | None = None) -> PendingCall:  # fmt: skip
+    def submit(
+        self,
+        frames: list[Any],
+        streaming: bool,
+        internal: bool = False,
+        outbound: Outbound | None = None,
+        resident_serial: int | None = None,
+    ) -> PendingCall:
         """Queue a call; if the pool is idle its CALL leaves from this thread right away."""
-        call = PendingCall(id=next(self._ids), streaming=streaming, frames=frames, internal=internal,
-                           outbound=outbound, resident_serial=resident_serial)  # fmt: skip
+        call = PendingCall(
+            id=next(self._ids),
+            streaming=streaming,
+            frames=frames,
+            internal=internal,
+            outbound=outbound,
+            resident_serial=resident_serial,
+        )
         if outbound is not None:
             self.transfers.sent(outbound, len(frames[1]))
         with self._lock:
@@ -435,8 +477,13 @@ class Pool:
         now = time.monotonic()
         events, heartbeat = self.placement.tick(now, self.state)
         self._apply(events)
-        due = [self._held_error_timer(now), self._grace_timer(now), self._recovery_timer(now), heartbeat,
-               self._keepalive_timer(now)]  # fmt: skip
+        due = [
+            self._held_error_timer(now),
+            self._grace_timer(now),
+            self._recovery_timer(now),
+            heartbeat,
+            self._keepalive_timer(now),
+        ]
         armed = [d for d in due if d is not None]
         return min(armed) if armed else None
 
@@ -463,9 +510,15 @@ class Pool:
         call.pending.clear()
         if not call.failed and not call.cancelled:  # an interrupted call whose caller still waits for its reply
             call.failed = True
-            call.push(Event(ERROR, TimeoutError(
-                f"ranks {stuck} did not stop within the grace period "
-                f"({self.config.grace_period} s) and were replaced")))  # fmt: skip
+            call.push(
+                Event(
+                    ERROR,
+                    TimeoutError(
+                        f"ranks {stuck} did not stop within the grace period "
+                        f"({self.config.grace_period} s) and were replaced"
+                    ),
+                )
+            )
         self._finish(call)
         return None
 
@@ -474,10 +527,12 @@ class Pool:
             return None
         if not self.recovery.expired(now):
             return self.recovery.deadline - now
-        self._on_broken(RuntimeError(
-            f"recovery did not finish within {self._start_timeout:.0f} s (ranks "
-            f"{sorted(self.recovery.pending)} never reported back); call start() again"
-        ))  # fmt: skip
+        self._on_broken(
+            RuntimeError(
+                f"recovery did not finish within {self._start_timeout:.0f} s (ranks "
+                f"{sorted(self.recovery.pending)} never reported back); call start() again"
+            )
+        )
         return None
 
     def _keepalive_timer(self, now: float) -> float | None:
@@ -514,8 +569,9 @@ class Pool:
             bulk = call.outbound.buffers if call.outbound is not None else ()
             self._send_to(Kind.CALL, call.id, call.frames, bulk=bulk)
 
-    def _send_to(self, kind: Kind, call: int, payload: list[bytes], ranks: set[int] | None = None,
-                 bulk: Sequence[Any] = ()) -> None:  # fmt: skip
+    def _send_to(
+        self, kind: Kind, call: int, payload: list[bytes], ranks: set[int] | None = None, bulk: Sequence[Any] = ()
+    ) -> None:
         # Signed once, the same bytes to every rank (a large payload is hashed once, not N times).
         targets = sorted(ranks if ranks is not None else self._senders)
         self.channel.send(kind, call, payload, to=[self._senders[r].encode() for r in targets], bulk=bulk)
@@ -577,8 +633,9 @@ class Pool:
                 log.info("pool recovered in %.2f s", self.recovery.last_seconds)
                 self._dispatch()
 
-    def _on_reply(self, call: PendingCall, rank: int, kind: Kind, payload: tuple[bytes, ...],
-                  bulk: tuple[Any, ...] = ()) -> None:  # fmt: skip
+    def _on_reply(
+        self, call: PendingCall, rank: int, kind: Kind, payload: tuple[bytes, ...], bulk: tuple[Any, ...] = ()
+    ) -> None:
         call.pending.discard(rank)
         if kind is Kind.ERROR:
             err, in_collective = messages.decode_error(rank, payload[0])
@@ -641,8 +698,12 @@ class Pool:
             call.outbound.finish()
         if not call.failed and not call.cancelled and call.reply is not None:
             data, manifest, buffers, digests, ready = call.reply
-            call.push(Event(RESULT, Reply(data, manifest, buffers, digests, ready, call.resident_serial,
-                                          frozenset(call.dropped))))  # fmt: skip
+            call.push(
+                Event(
+                    RESULT,
+                    Reply(data, manifest, buffers, digests, ready, call.resident_serial, frozenset(call.dropped)),
+                )
+            )
         elif not call.failed and not call.cancelled:
             call.push(Event(RESULT, None))
         if call.resident_serial is not None and (call.failed or call.cancelled or call.reply is None):
@@ -665,9 +726,13 @@ class Pool:
             elif isinstance(event, HostLost):
                 # One failure for all of them; a rank whose exit was already reported is skipped
                 # (its sender was replaced, or it is dead already).
-                self._ranks_exited([RankExit(rank, event.pids.get(rank, 0), self._senders.get(rank, ""), None, None,
-                                             event.why)
-                                    for rank in event.ranks if rank not in self.recovery.dead])  # fmt: skip
+                self._ranks_exited(
+                    [
+                        RankExit(rank, event.pids.get(rank, 0), self._senders.get(rank, ""), None, None, event.why)
+                        for rank in event.ranks
+                        if rank not in self.recovery.dead
+                    ]
+                )
             elif isinstance(event, PoolFailed):
                 self._on_broken(event.error)
 
@@ -730,16 +795,20 @@ class Pool:
         fresh store prefix; the other ranks keep their state. Calls queue until it is done."""
         step = self.recovery.begin(again)
         if step is None:  # a respawned rank that dies in setup every time would loop forever
-            self._on_broken(RuntimeError(
-                f"the pool could not recover: ranks kept dying while it restarted them "
-                f"(last: {cause}); fix the cause and call start() again"))  # fmt: skip
+            self._on_broken(
+                RuntimeError(
+                    f"the pool could not recover: ranks kept dying while it restarted them "
+                    f"(last: {cause}); fix the cause and call start() again"
+                )
+            )
             return
         self._sigkill(set(step.kill), "was alive when recovery had to start over")
         self.state = PoolState.RECOVERING
         self.resident.invalidate()  # respawned ranks hold nothing; survivors' copies are in doubt
         if step.survivors:
-            self._send_to(Kind.REBUILD, step.generation, [messages.encode_rebuild(step.store_prefix)],
-                          set(step.survivors))  # fmt: skip
+            self._send_to(
+                Kind.REBUILD, step.generation, [messages.encode_rebuild(step.store_prefix)], set(step.survivors)
+            )
         self._spawn_ranks(step.respawn)
         self._io_waker.wake()  # arm the recovery deadline
 
@@ -869,14 +938,20 @@ class Pool:
         store = self._store
         with self._lock:
             return PoolStats(
-                state=self.state.value, world_size=self.world_size, address=self.address,
+                state=self.state.value,
+                world_size=self.world_size,
+                address=self.address,
                 store_port=None if store is None else int(store.port),
-                template_pid=None if template is None else template.pid, rank_pids=self.rank_pids(),
-                hosts=self.host_ranks(), recoveries=self.recovery.count,
-                last_recovery_seconds=self.recovery.last_seconds, calls=self.transfers.calls,
-                queued=len(self._queue), rejected_messages=self.channel.rejected,
+                template_pid=None if template is None else template.pid,
+                rank_pids=self.rank_pids(),
+                hosts=self.host_ranks(),
+                recoveries=self.recovery.count,
+                last_recovery_seconds=self.recovery.last_seconds,
+                calls=self.transfers.calls,
+                queued=len(self._queue),
+                rejected_messages=self.channel.rejected,
                 refused_clients=0 if self._auth is None else int(self._auth.denied),
-            )  # fmt: skip
+            )
 
 
 def _listen(host: str, port: int) -> socket.socket:

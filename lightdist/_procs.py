@@ -94,8 +94,9 @@ class TemplateProcess:
         finally:
             os.close(control_w)
         self._control = os.fdopen(control_r, "rb")
-        self._send({"control_fd": control_w, "imports": imports, "sys_path": driver_sys_path(),
-                    "cleanup_dir": cleanup_dir})  # fmt: skip
+        self._send(
+            {"control_fd": control_w, "imports": imports, "sys_path": driver_sys_path(), "cleanup_dir": cleanup_dir}
+        )
         self._monitor = threading.Thread(target=self._watch, name="lightdist-monitor", daemon=True)
         self._output = threading.Thread(target=self._forward_output, name="lightdist-output", daemon=True)
         self._monitor.start()

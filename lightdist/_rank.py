@@ -22,11 +22,11 @@ import zmq
 from lightdist import _messages as messages
 from lightdist import _shm, _tensors, protocol
 from lightdist._devices import choose_device
+from lightdist._lifetime import die_with_parent
 from lightdist._link import Link
 from lightdist._messages import DRIVER_SENDER, RankBoot
-from lightdist._lifetime import die_with_parent
-from lightdist._shm import trim_heap
 from lightdist._resident import RankCache
+from lightdist._shm import trim_heap
 from lightdist.protocol import Kind, Message, Session
 from lightdist.transport import Channel
 from lightdist.worker import DistributedWorker
@@ -44,8 +44,7 @@ def rank_main(boot: RankBoot, template_pid: int) -> int:
     context = zmq.Context()
     session = Session(boot.key, sender=boot.sender, rank=boot.rank)
     session.accept_from(DRIVER_SENDER, after_seq=boot.driver_seq)
-    channel = Channel.connect_dealer(context, boot.address, boot.sender.encode(), session,
-                                     curve=boot.curve)  # fmt: skip
+    channel = Channel.connect_dealer(context, boot.address, boot.sender.encode(), session, curve=boot.curve)
     link = Link(channel)
     link.start()
     try:
@@ -132,9 +131,11 @@ def _join_group(boot: RankBoot, prefix: str) -> None:
     import torch.distributed as dist
 
     store = dist.TCPStore(  # type: ignore[attr-defined]
-        boot.store_host, boot.store_port, is_master=False,
+        boot.store_host,
+        boot.store_port,
+        is_master=False,
         timeout=datetime.timedelta(seconds=boot.start_timeout),
-    )  # fmt: skip
+    )
     dist.init_process_group(
         boot.backend,
         store=dist.PrefixStore(prefix, store),  # type: ignore[attr-defined]

@@ -129,13 +129,16 @@ class ResidentSet:
         if serial != self._serial or self._committed == serial:
             return  # a later call was planned meanwhile (it will say what the ranks hold), or done twice
         self._committed = serial
-        self._synced = {key: fingerprint(slot.tensor, slot.storage) for key, slot in self._pending
-                        if key not in dropped}  # fmt: skip
+        self._synced = {
+            key: fingerprint(slot.tensor, slot.storage) for key, slot in self._pending if key not in dropped
+        }
         from torch.multiprocessing.reductions import StorageWeakRef
 
         # Fresh entries: a storage adopted during the call (moved onto the memfd) is a new one.
-        self._keys = {slot.storage._cdata: (StorageWeakRef(slot.storage), key)  # type: ignore[no-untyped-call]
-                      for key, slot in self._pending}  # fmt: skip
+        self._keys = {
+            slot.storage._cdata: (StorageWeakRef(slot.storage), key)  # type: ignore[no-untyped-call]
+            for key, slot in self._pending
+        }
         self._pending = []
 
     def invalidate(self) -> None:

@@ -215,8 +215,10 @@ def encode(obj: Any, transport: str, resident: ResidentSet | None = None, to_cpu
     sizes: list[int] = [0 if key is not None and key[1] else int(s.storage.nbytes()) for s, key in zip(slots, plan)]
     # Which file each storage goes to on this host: 0, closed once every rank took the call, or 1, the
     # weights the driver adopts (a file of their own, so nothing else is kept alive with them).
-    files = [1 if transport == SHM and resident is not None and n and _adoptable(slot, n) else 0
-             for slot, n in zip(slots, sizes)]  # fmt: skip
+    files = [
+        1 if transport == SHM and resident is not None and n and _adoptable(slot, n) else 0
+        for slot, n in zip(slots, sizes)
+    ]
     try:
         if transport == SHM:
             for index in (0, 1):
@@ -229,8 +231,14 @@ def encode(obj: Any, transport: str, resident: ResidentSet | None = None, to_cpu
     return out
 
 
-def _place(out: Outbound, slots: list[_Slot], plan: list[tuple[int, bool] | None], sizes: list[int],
-           files: list[int], transport: str) -> None:  # fmt: skip
+def _place(
+    out: Outbound,
+    slots: list[_Slot],
+    plan: list[tuple[int, bool] | None],
+    sizes: list[int],
+    files: list[int],
+    transport: str,
+) -> None:
     """Write each storage where ``transport`` puts it and record where, in slot order."""
     offsets = [0, 0]
     adopted = 0
@@ -415,8 +423,9 @@ def take_storages(
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 # The tensor keeps the mapping alive; the pages are the memfd's until written.
-                storage = torch.frombuffer(mapped(where[0]), dtype=torch.uint8, count=nbytes,
-                                           offset=where[1]).untyped_storage()  # fmt: skip
+                storage = torch.frombuffer(
+                    mapped(where[0]), dtype=torch.uint8, count=nbytes, offset=where[1]
+                ).untyped_storage()
         elif kind == COPY:
             storage = _copied(memoryview(mapped(where[0]))[where[1] : where[1] + nbytes])
         elif kind == FRAME:

@@ -48,9 +48,25 @@ AGENT_RANK = -2
 CONNECT_TIMEOUT_S = 300.0  # waiting for the driver to come up (srun may start agents first)
 HANGUP_GIVE_UP_S = 4.0  # handshakes that keep failing without a reason: give up (see _handshake_failure)
 # Prefixes and names of variables that launchers set for their own rank model.
-LAUNCHER_VARIABLES = ("SLURM_", "PMI_", "PMIX_", "OMPI_", "TORCHELASTIC_", "RANK", "LOCAL_RANK", "WORLD_SIZE",
-                      "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK", "ROLE_WORLD_SIZE",
-                      "MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "JOB_COMPLETION_INDEX")  # fmt: skip
+LAUNCHER_VARIABLES = (
+    "SLURM_",
+    "PMI_",
+    "PMIX_",
+    "OMPI_",
+    "TORCHELASTIC_",
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "GROUP_WORLD_SIZE",
+    "ROLE_RANK",
+    "ROLE_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "NODE_RANK",
+    "JOB_COMPLETION_INDEX",
+)
 
 
 def node_hint(env: dict[str, str]) -> int | None:
@@ -97,8 +113,16 @@ def _interface_of(ip: str) -> str | None:
 class Agent:
     """One host's agent. ``run()`` returns the process exit status."""
 
-    def __init__(self, connect: str, hmac_key: bytes, nproc: int, curve: Any = None, host: str | None = None,
-                 connect_timeout: float = CONNECT_TIMEOUT_S, extra_facts: dict[str, Any] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        connect: str,
+        hmac_key: bytes,
+        nproc: int,
+        curve: Any = None,
+        host: str | None = None,
+        connect_timeout: float = CONNECT_TIMEOUT_S,
+        extra_facts: dict[str, Any] | None = None,
+    ) -> None:
         self.connect = connect
         self.extra_facts = dict(extra_facts or {})
         self.nproc = nproc
@@ -117,12 +141,15 @@ class Agent:
         self._context = zmq.Context()
         self._monitor: zmq.Socket[bytes] | None = None
         self._hangups_since: float | None = None
-        self.channel = Channel.connect_dealer(self._context, connect, self.sender.encode(), self.session,
-                                              curve=curve, before_connect=self._attach_monitor)  # fmt: skip
+        self.channel = Channel.connect_dealer(
+            self._context, connect, self.sender.encode(), self.session, curve=curve, before_connect=self._attach_monitor
+        )
 
     def _attach_monitor(self, sock: zmq.Socket[bytes]) -> None:
         # A refused CURVE client raises nothing (its sends just queue): watch the handshake instead.
-        events = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+        events = (
+            zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+        )
         self._monitor = sock.get_monitor_socket(events)
 
     def _handshake_failure(self) -> str | None:
@@ -139,8 +166,10 @@ class Agent:
                 now = time.monotonic()
                 self._hangups_since = self._hangups_since or now
                 if now - self._hangups_since > HANGUP_GIVE_UP_S:
-                    return (f"every security handshake failed for {HANGUP_GIVE_UP_S:.0f} s: the driver uses "
-                            "other keys (another pool's client file?) or is not a lightdist driver")
+                    return (
+                        f"every security handshake failed for {HANGUP_GIVE_UP_S:.0f} s: the driver uses "
+                        "other keys (another pool's client file?) or is not a lightdist driver"
+                    )
                 continue
             text = describe_handshake_failure(int(event["event"]), int(event["value"]))
             if text is not None:
@@ -160,8 +189,11 @@ class Agent:
         while True:
             now = time.monotonic()
             if now - last_heard > self.lease:
-                print(f"lightdist agent: no word from the driver for {self.lease:.1f} s; stopping this "
-                      "host's ranks", file=sys.stderr, flush=True)  # fmt: skip
+                print(
+                    f"lightdist agent: no word from the driver for {self.lease:.1f} s; stopping this host's ranks",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 return 1
             if self.generation == 0 and now - last_hello > 2.0:
                 self._hello()  # the driver may have restarted its pool
@@ -180,8 +212,15 @@ class Agent:
                     return status
 
     def _hello(self) -> None:
-        facts = {"host": self.host, "nproc": self.nproc, "pid": os.getpid(), "ip": self.local_ip,
-                 "ifname": self.ifname, "node_hint": node_hint(dict(os.environ)), **self.extra_facts}  # fmt: skip
+        facts = {
+            "host": self.host,
+            "nproc": self.nproc,
+            "pid": os.getpid(),
+            "ip": self.local_ip,
+            "ifname": self.ifname,
+            "node_hint": node_hint(dict(os.environ)),
+            **self.extra_facts,
+        }
         self.channel.send(Kind.HELLO, 0, [messages.encode_hello(facts)])
 
     def _handle(self, kind: Kind, call: int, payload: tuple[bytes, ...]) -> int | None:
@@ -203,8 +242,9 @@ class Agent:
         elif kind is Kind.EXIT:
             return 0
         elif kind is Kind.FENCED:
-            print("lightdist agent: the driver declared this host lost; stopping its ranks", file=sys.stderr,
-                  flush=True)  # fmt: skip
+            print(
+                "lightdist agent: the driver declared this host lost; stopping its ranks", file=sys.stderr, flush=True
+            )
             return 1
         return None
 
@@ -216,8 +256,9 @@ class Agent:
             os.environ.setdefault("GLOO_SOCKET_IFNAME", self.ifname)
             os.environ.setdefault("NCCL_SOCKET_IFNAME", self.ifname)
         if self.template is None:
-            self.template = TemplateProcess(settings.imports, settings.cwd, self._rank_exited,
-                                            self._template_lost, on_spawned=self._rank_spawned)  # fmt: skip
+            self.template = TemplateProcess(
+                settings.imports, settings.cwd, self._rank_exited, self._template_lost, on_spawned=self._rank_spawned
+            )
             self._spawner = threading.Thread(target=self._spawn_loop, name="lightdist-agent-spawn", daemon=True)
             self._spawner.start()
         log.info("agent %s: ranks %s (generation %d)", self.host, settings.ranks, generation)
@@ -237,8 +278,9 @@ class Agent:
         self._event(HostEvent("spawned", rank=rank, pid=pid, sender=sender))
 
     def _rank_exited(self, info: RankExit) -> None:  # template monitor thread
-        self._event(HostEvent("exit", rank=info.rank, pid=info.pid, sender=info.sender, code=info.exitcode,
-                              signal=info.signal))  # fmt: skip
+        self._event(
+            HostEvent("exit", rank=info.rank, pid=info.pid, sender=info.sender, code=info.exitcode, signal=info.signal)
+        )
 
     def _template_lost(self, detail: str) -> None:
         self._event(HostEvent("lost", detail=detail))
@@ -287,16 +329,21 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--key-file", required=True, help="the pool's client key file (see docs/multinode.md)")
     parser.add_argument("--nproc-per-node", type=int, default=1, help="ranks on this host (one per GPU)")
     parser.add_argument("--host-name", default=None, help="this host's name in messages (default: hostname)")
-    parser.add_argument("--connect-timeout", type=float, default=CONNECT_TIMEOUT_S,
-                        help="seconds to wait for the driver to assign this host its ranks")  # fmt: skip
+    parser.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=CONNECT_TIMEOUT_S,
+        help="seconds to wait for the driver to assign this host its ranks",
+    )
     args = parser.parse_args(argv)
     if args.nproc_per_node < 1:
         parser.error("--nproc-per-node must be at least 1")
     return _run(args.connect, args.key_file, args.nproc_per_node, args.host_name, args.connect_timeout, {})
 
 
-def _run(connect: str, key_file: str, nproc: int, host: str | None, connect_timeout: float,
-         facts: dict[str, Any]) -> int:  # fmt: skip
+def _run(
+    connect: str, key_file: str, nproc: int, host: str | None, connect_timeout: float, facts: dict[str, Any]
+) -> int:
     if not connect.startswith("tcp://") or ":" not in connect[6:]:
         print(f"lightdist agent: error: --connect {connect!r}: expected tcp://HOST:PORT", file=sys.stderr)
         return 2
@@ -308,6 +355,7 @@ def _run(connect: str, key_file: str, nproc: int, host: str | None, connect_time
         print(f"lightdist agent: error: {error}", file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # srun / kubelet stop: clean up the ranks
-    agent = Agent(connect, keys.hmac_key, nproc, curve=keys, host=host, connect_timeout=connect_timeout,
-                  extra_facts=facts)  # fmt: skip
+    agent = Agent(
+        connect, keys.hmac_key, nproc, curve=keys, host=host, connect_timeout=connect_timeout, extra_facts=facts
+    )
     return agent.run()

@@ -26,12 +26,17 @@ class RegressionWorker(DistributedWorker):
         x = torch.randn(samples, 8, generator=gen)
         true_w = torch.randn(8, 1, generator=gen)
         y = torch.sin(x @ true_w) + 0.05 * torch.randn(samples, 1, generator=gen)
-        self.x, self.y = x[self.rank :: self.world_size].to(self.device), y[self.rank :: self.world_size].to(self.device)
+        self.x, self.y = (
+            x[self.rank :: self.world_size].to(self.device),
+            y[self.rank :: self.world_size].to(self.device),
+        )
         torch.manual_seed(seed)
         model = torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1)).to(self.device)
         self.model = DDP(model)
 
-    def __call__(self, streaming: bool = False, epochs: int = 20, lr: float = 0.05, batch: int = 128) -> dict[str, float]:
+    def __call__(
+        self, streaming: bool = False, epochs: int = 20, lr: float = 0.05, batch: int = 128
+    ) -> dict[str, float]:
         opt = torch.optim.Adam(self.model.parameters(), lr=lr)
         step = 0
         loss = torch.zeros(())

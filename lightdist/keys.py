@@ -37,8 +37,19 @@ from zmq.utils import z85
 
 from lightdist.errors import ConfigError
 
-__all__ = ["AllowListAuthenticator", "ClientKeys", "DriverKeys", "KeyFileError", "add_client", "create_pool_keys",
-           "describe_handshake_failure", "load_client_keys", "load_driver_keys", "secure_client", "secure_server"]  # fmt: skip
+__all__ = [
+    "AllowListAuthenticator",
+    "ClientKeys",
+    "DriverKeys",
+    "KeyFileError",
+    "add_client",
+    "create_pool_keys",
+    "describe_handshake_failure",
+    "load_client_keys",
+    "load_driver_keys",
+    "secure_client",
+    "secure_server",
+]
 
 log = logging.getLogger("lightdist")
 FORMAT = "lightdist-keys/1"
@@ -53,6 +64,7 @@ class KeyFileError(ConfigError):
 @dataclasses.dataclass(frozen=True)
 class DriverKeys:
     """The driver's keys. CURVE keys are Z85 text (40 bytes), the form ZMQ socket options take."""
+
     path: Path
     hmac_key: bytes = dataclasses.field(repr=False)
     public_key: bytes
@@ -63,6 +75,7 @@ class DriverKeys:
 @dataclasses.dataclass(frozen=True)
 class ClientKeys:
     """An agent's or rank's keys: the pool's HMAC key, the server's public key and a client keypair."""
+
     path: Path
     hmac_key: bytes = dataclasses.field(repr=False)
     server_key: bytes
@@ -72,8 +85,10 @@ class ClientKeys:
 
 def _require_curve() -> None:
     if not zmq.has("curve"):
-        raise RuntimeError(f"libzmq {zmq.zmq_version()} was built without CURVE, which a TCP pool needs: "
-                           "install a pyzmq build with CURVE (its binary wheels bundle libsodium)")  # fmt: skip
+        raise RuntimeError(
+            f"libzmq {zmq.zmq_version()} was built without CURVE, which a TCP pool needs: "
+            "install a pyzmq build with CURVE (its binary wheels bundle libsodium)"
+        )
 
 
 def _write_private(path: Path, doc: dict[str, Any], overwrite: bool) -> None:
@@ -103,8 +118,9 @@ def _read_private(path: Path, role: str) -> dict[str, Any]:
             if st.st_uid != os.getuid():
                 raise KeyFileError(f"{path}: owned by uid {st.st_uid}, not by you (uid {os.getuid()}); refusing it")
             if st.st_mode & 0o077:
-                raise KeyFileError(f"{path}: mode {stat.filemode(st.st_mode)} lets others read or change it; "
-                                   f"run `chmod 600 {path}`")  # fmt: skip
+                raise KeyFileError(
+                    f"{path}: mode {stat.filemode(st.st_mode)} lets others read or change it; run `chmod 600 {path}`"
+                )
             raw = f.read()
     except OSError as e:
         raise KeyFileError(f"{path}: cannot read the key file: {e.strerror or e}") from None
@@ -113,10 +129,12 @@ def _read_private(path: Path, role: str) -> dict[str, Any]:
     except (ValueError, UnicodeDecodeError) as e:
         raise KeyFileError(f"{path}: not a lightdist key file (invalid JSON: {e})") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        raise KeyFileError(f"{path}: not a lightdist key file (expected \"format\": \"{FORMAT}\")")
+        raise KeyFileError(f'{path}: not a lightdist key file (expected "format": "{FORMAT}")')
     if doc.get("role") != role:
-        raise KeyFileError(f"{path}: is a {doc.get('role')!r} key file; the {role} needs the {role!r} file "
-                           "that create_pool_keys or add_client made")  # fmt: skip
+        raise KeyFileError(
+            f"{path}: is a {doc.get('role')!r} key file; the {role} needs the {role!r} file "
+            "that create_pool_keys or add_client made"
+        )
     return doc
 
 
@@ -167,12 +185,23 @@ def load_client_keys(path: str | os.PathLike[str]) -> ClientKeys:
 
 def _client_doc(hmac_key: bytes, server_public: bytes) -> dict[str, Any]:
     public, secret = zmq.curve_keypair()
-    return {"format": FORMAT, "role": "client", "hmac_key": hmac_key.hex(), "server_public": server_public.decode(),
-            "curve_public": public.decode(), "curve_secret": secret.decode()}  # fmt: skip
+    return {
+        "format": FORMAT,
+        "role": "client",
+        "hmac_key": hmac_key.hex(),
+        "server_public": server_public.decode(),
+        "curve_public": public.decode(),
+        "curve_secret": secret.decode(),
+    }
 
 
-def create_pool_keys(directory: str | os.PathLike[str], *, driver_name: str = "driver.json",
-                     client_name: str = "client.json", overwrite: bool = False) -> tuple[Path, Path]:  # fmt: skip
+def create_pool_keys(
+    directory: str | os.PathLike[str],
+    *,
+    driver_name: str = "driver.json",
+    client_name: str = "client.json",
+    overwrite: bool = False,
+) -> tuple[Path, Path]:
     """Create a pool's driver and client key files in ``directory`` (made 0700 if missing).
 
     The client's public key is the first entry of the driver's allow-list; copy the client file to
@@ -187,9 +216,18 @@ def create_pool_keys(directory: str | os.PathLike[str], *, driver_name: str = "d
             raise KeyFileError(f"{p}: already exists; refusing to overwrite it (pass overwrite=True)")
     hmac_key, (public, secret) = os.urandom(32), zmq.curve_keypair()
     client = _client_doc(hmac_key, public)
-    _write_private(driver_file, {"format": FORMAT, "role": "driver", "hmac_key": hmac_key.hex(),
-                                 "curve_public": public.decode(), "curve_secret": secret.decode(),
-                                 "allowed_clients": [client["curve_public"]]}, overwrite)  # fmt: skip
+    _write_private(
+        driver_file,
+        {
+            "format": FORMAT,
+            "role": "driver",
+            "hmac_key": hmac_key.hex(),
+            "curve_public": public.decode(),
+            "curve_secret": secret.decode(),
+            "allowed_clients": [client["curve_public"]],
+        },
+        overwrite,
+    )
     _write_private(client_file, client, overwrite)
     return driver_file, client_file
 
@@ -225,9 +263,13 @@ def secure_server(socket: zmq.Socket[Any], keys: DriverKeys) -> None:
     _require_unused(socket, "bind")
     # ZAP_ENFORCE_DOMAIN fails closed: by default libzmq 4.3 admits *any* CURVE client when no ZAP
     # handler is bound to the context (the "Stonehouse" pattern); with it such clients are refused.
-    for option, value in ((zmq.CURVE_SERVER, 1), (zmq.CURVE_SECRETKEY, keys.secret_key),
-                          (zmq.CURVE_PUBLICKEY, keys.public_key), (zmq.ZAP_DOMAIN, ZAP_DOMAIN),
-                          (zmq.ZAP_ENFORCE_DOMAIN, 1)):  # fmt: skip
+    for option, value in (
+        (zmq.CURVE_SERVER, 1),
+        (zmq.CURVE_SECRETKEY, keys.secret_key),
+        (zmq.CURVE_PUBLICKEY, keys.public_key),
+        (zmq.ZAP_DOMAIN, ZAP_DOMAIN),
+        (zmq.ZAP_ENFORCE_DOMAIN, 1),
+    ):
         socket.setsockopt(option, value)
 
 
@@ -288,7 +330,9 @@ class AllowListAuthenticator:
         except zmq.ZMQError as e:
             sock.close()
             if e.errno == zmq.EADDRINUSE:
-                raise RuntimeError("this zmq.Context already has a ZAP handler; use one authenticator per context") from e
+                raise RuntimeError(
+                    "this zmq.Context already has a ZAP handler; use one authenticator per context"
+                ) from e
             raise
         # the socket moves to the thread; Thread.start is the memory barrier libzmq asks for
         self._thread = threading.Thread(target=self._serve, args=(sock,), name="lightdist-zap", daemon=True)
@@ -324,6 +368,10 @@ class AllowListAuthenticator:
             sock.send_multipart([b"1.0", request_id, b"200", b"OK", key, b""])  # User-Id: the client key
             return
         self.denied += 1
-        log.warning("refused a %s connection from %s: client key %s is not on the pool's allow-list",
-                    mechanism.decode("ascii", "replace"), address, key.decode() if key else "(none)")  # fmt: skip
+        log.warning(
+            "refused a %s connection from %s: client key %s is not on the pool's allow-list",
+            mechanism.decode("ascii", "replace"),
+            address,
+            key.decode() if key else "(none)",
+        )
         sock.send_multipart([b"1.0", request_id, b"400", b"client key not allowed", b"", b""])

@@ -54,8 +54,22 @@ class _AgentActor:
 
         node = str(ray.get_runtime_context().get_node_id())
         host = f"ray{index}-{socket.gethostname()}-{node[:8]}"
-        argv = [sys.executable, "-m", "lightdist.cli", "agent", "--connect", connect, "--key-file", key_file,
-                "--nproc-per-node", str(nproc), "--host-name", host, "--connect-timeout", str(connect_timeout)]  # fmt: skip
+        argv = [
+            sys.executable,
+            "-m",
+            "lightdist.cli",
+            "agent",
+            "--connect",
+            connect,
+            "--key-file",
+            key_file,
+            "--nproc-per-node",
+            str(nproc),
+            "--host-name",
+            host,
+            "--connect-timeout",
+            str(connect_timeout),
+        ]
         # The bundle index orders the hosts (it is the agent's placement hint, like SLURM_NODEID).
         env = {**os.environ, "LIGHTDIST_NODE_INDEX": str(index)}
         self.proc = subprocess.Popen(argv, env=env, preexec_fn=die_with_parent)
@@ -99,9 +113,17 @@ class RayAgents:
             remove_placement_group(self.placement_group)
 
 
-def start_agents(connect: str, key_file: str | os.PathLike[str], nodes: int, nproc_per_node: int = 1, *,
-                 num_cpus_per_node: float = 1, num_gpus_per_node: float = 0, placement_timeout: float = 120.0,
-                 connect_timeout: float = 300.0) -> RayAgents:  # fmt: skip
+def start_agents(
+    connect: str,
+    key_file: str | os.PathLike[str],
+    nodes: int,
+    nproc_per_node: int = 1,
+    *,
+    num_cpus_per_node: float = 1,
+    num_gpus_per_node: float = 0,
+    placement_timeout: float = 120.0,
+    connect_timeout: float = 300.0,
+) -> RayAgents:
     """Place one agent on each of ``nodes`` distinct Ray nodes and start it; returns at once.
 
     Raises ``TimeoutError`` (and frees what it reserved) if the cluster cannot give ``nodes``
@@ -120,17 +142,22 @@ def start_agents(connect: str, key_file: str | os.PathLike[str], nodes: int, npr
     ready, _ = ray.wait([group.ready()], timeout=placement_timeout)
     if not ready:
         remove_placement_group(group)
-        raise TimeoutError(f"Ray could not place {nodes} agents on distinct nodes with {bundle} each within "
-                           f"{placement_timeout} s; check `ray status` for free nodes")  # fmt: skip
+        raise TimeoutError(
+            f"Ray could not place {nodes} agents on distinct nodes with {bundle} each within "
+            f"{placement_timeout} s; check `ray status` for free nodes"
+        )
     actor_cls: Any = ray.remote(_AgentActor)  # Ray's actor handles are dynamic
     actors: list[Any] = [
         actor_cls.options(
-            num_cpus=num_cpus_per_node, num_gpus=num_gpus_per_node,
+            num_cpus=num_cpus_per_node,
+            num_gpus=num_gpus_per_node,
             max_concurrency=4,  # run() blocks for the agent's life: node() and stop() must still answer
             scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=group, placement_group_bundle_index=i),
         ).remote()
         for i in range(nodes)
-    ]  # fmt: skip
-    runs = [actor.run.remote(connect, os.fspath(key_file), nproc_per_node, i, connect_timeout)
-            for i, actor in enumerate(actors)]  # fmt: skip
+    ]
+    runs = [
+        actor.run.remote(connect, os.fspath(key_file), nproc_per_node, i, connect_timeout)
+        for i, actor in enumerate(actors)
+    ]
     return RayAgents(group, actors, runs)

@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from lightdist import _tensors, protocol
-from lightdist._calls import ERROR, ITEM, RESULT, Event, PendingCall, Reply, encode_call
 from lightdist._attach import HOST_TIMEOUT_S
+from lightdist._calls import ERROR, ITEM, RESULT, Event, PendingCall, Reply, encode_call
+from lightdist._devices import choose_device, driver_visible_gpus
 from lightdist._messages import driver_sys_path
 from lightdist._pool import Pool, PoolConfig, PoolStats
 from lightdist._state import PoolState
-from lightdist._devices import choose_device, driver_visible_gpus
 from lightdist.errors import PayloadError, PoolClosedError, TextEventError
 from lightdist.transport import deadline_after, remaining
 from lightdist.worker import DistributedWorker
@@ -598,8 +598,9 @@ def _check_attach(nodes: Any, listen: str | None, key_file: Any, world_size: int
     if key_file is None:
         raise ValueError("a pool across hosts needs key_file= (create one with: lightdist keys create DIR)")
     if world_size % nodes:
-        raise ValueError(f"world_size {world_size} is not a multiple of nodes {nodes}: each host runs the same "
-                         "number of ranks")  # fmt: skip
+        raise ValueError(
+            f"world_size {world_size} is not a multiple of nodes {nodes}: each host runs the same number of ranks"
+        )
 
 
 def _check_worker_cls(worker_cls: Any) -> None:

@@ -159,7 +159,11 @@ class Channel:
 
     @classmethod
     def connect_dealer(
-        cls, context: zmq.Context[zmq.Socket[bytes]], address: str, identity: bytes, session: Session,
+        cls,
+        context: zmq.Context[zmq.Socket[bytes]],
+        address: str,
+        identity: bytes,
+        session: Session,
         curve: Any = None,
         before_connect: Any = None,
     ) -> Channel:
@@ -188,8 +192,14 @@ class Channel:
         with self._lock:
             self.session.forget(sender)
 
-    def send(self, kind: Kind, call: int = 0, payload: Sequence[bytes] = (), to: Sequence[bytes] = (),
-             bulk: Sequence[Any] = ()) -> None:  # fmt: skip
+    def send(
+        self,
+        kind: Kind,
+        call: int = 0,
+        payload: Sequence[bytes] = (),
+        to: Sequence[bytes] = (),
+        bulk: Sequence[Any] = (),
+    ) -> None:
         """Sign once and send; on a ROUTER, to each identity in ``to``. Any thread. ``bulk``: large
         frames outside the MAC (see :meth:`Session.pack`), sent without a copy.
 

@@ -34,20 +34,70 @@ from typing import Any, TypeVar
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["AREAS", "LABELS", "Records", "check_model_dir", "collate", "corpus", "labelled_examples", "read_records",
-           "split_examples"]
+__all__ = [
+    "AREAS",
+    "LABELS",
+    "Records",
+    "check_model_dir",
+    "collate",
+    "corpus",
+    "labelled_examples",
+    "read_records",
+    "split_examples",
+]
 
 _R = TypeVar("_R")
 
 AREAS: dict[str, tuple[str, ...]] = {
-    "files": ("os.path", "shutil", "pathlib", "glob", "fnmatch", "tempfile", "filecmp", "zipfile", "tarfile",
-              "gzip", "bz2", "lzma", "stat", "fileinput"),  # fmt: skip
+    "files": (
+        "os.path",
+        "shutil",
+        "pathlib",
+        "glob",
+        "fnmatch",
+        "tempfile",
+        "filecmp",
+        "zipfile",
+        "tarfile",
+        "gzip",
+        "bz2",
+        "lzma",
+        "stat",
+        "fileinput",
+    ),
     "math": ("math", "cmath", "statistics", "fractions", "decimal", "random", "numbers"),
-    "network": ("socket", "http.client", "http.server", "http.cookies", "urllib.request", "urllib.parse",
-                "smtplib", "email.message", "email.utils", "ftplib", "ssl", "ipaddress", "poplib", "imaplib",
-                "socketserver"),  # fmt: skip
-    "text": ("string", "re", "textwrap", "difflib", "unicodedata", "codecs", "html", "html.parser", "locale",
-             "gettext", "csv", "shlex", "builtins.str"),  # fmt: skip
+    "network": (
+        "socket",
+        "http.client",
+        "http.server",
+        "http.cookies",
+        "urllib.request",
+        "urllib.parse",
+        "smtplib",
+        "email.message",
+        "email.utils",
+        "ftplib",
+        "ssl",
+        "ipaddress",
+        "poplib",
+        "imaplib",
+        "socketserver",
+    ),
+    "text": (
+        "string",
+        "re",
+        "textwrap",
+        "difflib",
+        "unicodedata",
+        "codecs",
+        "html",
+        "html.parser",
+        "locale",
+        "gettext",
+        "csv",
+        "shlex",
+        "builtins.str",
+    ),
 }
 LABELS: list[str] = sorted(AREAS)
 
@@ -168,8 +218,9 @@ def read_records(path: str, setting: str, columns: tuple[str, ...], hint: str) -
             reader = csv.DictReader(handle)
             missing = [c for c in columns if c not in (reader.fieldnames or [])]
             if missing:
-                raise ConfigError(f"{setting}: {path!r} has no {missing[0]!r} column (header: {reader.fieldnames}); "
-                                  f"{hint}")  # fmt: skip
+                raise ConfigError(
+                    f"{setting}: {path!r} has no {missing[0]!r} column (header: {reader.fieldnames}); {hint}"
+                )
             rows = list(reader)
         elif suffix == ".jsonl":
             for n, line in enumerate(handle, 1):
@@ -189,16 +240,18 @@ def read_records(path: str, setting: str, columns: tuple[str, ...], hint: str) -
         values = {c: row.get(c) for c in columns}
         for column, value in values.items():
             if isinstance(value, bool) or not isinstance(value, (str, int, float)) or not str(value).strip():
-                raise ConfigError(f"{setting}: row {n} of {path!r} has no {column!r} (or it is empty or not a "
-                                  f"string); {hint}")  # fmt: skip
+                raise ConfigError(
+                    f"{setting}: row {n} of {path!r} has no {column!r} (or it is empty or not a string); {hint}"
+                )
         out.append({c: str(v) for c, v in values.items()})
     if not out:
         raise ConfigError(f"{setting}: {path!r} has no examples; {hint}")
     return out
 
 
-def split_examples(records: list[_R], val_fraction: float, seed: int, max_examples: int | None,
-                   hold_out: bool = True) -> tuple[list[_R], list[_R]]:  # fmt: skip
+def split_examples(
+    records: list[_R], val_fraction: float, seed: int, max_examples: int | None, hold_out: bool = True
+) -> tuple[list[_R], list[_R]]:
     """Shuffle ``records`` with ``seed``, keep the first ``max_examples``, then hold out the last
     ``val_fraction`` of them (at least one) as validation when ``hold_out``: ``(train, val)``.
 

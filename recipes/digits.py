@@ -89,7 +89,7 @@ class DigitsDataModule(pl.LightningDataModule):
         targets = digits.target
         rng = np.random.default_rng(self.seed)
         parts: dict[str, list[int]] = {"train": [], "val": [], "test": []}
-        for label, digit in enumerate(self.classes):
+        for _label, digit in enumerate(self.classes):
             index = rng.permutation(np.flatnonzero(targets == digit))
             n_test = round(len(index) * self.test_fraction)
             n_val = round(len(index) * self.val_fraction)
@@ -200,8 +200,7 @@ class DigitsClassifier(pl.LightningModule):
         accuracy = (logits.argmax(-1) == labels).float().mean()
         on_step = stage == "train"
         self.log(f"{stage}_loss", loss, on_step=on_step, on_epoch=not on_step, sync_dist=not on_step)
-        self.log(f"{stage}_acc", accuracy, on_step=on_step, on_epoch=not on_step, sync_dist=not on_step,
-                 prog_bar=True)  # fmt: skip
+        self.log(f"{stage}_acc", accuracy, on_step=on_step, on_epoch=not on_step, sync_dist=not on_step, prog_bar=True)
         return loss
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:

@@ -47,8 +47,10 @@ from recipes._text_data import Records, check_model_dir, collate, corpus, read_r
 
 __all__ = ["LoRACausalLM", "TextFileDataModule"]
 
-_MODEL_HINT = ("give a local Hugging Face causal LM directory (config.json, weights, tokenizer files), e.g. "
-               "make a tiny one with: python -m recipes.tiny_models causal-lm runs/tiny-causal-lm")  # fmt: skip
+_MODEL_HINT = (
+    "give a local Hugging Face causal LM directory (config.json, weights, tokenizer files), e.g. "
+    "make a tiny one with: python -m recipes.tiny_models causal-lm runs/tiny-causal-lm"
+)
 _PROMPT_CHARS = 32  # without predict_file, each validation example's first 32 characters are the prompt
 
 
@@ -68,17 +70,29 @@ class LoRACausalLM(pl.LightningModule):
         max_new_tokens: tokens generated per prompt by ``predict``.
     """
 
-    def __init__(self, model_dir: str, r: int = 8, alpha: int = 16, dropout: float = 0.05,
-                 target_modules: list[str] | str | None = None, lr: float = 2e-4, max_length: int = 128,
-                 adapter_dir: str | None = None, max_new_tokens: int = 32) -> None:  # fmt: skip
+    def __init__(
+        self,
+        model_dir: str,
+        r: int = 8,
+        alpha: int = 16,
+        dropout: float = 0.05,
+        target_modules: list[str] | str | None = None,
+        lr: float = 2e-4,
+        max_length: int = 128,
+        adapter_dir: str | None = None,
+        max_new_tokens: int = 32,
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         if r < 1 or alpha <= 0 or not 0 <= dropout < 1:
-            raise ConfigError(f"model: need r >= 1, alpha > 0 and 0 <= dropout < 1 (got r={r}, alpha={alpha}, "
-                              f"dropout={dropout})")  # fmt: skip
+            raise ConfigError(
+                f"model: need r >= 1, alpha > 0 and 0 <= dropout < 1 (got r={r}, alpha={alpha}, dropout={dropout})"
+            )
         if lr <= 0 or max_length < 2 or max_new_tokens < 1:
-            raise ConfigError(f"model: need lr > 0, max_length >= 2 and max_new_tokens >= 1 (got lr={lr}, "
-                              f"max_length={max_length}, max_new_tokens={max_new_tokens})")  # fmt: skip
+            raise ConfigError(
+                f"model: need lr > 0, max_length >= 2 and max_new_tokens >= 1 (got lr={lr}, "
+                f"max_length={max_length}, max_new_tokens={max_new_tokens})"
+            )
         directory = check_model_dir(model_dir, "model.model_dir", _MODEL_HINT)
         self.lr, self.max_length, self.max_new_tokens, self.adapter_dir = lr, max_length, max_new_tokens, adapter_dir
         self.tokenizer, self.model = _load(directory, r, alpha, dropout, target_modules)
@@ -95,8 +109,10 @@ class LoRACausalLM(pl.LightningModule):
         """Right-padded ``input_ids``/``attention_mask``/``labels``; each text ends with EOS."""
         eos = self.tokenizer.eos_token_id
         room = self.max_length - (1 if eos is not None else 0)
-        ids = [seq[:room] + ([eos] if eos is not None else [])
-               for seq in self.tokenizer(texts, truncation=True, max_length=room)["input_ids"]]  # fmt: skip
+        ids = [
+            seq[:room] + ([eos] if eos is not None else [])
+            for seq in self.tokenizer(texts, truncation=True, max_length=room)["input_ids"]
+        ]
         width = max(len(seq) for seq in ids)
         input_ids = torch.full((len(ids), width), self.tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(ids), width), dtype=torch.long)
@@ -105,8 +121,11 @@ class LoRACausalLM(pl.LightningModule):
             mask[row, : len(seq)] = 1
         # Padding is masked out of the loss by position, not by id: the pad id may be EOS itself.
         labels = input_ids.masked_fill(mask == 0, -100)
-        return {"input_ids": input_ids.to(self.device), "attention_mask": mask.to(self.device),
-                "labels": labels.to(self.device)}  # fmt: skip
+        return {
+            "input_ids": input_ids.to(self.device),
+            "attention_mask": mask.to(self.device),
+            "labels": labels.to(self.device),
+        }
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss: torch.Tensor = self.model(**self._lm_batch(batch["text"])).loss
@@ -137,14 +156,17 @@ class LoRACausalLM(pl.LightningModule):
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
         prompts: list[str] = batch["prompt"]
-        encoded = self.tokenizer(prompts, padding=True, truncation=True, max_length=self.max_length,
-                                 return_tensors="pt").to(self.device)  # fmt: skip
-        generated = self.model.generate(**encoded, max_new_tokens=self.max_new_tokens, do_sample=False,
-                                        pad_token_id=self.tokenizer.pad_token_id)  # fmt: skip
+        encoded = self.tokenizer(
+            prompts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        ).to(self.device)
+        generated = self.model.generate(
+            **encoded, max_new_tokens=self.max_new_tokens, do_sample=False, pad_token_id=self.tokenizer.pad_token_id
+        )
         new_tokens = generated[:, encoded["input_ids"].shape[1] :]
         completions = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-        return [{"index": i, "prompt": p, "completion": c}
-                for i, p, c in zip(batch["index"].tolist(), prompts, completions)]  # fmt: skip
+        return [
+            {"index": i, "prompt": p, "completion": c} for i, p, c in zip(batch["index"].tolist(), prompts, completions)
+        ]
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.lr)
@@ -160,16 +182,19 @@ class LoRACausalLM(pl.LightningModule):
         # of another r or target_modules must not load silently as an untrained adapter.
         missing = sorted(self._trainable() - set(checkpoint["state_dict"]))
         if missing:
-            raise ConfigError(f"ckpt_path: the checkpoint lacks {len(missing)} adapter tensor(s) of this model "
-                              f"(first: {missing[0]}); was it saved with other model.r/target_modules?")  # fmt: skip
+            raise ConfigError(
+                f"ckpt_path: the checkpoint lacks {len(missing)} adapter tensor(s) of this model "
+                f"(first: {missing[0]}); was it saved with other model.r/target_modules?"
+            )
 
     def on_train_end(self) -> None:
         if self.adapter_dir and self.trainer.is_global_zero:
             self.model.save_pretrained(self.adapter_dir, safe_serialization=True)
 
 
-def _load(directory: str, r: int, alpha: int, dropout: float,
-          target_modules: list[str] | str | None) -> tuple[Any, Any]:  # fmt: skip
+def _load(
+    directory: str, r: int, alpha: int, dropout: float, target_modules: list[str] | str | None
+) -> tuple[Any, Any]:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -178,19 +203,23 @@ def _load(directory: str, r: int, alpha: int, dropout: float,
         base = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"model.model_dir: cannot load a causal LM and tokenizer from {directory!r}: {first} "
-                          f"({_MODEL_HINT})") from exc  # fmt: skip
+        raise ConfigError(
+            f"model.model_dir: cannot load a causal LM and tokenizer from {directory!r}: {first} ({_MODEL_HINT})"
+        ) from exc
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
             raise ConfigError(f"model.model_dir: the tokenizer in {directory!r} has neither a pad nor an EOS token")
         tokenizer.pad_token = tokenizer.eos_token  # the usual choice for decoder-only models
-    config = LoraConfig(task_type="CAUSAL_LM", r=r, lora_alpha=alpha, lora_dropout=dropout,
-                        target_modules=target_modules)  # fmt: skip
+    config = LoraConfig(
+        task_type="CAUSAL_LM", r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules
+    )
     try:
         model = get_peft_model(base, config)
     except ValueError as exc:
-        raise ConfigError(f"model.target_modules: {exc} (name the modules to adapt, e.g. "
-                          "--model.init_args.target_modules='[q_proj,v_proj]', or all-linear)") from exc
+        raise ConfigError(
+            f"model.target_modules: {exc} (name the modules to adapt, e.g. "
+            "--model.init_args.target_modules='[q_proj,v_proj]', or all-linear)"
+        ) from exc
     # from_pretrained returns eval mode and Lightning keeps module modes: LoRA dropout needs train.
     model.train()
     return tokenizer, model
@@ -214,9 +243,16 @@ class TextFileDataModule(pl.LightningDataModule):
         max_examples: use at most this many examples of each file (after shuffling), for quick runs.
     """
 
-    def __init__(self, train_file: str | None = None, val_file: str | None = None, predict_file: str | None = None,
-                 batch_size: int = 8, val_fraction: float = 0.1, seed: int = 0,
-                 max_examples: int | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        train_file: str | None = None,
+        val_file: str | None = None,
+        predict_file: str | None = None,
+        batch_size: int = 8,
+        val_fraction: float = 0.1,
+        seed: int = 0,
+        max_examples: int | None = None,
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         if batch_size < 1:
@@ -230,8 +266,9 @@ class TextFileDataModule(pl.LightningDataModule):
         rows = [{"text": t} for t in corpus()] if train_file is None else _read(train_file, "data.train_file", "text")
         train, val = split_examples(rows, val_fraction, seed, max_examples, hold_out=val_file is None)
         if val_file is not None:
-            val, _ = split_examples(_read(val_file, "data.val_file", "text"), val_fraction, seed, max_examples,
-                                    hold_out=False)  # fmt: skip
+            val, _ = split_examples(
+                _read(val_file, "data.val_file", "text"), val_fraction, seed, max_examples, hold_out=False
+            )
         if not train:
             raise ConfigError("data.max_examples: leaves no training examples after the validation hold-out")
         if predict_file is not None:  # in file order, uncapped: every prompt gets a completion
@@ -255,7 +292,7 @@ class TextFileDataModule(pl.LightningDataModule):
 
 def _read(path: str, setting: str, key: str) -> list[dict[str, str]]:
     """``.txt``: one ``{key: line}`` per non-empty line; ``.jsonl``: objects with a ``key`` string."""
-    hint = f"give a .txt with one example per line or a .jsonl of {{\"{key}\": ...}} objects"
+    hint = f'give a .txt with one example per line or a .jsonl of {{"{key}": ...}} objects'
     file = Path(path)
     if not file.is_file():
         raise ConfigError(f"{setting}: no such file: {path!r} ({hint})")
@@ -267,4 +304,3 @@ def _read(path: str, setting: str, key: str) -> list[dict[str, str]]:
     if not rows:
         raise ConfigError(f"{setting}: {path!r} has no non-empty lines; {hint}")
     return rows
-

@@ -46,13 +46,22 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightdist import ConfigError
-from recipes._text_data import (LABELS, Records, check_model_dir, collate, labelled_examples, read_records,
-                                split_examples)  # fmt: skip
+from recipes._text_data import (
+    LABELS,
+    Records,
+    check_model_dir,
+    collate,
+    labelled_examples,
+    read_records,
+    split_examples,
+)
 
 __all__ = ["TextClassifier", "TextDataModule"]
 
-_MODEL_HINT = ("give a local Hugging Face model directory with config.json, weights and tokenizer files, "
-               "or leave it unset for the packaged all-MiniLM-L6-v2")  # fmt: skip
+_MODEL_HINT = (
+    "give a local Hugging Face model directory with config.json, weights and tokenizer files, "
+    "or leave it unset for the packaged all-MiniLM-L6-v2"
+)
 _DATA_HINT = "give a .csv with 'text' and 'label' columns or a .jsonl of {\"text\": ..., \"label\": ...} objects"
 
 
@@ -82,19 +91,29 @@ class TextClassifier(pl.LightningModule):
         export_dir: where rank 0 saves the fine-tuned model and tokenizer at the end of ``fit``.
     """
 
-    def __init__(self, model_dir: str | None = None, labels: list[str] | None = None, lr: float = 5e-5,
-                 weight_decay: float = 0.01, warmup_ratio: float = 0.1, max_length: int = 128,
-                 export_dir: str | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        model_dir: str | None = None,
+        labels: list[str] | None = None,
+        lr: float = 5e-5,
+        weight_decay: float = 0.01,
+        warmup_ratio: float = 0.1,
+        max_length: int = 128,
+        export_dir: str | None = None,
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         names = list(LABELS) if labels is None else [str(name) for name in labels]
         if len(names) < 2 or len(set(names)) != len(names):
             raise ConfigError(f"model.labels: {names} must hold at least 2 distinct names, one per class")
         if lr <= 0 or not 0 <= warmup_ratio < 1 or max_length < 2:
-            raise ConfigError(f"model: need lr > 0, 0 <= warmup_ratio < 1 and max_length >= 2 (got lr={lr}, "
-                              f"warmup_ratio={warmup_ratio}, max_length={max_length})")  # fmt: skip
-        directory = packaged_minilm_dir() if model_dir is None else check_model_dir(model_dir, "model.model_dir",
-                                                                                     _MODEL_HINT)  # fmt: skip
+            raise ConfigError(
+                f"model: need lr > 0, 0 <= warmup_ratio < 1 and max_length >= 2 (got lr={lr}, "
+                f"warmup_ratio={warmup_ratio}, max_length={max_length})"
+            )
+        directory = (
+            packaged_minilm_dir() if model_dir is None else check_model_dir(model_dir, "model.model_dir", _MODEL_HINT)
+        )
         self.lr, self.weight_decay, self.warmup_ratio = lr, weight_decay, warmup_ratio
         self.max_length, self.export_dir = max_length, export_dir
         self.labels = names
@@ -109,13 +128,16 @@ class TextClassifier(pl.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         unknown = sorted(set(getattr(datamodule, "label_names", [])) - set(self.labels))
         if unknown:
-            raise ConfigError(f"model.labels: the data has label(s) {unknown} that {self.labels} lacks; set "
-                              f"--model.init_args.labels to every label of data.train_file/val_file")  # fmt: skip
+            raise ConfigError(
+                f"model.labels: the data has label(s) {unknown} that {self.labels} lacks; set "
+                f"--model.init_args.labels to every label of data.train_file/val_file"
+            )
 
     def forward(self, texts: list[str]) -> torch.Tensor:
         """Logits ``(len(texts), len(labels))``."""
-        encoded = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
-                                 return_tensors="pt").to(self.device)  # fmt: skip
+        encoded = self.tokenizer(
+            texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        ).to(self.device)
         logits: torch.Tensor = self.model(**encoded).logits
         return logits
 
@@ -148,19 +170,28 @@ class TextClassifier(pl.LightningModule):
         out = []
         for index, text, row in zip(batch["index"].tolist(), batch["text"], probs.tolist()):
             best = max(range(len(row)), key=row.__getitem__)
-            out.append({"index": index, "text": text, "label": self.labels[best], "score": row[best],
-                        "probs": dict(zip(self.labels, row))})  # fmt: skip
+            out.append(
+                {
+                    "index": index,
+                    "text": text,
+                    "label": self.labels[best],
+                    "score": row[best],
+                    "probs": dict(zip(self.labels, row)),
+                }
+            )
         return out
 
     def configure_optimizers(self) -> Any:
         decay: list[torch.nn.Parameter] = []
         no_decay: list[torch.nn.Parameter] = []
-        for name, param in self.named_parameters():
+        for _name, param in self.named_parameters():
             if param.requires_grad:
                 # Standard BERT fine-tuning practice: no decay on biases and normalisation weights.
                 (no_decay if param.ndim < 2 else decay).append(param)
-        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": self.weight_decay},
-                                       {"params": no_decay, "weight_decay": 0.0}], lr=self.lr)  # fmt: skip
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.lr,
+        )
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = int(total * self.warmup_ratio)
 
@@ -196,16 +227,20 @@ def _load(directory: str, labels: list[str]) -> tuple[Any, Any]:
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
         model = AutoModelForSequenceClassification.from_pretrained(
-            directory, num_labels=len(labels), id2label=dict(enumerate(labels)),
-            label2id={name: i for i, name in enumerate(labels)}, local_files_only=True,
+            directory,
+            num_labels=len(labels),
+            id2label=dict(enumerate(labels)),
+            label2id={name: i for i, name in enumerate(labels)},
+            local_files_only=True,
             # An exported classifier with another label count can be fine-tuned again: its head is
             # replaced (transformers reports it) instead of failing on the shape.
             ignore_mismatched_sizes=True,
-        )  # fmt: skip
+        )
     except (OSError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"model.model_dir: cannot load a classifier and tokenizer from {directory!r}: {first} "
-                          f"({_MODEL_HINT})") from exc  # fmt: skip
+        raise ConfigError(
+            f"model.model_dir: cannot load a classifier and tokenizer from {directory!r}: {first} ({_MODEL_HINT})"
+        ) from exc
     return tokenizer, model
 
 
@@ -226,9 +261,17 @@ class TextDataModule(pl.LightningDataModule):
         max_examples: use at most this many rows of each file (after shuffling), for quick runs.
     """
 
-    def __init__(self, train_file: str | None = None, val_file: str | None = None, test_file: str | None = None,
-                 predict_file: str | None = None, batch_size: int = 16, val_fraction: float = 0.2, seed: int = 0,
-                 max_examples: int | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        train_file: str | None = None,
+        val_file: str | None = None,
+        test_file: str | None = None,
+        predict_file: str | None = None,
+        batch_size: int = 16,
+        val_fraction: float = 0.2,
+        seed: int = 0,
+        max_examples: int | None = None,
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         if batch_size < 1:
@@ -245,18 +288,32 @@ class TextDataModule(pl.LightningDataModule):
             rows = read_records(train_file, "data.train_file", ("text", "label"), _DATA_HINT)
         train, val = split_examples(rows, val_fraction, seed, max_examples, hold_out=val_file is None)
         if val_file is not None:
-            val, _ = split_examples(read_records(val_file, "data.val_file", ("text", "label"), _DATA_HINT),
-                                    val_fraction, seed, max_examples, hold_out=False)  # fmt: skip
+            val, _ = split_examples(
+                read_records(val_file, "data.val_file", ("text", "label"), _DATA_HINT),
+                val_fraction,
+                seed,
+                max_examples,
+                hold_out=False,
+            )
         if not train:
             raise ConfigError("data.max_examples: leaves no training rows after the validation hold-out")
         test = val
         if test_file is not None:
-            test, _ = split_examples(read_records(test_file, "data.test_file", ("text", "label"), _DATA_HINT),
-                                     val_fraction, seed, max_examples, hold_out=False)  # fmt: skip
+            test, _ = split_examples(
+                read_records(test_file, "data.test_file", ("text", "label"), _DATA_HINT),
+                val_fraction,
+                seed,
+                max_examples,
+                hold_out=False,
+            )
         predict = val
         if predict_file is not None:  # in file order, uncapped: every row gets a prediction
-            predict = read_records(predict_file, "data.predict_file", ("text",), "give a .csv or .jsonl with a "
-                                   "'text' column, or leave it unset to predict the validation rows")  # fmt: skip
+            predict = read_records(
+                predict_file,
+                "data.predict_file",
+                ("text",),
+                "give a .csv or .jsonl with a 'text' column, or leave it unset to predict the validation rows",
+            )
         self.train_rows, self.val_rows, self.test_rows, self.predict_rows = train, val, test, predict
         self.label_names = sorted({row["label"] for row in train + val + test})
 

@@ -61,36 +61,63 @@ def _train_byte_bpe(vocab_size: int) -> Tokenizer:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     # The full byte alphabet: any text encodes, even characters the corpus never shows.
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(corpus(), trainer)
     return tok
 
 
-def make_tiny_encoder(path: str | Path, hidden_size: int = 32, num_layers: int = 2, num_heads: int = 2,
-                      vocab_size: int = 2000, max_positions: int = 512, seed: int = 0) -> Path:  # fmt: skip
+def make_tiny_encoder(
+    path: str | Path,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    num_heads: int = 2,
+    vocab_size: int = 2000,
+    max_positions: int = 512,
+    seed: int = 0,
+) -> Path:
     """Write a tiny random BERT encoder and its WordPiece tokenizer to ``path``; returns ``path``."""
     import torch
     from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
 
     path = Path(path)
     tokenizer = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
-        tokenizer_object=_train_wordpiece(vocab_size), unk_token="[UNK]", pad_token="[PAD]",
-        cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]", model_max_length=max_positions,
-    )  # fmt: skip
+        tokenizer_object=_train_wordpiece(vocab_size),
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=max_positions,
+    )
     config = BertConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=num_layers,
-        num_attention_heads=num_heads, intermediate_size=4 * hidden_size, max_position_embeddings=max_positions,
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        intermediate_size=4 * hidden_size,
+        max_position_embeddings=max_positions,
         pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
+    )
     torch.manual_seed(seed)
     BertModel(config).save_pretrained(path)  # model.safetensors: the default since transformers 4.35
     tokenizer.save_pretrained(path)
     return path
 
 
-def make_tiny_causal_lm(path: str | Path, hidden_size: int = 32, num_layers: int = 2, num_heads: int = 4,
-                        vocab_size: int = 2000, max_positions: int = 512, seed: int = 0) -> Path:  # fmt: skip
+def make_tiny_causal_lm(
+    path: str | Path,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    vocab_size: int = 2000,
+    max_positions: int = 512,
+    seed: int = 0,
+) -> Path:
     """Write a tiny random Llama causal LM and its byte-level BPE tokenizer to ``path``; returns ``path``."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -103,15 +130,22 @@ def make_tiny_causal_lm(path: str | Path, hidden_size: int = 32, num_layers: int
         tokenizer_object=raw, bos_token=eos, eos_token=eos, pad_token=eos, model_max_length=max_positions
     )
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=num_layers,
-        num_attention_heads=num_heads, num_key_value_heads=num_heads, intermediate_size=4 * hidden_size,
-        max_position_embeddings=max_positions, bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id,
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        intermediate_size=4 * hidden_size,
+        max_position_embeddings=max_positions,
+        bos_token_id=eos_id,
+        eos_token_id=eos_id,
+        pad_token_id=eos_id,
         tie_word_embeddings=True,
         # Wider than the usual 0.02: with 32 dimensions that would cap every logit near 0.6, so the
         # frozen (tied) output layer could not express a peaked distribution and LoRA would barely
         # move the loss.
         initializer_range=0.2,
-    )  # fmt: skip
+    )
     torch.manual_seed(seed)
     LlamaForCausalLM(config).save_pretrained(path)  # model.safetensors: the default since transformers 4.35
     tokenizer.save_pretrained(path)

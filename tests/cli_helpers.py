@@ -42,8 +42,9 @@ def start_cli(*args: str | Path, cwd: Path) -> tuple[subprocess.Popen[str], str]
     """Start ``lightdist *args`` (stdout and stderr merged into one pipe); returns it and its marker."""
     mark = uuid.uuid4().hex
     env = {**os.environ, MARK: mark, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([str(LIGHTDIST), *map(str, args)], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [str(LIGHTDIST), *map(str, args)], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     return proc, mark
 
 

@@ -33,8 +33,10 @@ _live: set[str] = set()  # cluster ids of this process that are still open (not 
 # Rootless works in a user namespace that also has its own network namespace (iproute2 switches
 # back to the caller's namespace after `ip netns add`, which needs CAP_SYS_ADMIN over it) and a
 # writable /run/netns; the suite then runs with only its own loopback.
-ROOTLESS = ("run as root, or rootless as `unshare -Urnm sh -c 'mount -t tmpfs none /run/netns && "
-            "ip link set lo up && python -m pytest ...'` (mount on /run if /run/netns does not exist)")
+ROOTLESS = (
+    "run as root, or rootless as `unshare -Urnm sh -c 'mount -t tmpfs none /run/netns && "
+    "ip link set lo up && python -m pytest ...'` (mount on /run if /run/netns does not exist)"
+)
 
 
 class CleanupError(RuntimeError):
@@ -233,8 +235,11 @@ def unavailable_reason() -> str | None:
             reason = f"network namespaces need root: {ROOTLESS}"
         else:
             ns = f"ldbr-{os.getpid()}-0"  # our name shape, so a crash here is swept as stale
-            steps = [("netns", "add", ns), ("-n", ns, "link", "add", BRIDGE, "type", "bridge"),
-                     ("-n", ns, "link", "add", "v0", "type", "veth", "peer", "name", "v1")]
+            steps = [
+                ("netns", "add", ns),
+                ("-n", ns, "link", "add", BRIDGE, "type", "bridge"),
+                ("-n", ns, "link", "add", "v0", "type", "veth", "peer", "name", "v1"),
+            ]
             failed = next((p for p in (_ip(*s, check=False) for s in steps) if p.returncode), None)
             _ip("netns", "del", ns, check=False)
             reason = f"cannot create network namespaces ({failed.stderr.strip()}): {ROOTLESS}" if failed else None

@@ -16,8 +16,9 @@ from tests.test_multihost import Gather
 
 def main() -> None:
     listen, key_file, nodes, world_size = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-    pool = DistributedRunner(Gather, world_size=world_size, nodes=nodes, listen=listen, key_file=key_file,
-                             accelerator="cpu", timeout=30)  # fmt: skip
+    pool = DistributedRunner(
+        Gather, world_size=world_size, nodes=nodes, listen=listen, key_file=key_file, accelerator="cpu", timeout=30
+    )
     pool.start_sync(timeout=90)
     store_port = pool.stats().store_port
     print(json.dumps({"ready": True, "hosts": pool.hosts, "pids": pool.pids, "store_port": store_port}), flush=True)

@@ -130,7 +130,9 @@ def test_cwd_sets_the_workers_directory(tmp_path: Path) -> None:
         runner.stop_sync()
 
 
-def test_without_cwd_ranks_follow_the_driver(pool: DistributedRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_without_cwd_ranks_follow_the_driver(
+    pool: DistributedRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """With cwd=None each call runs in the driver's current directory."""
     monkeypatch.chdir(tmp_path)
     assert {i["cwd"] for i in pool.invoke_sync()} == {str(tmp_path)}

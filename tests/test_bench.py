@@ -12,10 +12,26 @@ from pathlib import Path
 def test_pool_benchmark_prints_its_table(tmp_path: Path) -> None:
     out_json = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "lightdist.bench", "pool", "--repeats", "1", "--calls", "50", "--items", "500",
-         "--world-sizes", "1,2", "--json", str(out_json)],
-        capture_output=True, text=True, timeout=240,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "lightdist.bench",
+            "pool",
+            "--repeats",
+            "1",
+            "--calls",
+            "50",
+            "--items",
+            "500",
+            "--world-sizes",
+            "1,2",
+            "--json",
+            str(out_json),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stderr
     for row in ("pool start ws=2", "invoke ws=2 p50", "stream ws=2 (items/s", "stream items lost"):
         assert row in proc.stdout, proc.stdout
@@ -28,12 +44,30 @@ def test_pool_benchmark_prints_its_table(tmp_path: Path) -> None:
 def test_recovery_benchmark_prints_its_table(tmp_path: Path) -> None:
     out_json = tmp_path / "recovery.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "lightdist.bench", "recovery", "--repeats", "1", "--grace", "0.2",
-         "--json", str(out_json)],
-        capture_output=True, text=True, timeout=240,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "lightdist.bench",
+            "recovery",
+            "--repeats",
+            "1",
+            "--grace",
+            "0.2",
+            "--json",
+            str(out_json),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stderr
-    rows = ("(a) SIGKILL during a call", "(b) after (a)", "(c) rank 1 raises", "(d) after (c)", "(e) SIGKILL while idle")
+    rows = (
+        "(a) SIGKILL during a call",
+        "(b) after (a)",
+        "(c) rank 1 raises",
+        "(d) after (c)",
+        "(e) SIGKILL while idle",
+    )
     for row in rows:
         assert row in proc.stdout, proc.stdout
     data = json.loads(out_json.read_text())
@@ -46,13 +80,35 @@ def test_recovery_benchmark_prints_its_table(tmp_path: Path) -> None:
 def test_lightning_benchmark_prints_its_table(tmp_path: Path) -> None:
     out_json = tmp_path / "lightning.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "lightdist.bench", "lightning", "--fits", "2", "--steps", "5",
-         "--throughput-steps", "20", "--throughput-repeats", "1", "--json", str(out_json)],
-        capture_output=True, text=True, timeout=110,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "lightdist.bench",
+            "lightning",
+            "--fits",
+            "2",
+            "--steps",
+            "5",
+            "--throughput-steps",
+            "20",
+            "--throughput-repeats",
+            "1",
+            "--json",
+            str(out_json),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
     assert proc.returncode == 0, proc.stderr[-5000:]
-    rows = ("pool fit 1, includes pool start", "ddp_spawn fit, fit 2", "ddp_spawn runs died at exit",
-            "pool fit, fit 2", "warm ddp fit 1", "pool training, 10 steps (steps/s)")  # fmt: skip
+    rows = (
+        "pool fit 1, includes pool start",
+        "ddp_spawn fit, fit 2",
+        "ddp_spawn runs died at exit",
+        "pool fit, fit 2",
+        "warm ddp fit 1",
+        "pool training, 10 steps (steps/s)",
+    )
     for row in rows:
         assert row in proc.stdout, proc.stdout
     data = json.loads(out_json.read_text())
@@ -67,10 +123,26 @@ def test_models_benchmark_prints_its_table(tmp_path: Path) -> None:
     # torchrun and ddp_spawn children would add several more imports each.
     out_json = tmp_path / "models.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "lightdist.bench", "models", "--sizes", "1M", "--fits", "1", "--variants", "full",
-         "--contenders", "pool-new", "--json", str(out_json)],
-        capture_output=True, text=True, timeout=240,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "lightdist.bench",
+            "models",
+            "--sizes",
+            "1M",
+            "--fits",
+            "1",
+            "--variants",
+            "full",
+            "--contenders",
+            "pool-new",
+            "--json",
+            str(out_json),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stderr[-5000:]
     for row in ("1M full: pool, new model per fit, median of 1 (s)", "1M full: pool, new model per fit, peak PSS (GB)"):
         assert row in proc.stdout, proc.stdout
@@ -81,16 +153,24 @@ def test_models_benchmark_prints_its_table(tmp_path: Path) -> None:
 
 
 def test_models_benchmark_refuses_a_bad_lora_base_before_running_anything() -> None:
-    proc = subprocess.run([sys.executable, "-m", "lightdist.bench", "models", "--lora", "--lora-base", "big"],
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "lightdist.bench", "models", "--lora", "--lora-base", "big"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0
     assert "--lora-base: expected tiny or WIDTHxLAYERS" in proc.stderr + proc.stdout
     assert "median" not in proc.stdout  # no contender ran
 
 
 def test_payload_benchmark_prints_its_table() -> None:
-    proc = subprocess.run([sys.executable, "-m", "lightdist.bench", "payload", "--mb", "8", "--calls", "1"],
-                          capture_output=True, text=True, timeout=240)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "lightdist.bench", "payload", "--mb", "8", "--calls", "1"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stderr[-5000:]
     for mode in ("auto", "frames", "in-band"):
         assert f"{mode}: call with 8 MB there and back, median (s)" in proc.stdout, proc.stdout

@@ -31,8 +31,13 @@ from tests.conftest import wait_until
 
 # The README states this held-out accuracy for the quickstart; measured 0.96-0.98 (docs/recipes.md).
 QUICKSTART_TEST_ACC = 0.9
-TINY = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
-        "--trainer.enable_progress_bar=false", "--trainer.log_every_n_steps=1"]  # fmt: skip
+TINY = [
+    "--trainer.max_epochs=1",
+    "--trainer.limit_train_batches=2",
+    "--trainer.limit_val_batches=1",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.log_every_n_steps=1",
+]
 
 
 def all_configs() -> list[Path]:
@@ -96,8 +101,15 @@ def test_every_config_parses_through_the_cli(config: Path, capsys: pytest.Captur
 
 
 def test_print_config_and_overrides_in_the_console_script(tmp_path: Path) -> None:
-    out = run_cli("fit", "--config", "digits/pretrain-cpu", "--trainer.max_epochs=3", "--model.lr=0.01",
-                  "--print_config", cwd=tmp_path).stdout  # fmt: skip
+    out = run_cli(
+        "fit",
+        "--config",
+        "digits/pretrain-cpu",
+        "--trainer.max_epochs=3",
+        "--model.lr=0.01",
+        "--print_config",
+        cwd=tmp_path,
+    ).stdout
     printed = yaml.safe_load(out)
     assert printed["trainer"]["max_epochs"] == 3 and printed["model"]["init_args"]["lr"] == 0.01
     assert not (tmp_path / "runs").exists()
@@ -125,8 +137,9 @@ def test_predict_loads_the_checkpoint_and_writes_predictions(quickstart: tuple[P
     cwd = quickstart[0]
     ckpt = cwd / "runs/digits/finetune/checkpoints/last.ckpt"
     target = cwd / "predictions.jsonl"
-    out = run_cli("predict", "--config", "digits/finetune-cpu", "--ckpt_path", ckpt,
-                  "--predictions_file", target, cwd=cwd).stdout  # fmt: skip
+    out = run_cli(
+        "predict", "--config", "digits/finetune-cpu", "--ckpt_path", ckpt, "--predictions_file", target, cwd=cwd
+    ).stdout
     rows = [json.loads(line) for line in target.read_text().splitlines()]
     assert f"wrote {len(rows)} predictions" in out
     held_out = DigitsDataModule(classes=[5, 6, 7, 8, 9])
@@ -173,8 +186,16 @@ def test_bad_input_is_one_line_naming_the_key(
 
 
 def test_a_mismatch_found_on_the_ranks_is_still_one_line(tmp_path: Path) -> None:
-    proc = run_cli("fit", "--config", "digits/finetune-cpu", "--model.num_classes=4", "--model.pretrained=null",
-                   *TINY, cwd=tmp_path, check=False)  # fmt: skip
+    proc = run_cli(
+        "fit",
+        "--config",
+        "digits/finetune-cpu",
+        "--model.num_classes=4",
+        "--model.pretrained=null",
+        *TINY,
+        cwd=tmp_path,
+        check=False,
+    )
     assert proc.returncode == 2
     assert "model.num_classes=4 but data.classes has 5 classes" in proc.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "runs/digits/finetune/checkpoints").exists()
@@ -199,8 +220,19 @@ def test_ctrl_c_stops_the_fit_and_every_process(tmp_path: Path) -> None:
 
 def test_sweep_runs_every_combination_on_one_pool(tmp_path: Path) -> None:
     sweep_dir = tmp_path / "sweep"
-    out = run_cli("sweep", "--config", "digits/pretrain-cpu", "--grid", "model.lr=1e-3,3e-3",
-                  "--grid", "data.batch_size=16,32", "--sweep_dir", sweep_dir, *TINY, cwd=tmp_path).stdout  # fmt: skip
+    out = run_cli(
+        "sweep",
+        "--config",
+        "digits/pretrain-cpu",
+        "--grid",
+        "model.lr=1e-3,3e-3",
+        "--grid",
+        "data.batch_size=16,32",
+        "--sweep_dir",
+        sweep_dir,
+        *TINY,
+        cwd=tmp_path,
+    ).stdout
     rows = [json.loads(line) for line in (sweep_dir / "results.jsonl").read_text().splitlines()]
     assert [row["overrides"] for row in rows] == [
         {"model.lr": lr, "data.batch_size": bs} for lr in ("1e-3", "3e-3") for bs in ("16", "32")
@@ -248,7 +280,10 @@ def test_explain_keeps_only_the_class_complaint() -> None:
 
 def test_config_names_resolve_to_shipped_files() -> None:
     assert _catalog.resolve_config_args(["--config", "digits/pretrain-cpu"]) == [
-        "--config", str(CONFIGS / "digits/pretrain-cpu.yaml")]  # fmt: skip
+        "--config",
+        str(CONFIGS / "digits/pretrain-cpu.yaml"),
+    ]
     assert _catalog.resolve_config_args(["--config=digits/pretrain-cpu.yaml"]) == [
-        "--config=" + str(CONFIGS / "digits/pretrain-cpu.yaml")]  # fmt: skip
+        "--config=" + str(CONFIGS / "digits/pretrain-cpu.yaml")
+    ]
     assert _catalog.resolve_config_args(["--config", "nowhere"]) == ["--config", "nowhere"]

@@ -32,18 +32,33 @@ def wrapped(error: BaseException) -> ValueError:
 @pytest.mark.parametrize(
     ("error", "expected"),
     [
-        (ArgumentError(None, 'Parser key "trainer.max_epochs":\n  Expected an int'), (BAD_INPUT, 'Parser key "trainer.max_epochs": Expected an int')),
+        (
+            ArgumentError(None, 'Parser key "trainer.max_epochs":\n  Expected an int'),
+            (BAD_INPUT, 'Parser key "trainer.max_epochs": Expected an int'),
+        ),
         (ConfigError("data.batch_size: 0 must be at least 1"), (BAD_INPUT, "data.batch_size: 0 must be at least 1")),
         (wrapped(ConfigError("model.lr: -1 must be > 0")), (BAD_INPUT, "model.lr: -1 must be > 0")),
         (worker_error("lightdist.errors.ConfigError"), (BAD_INPUT, "bad value more")),
         (worker_error(f"{__name__}.RecipeCheck"), (BAD_INPUT, "bad value more")),  # a subclass, by real class
         (worker_error("ValueError"), (RANK_FAILED, "rank 0 raised ValueError: bad value")),
-        (worker_error("not_loaded_anywhere.ConfigError"), (RANK_FAILED, "rank 0 raised not_loaded_anywhere.ConfigError: bad value")),
+        (
+            worker_error("not_loaded_anywhere.ConfigError"),
+            (RANK_FAILED, "rank 0 raised not_loaded_anywhere.ConfigError: bad value"),
+        ),
         (worker_error(f"{__name__}.worker_error"), (RANK_FAILED, f"rank 0 raised {__name__}.worker_error: bad value")),
         (WorkerDiedError(1, None, 9), (RANK_FAILED, "rank 1 was killed by SIGKILL")),
     ],
-    ids=["argument", "config", "wrapped-config", "remote-config", "remote-subclass", "remote-other",
-         "remote-unloaded", "remote-not-a-class", "died"],  # fmt: skip
+    ids=[
+        "argument",
+        "config",
+        "wrapped-config",
+        "remote-config",
+        "remote-subclass",
+        "remote-other",
+        "remote-unloaded",
+        "remote-not-a-class",
+        "died",
+    ],
 )
 def test_errors_the_cli_reports(error: BaseException, expected: tuple[int, str]) -> None:
     assert classify(error) == expected

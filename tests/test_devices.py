@@ -33,7 +33,9 @@ def test_auto_with_fewer_gpus_than_local_ranks_runs_on_cpu_and_says_so() -> None
 
 @pytest.mark.parametrize(("gpus", "local_ranks"), [(0, 1), (1, 2)])
 def test_cuda_with_too_few_gpus_is_an_error_that_says_what_to_do(gpus: int, local_ranks: int) -> None:
-    with pytest.raises(RuntimeError, match=rf"{local_ranks} local ranks but {gpus} GPU\(s\) visible; use accelerator='cpu'"):
+    with pytest.raises(
+        RuntimeError, match=rf"{local_ranks} local ranks but {gpus} GPU\(s\) visible; use accelerator='cpu'"
+    ):
         choose_device(gpus, local_ranks, "cuda")
 
 

@@ -32,8 +32,9 @@ class Faulty(DistributedWorker):
         self.setups = getattr(self, "setups", 0) + 1
         self.saw_cancel = False
 
-    def __call__(self, streaming: bool = False, mode: str = "ok", who: str = "", token: str = "",
-                 seconds: float = 60.0) -> object:  # fmt: skip
+    def __call__(
+        self, streaming: bool = False, mode: str = "ok", who: str = "", token: str = "", seconds: float = 60.0
+    ) -> object:
         if mode == "raise" and (who == "all" or str(self.rank) == who):
             raise ValueError(f"boom on rank {self.rank} ({token})")
         if mode == "raise":  # the others wait in a collective that the raising rank never joins
@@ -96,8 +97,11 @@ def test_error_on_rank1_while_rank0_waits_in_all_reduce(pool: DistributedRunner,
     is replaced after the grace period, rank 1 keeps its process and setup state; next call works."""
     before = healthy(pool, "before")["ranks"]
     payload = {"mode": "raise", "who": "1", "token": how}
-    call = (lambda: pool.invoke_sync(payload, timeout=60)) if how == "invoke" else (
-        lambda: list(pool.stream_sync(payload, timeout=60)))  # fmt: skip
+    call = (
+        (lambda: pool.invoke_sync(payload, timeout=60))
+        if how == "invoke"
+        else (lambda: list(pool.stream_sync(payload, timeout=60)))
+    )
     err, took = timed(call)
     assert isinstance(err, WorkerError) and err.rank == 1 and err.exc_type == "ValueError"
     assert f"boom on rank 1 ({how})" in err.message
@@ -144,8 +148,11 @@ def test_rank_killed_during_a_call(pool: DistributedRunner, how: str) -> None:
     victim = pool.pids[1]
     killer = threading.Timer(0.3, os.kill, args=(victim, signal.SIGKILL))
     payload = {"mode": "sleep", "token": how}
-    call = (lambda: pool.invoke_sync(payload, timeout=60)) if how == "invoke" else (
-        lambda: list(pool.stream_sync(payload, timeout=60)))  # fmt: skip
+    call = (
+        (lambda: pool.invoke_sync(payload, timeout=60))
+        if how == "invoke"
+        else (lambda: list(pool.stream_sync(payload, timeout=60)))
+    )
     killer.start()
     err, took = timed(call)
     killer.join()

@@ -36,7 +36,9 @@ RESULT = "RESULT "  # a fresh driver's answer; its ranks' output may come after 
 
 
 @contextlib.contextmanager
-def pool(worker_cls: type[DistributedWorker], world_size: int = 1, accelerator: str = "cuda") -> Iterator[DistributedRunner]:
+def pool(
+    worker_cls: type[DistributedWorker], world_size: int = 1, accelerator: str = "cuda"
+) -> Iterator[DistributedRunner]:
     runner = DistributedRunner(worker_cls, world_size=world_size, accelerator=accelerator)
     runner.start_sync(timeout=START_S)
     try:
@@ -50,7 +52,7 @@ def fresh_driver(code: str) -> dict[str, Any]:
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=DRIVER_S)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     line = next(line for line in reversed(proc.stdout.splitlines()) if line.startswith(RESULT))
-    found: dict[str, Any] = json.loads(line[len(RESULT):])
+    found: dict[str, Any] = json.loads(line[len(RESULT) :])
     return found
 
 
@@ -63,8 +65,12 @@ class CudaWorker(DistributedWorker):
 
         t = self.weights.clone()
         dist.all_reduce(t)
-        info = {"device": str(self.device), "backend": dist.get_backend(), "current": torch.cuda.current_device(),
-                "sum": float(t[0].item())}
+        info = {
+            "device": str(self.device),
+            "backend": dist.get_backend(),
+            "current": torch.cuda.current_device(),
+            "sum": float(t[0].item()),
+        }
         gathered: list[object] = [None] * self.world_size
         dist.all_gather_object(gathered, info)
         return gathered
@@ -120,8 +126,12 @@ finally:
 print({RESULT!r} + json.dumps({{"rank": where, "driver": [str(raw.device), str(moved.device)],
                                "values": raw.tolist(), "cuda_initialized": torch.cuda.is_initialized()}}))
 """)
-    assert found == {"rank": "cuda:0", "driver": ["cpu", "cpu"], "values": [0.0, 2.0, 4.0, 6.0],
-                     "cuda_initialized": False}  # fmt: skip
+    assert found == {
+        "rank": "cuda:0",
+        "driver": ["cpu", "cpu"],
+        "values": [0.0, 2.0, 4.0, 6.0],
+        "cuda_initialized": False,
+    }
 
 
 def check_fit(found: dict[str, Any], precision: str, steps: int = 20) -> None:

@@ -21,8 +21,9 @@ HAS_CUDA = torch.cuda.is_available() and torch.cuda.device_count() > 0
 
 
 def kit(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "lightdist.bench", "gpu", *args], capture_output=True, text=True,
-                          timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "lightdist.bench", "gpu", *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_dry_run_imports_every_part_and_exits_0(tmp_path: Path) -> None:
@@ -43,7 +44,9 @@ def fake(key: str, code: str, budget: float = 30.0, skip: str | None = None) -> 
 
 def test_budget_time_limits_and_skips(tmp_path: Path) -> None:
     passed = json.dumps({"status": "passed", "rows": [["x", "1"]]})
-    sleeper = "import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])"
+    sleeper = (
+        "import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])"
+    )
     hangs = f"{sleeper}; print({ROW_MARK!r} + '[\"child\", \"' + str(p.pid) + '\"]', flush=True); time.sleep(60)"
     parts = [
         fake("p", f"print({MARK + passed!r})"),
@@ -85,6 +88,8 @@ def test_cpu_rehearsal_of_the_pool_and_kill_parts(tmp_path: Path) -> None:
     parts = {p["key"]: p for p in json.loads((tmp_path / "r.json").read_text())["parts"]}
     assert parts["b"]["status"] == parts["f"]["status"] == "passed", parts
     assert {parts[k]["status"] for k in "acdegh"} == {"skipped: not selected"}
-    assert [row[0] for row in parts["f"]["rows"]][:2] == ["SIGKILL -> WorkerDiedError (s)",
-                                                         "WorkerDiedError -> next call ok (s)"]  # fmt: skip
+    assert [row[0] for row in parts["f"]["rows"]][:2] == [
+        "SIGKILL -> WorkerDiedError (s)",
+        "WorkerDiedError -> next call ok (s)",
+    ]
     assert (tmp_path / "r-logs" / "b.log").is_file()

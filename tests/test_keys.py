@@ -45,7 +45,9 @@ def ctx() -> Iterator[zmq.Context[zmq.Socket[bytes]]]:
 
 
 @pytest.fixture
-def server(ctx: zmq.Context[zmq.Socket[bytes]], files: tuple[Path, Path]) -> Iterator[tuple[AllowListAuthenticator, zmq.Socket[bytes], str]]:  # fmt: skip
+def server(
+    ctx: zmq.Context[zmq.Socket[bytes]], files: tuple[Path, Path]
+) -> Iterator[tuple[AllowListAuthenticator, zmq.Socket[bytes], str]]:
     """A started authenticator and a CURVE ROUTER bound on loopback, as the driver will have them."""
     keys = load_driver_keys(files[0])
     auth = AllowListAuthenticator(ctx, keys.allowed_clients).start()
@@ -59,7 +61,9 @@ def server(ctx: zmq.Context[zmq.Socket[bytes]], files: tuple[Path, Path]) -> Ite
     router.close(linger=0)
 
 
-def dealer(ctx: zmq.Context[zmq.Socket[bytes]], address: str, keys: ClientKeys | None) -> tuple[zmq.Socket[bytes], zmq.Socket[bytes]]:  # fmt: skip
+def dealer(
+    ctx: zmq.Context[zmq.Socket[bytes]], address: str, keys: ClientKeys | None
+) -> tuple[zmq.Socket[bytes], zmq.Socket[bytes]]:
     """A DEALER connected to ``address`` (CURVE client if ``keys``), and its monitor (watching from before connect)."""
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -93,8 +97,22 @@ def test_files_are_private_complete_and_leave_no_temp_file(tmp_path: Path) -> No
         assert os.stat(f).st_mode & 0o777 == 0o600, f
     assert os.stat(tmp_path / "keys").st_mode & 0o777 == 0o700
     assert sorted(os.listdir(tmp_path / "keys")) == ["client.json", "driver.json"]
-    assert set(json.loads(driver_file.read_text())) == {"format", "role", "hmac_key", "curve_public", "curve_secret", "allowed_clients"}  # fmt: skip
-    assert set(json.loads(client_file.read_text())) == {"format", "role", "hmac_key", "server_public", "curve_public", "curve_secret"}  # fmt: skip
+    assert set(json.loads(driver_file.read_text())) == {
+        "format",
+        "role",
+        "hmac_key",
+        "curve_public",
+        "curve_secret",
+        "allowed_clients",
+    }
+    assert set(json.loads(client_file.read_text())) == {
+        "format",
+        "role",
+        "hmac_key",
+        "server_public",
+        "curve_public",
+        "curve_secret",
+    }
     dk, ck = load_driver_keys(driver_file), load_client_keys(client_file)
     assert len(dk.hmac_key) == 32 and dk.hmac_key == ck.hmac_key
     assert ck.server_key == dk.public_key and dk.allowed_clients == {ck.public_key}
@@ -137,17 +155,20 @@ def _rewrite(path: Path, text: str) -> None:
     path.write_text(text)  # write_text keeps the existing 0600 mode
 
 
-@pytest.mark.parametrize("corrupt, problem", [
-    (lambda doc: "{not json", "invalid JSON"),
-    (lambda doc: json.dumps(doc)[:-20], "invalid JSON"),
-    (lambda doc: "[]", "not a lightdist key file"),
-    (lambda doc: json.dumps({**doc, "format": "other/9"}), "not a lightdist key file"),
-    (lambda doc: json.dumps({**doc, "curve_secret": "~" * 40}), "'curve_secret' must be a 40-character Z85"),
-    (lambda doc: json.dumps({**doc, "curve_public": zmq.curve_keypair()[0].decode()}), "not the public key"),
-    (lambda doc: json.dumps({**doc, "hmac_key": "abcd"}), "'hmac_key' must be at least 32 bytes"),
-    (lambda doc: json.dumps({**doc, "allowed_clients": ["short"]}), "'allowed_clients' must be a 40-character"),
-    (lambda doc: json.dumps({**doc, "allowed_clients": None}), "'allowed_clients' must be a list"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "corrupt, problem",
+    [
+        (lambda doc: "{not json", "invalid JSON"),
+        (lambda doc: json.dumps(doc)[:-20], "invalid JSON"),
+        (lambda doc: "[]", "not a lightdist key file"),
+        (lambda doc: json.dumps({**doc, "format": "other/9"}), "not a lightdist key file"),
+        (lambda doc: json.dumps({**doc, "curve_secret": "~" * 40}), "'curve_secret' must be a 40-character Z85"),
+        (lambda doc: json.dumps({**doc, "curve_public": zmq.curve_keypair()[0].decode()}), "not the public key"),
+        (lambda doc: json.dumps({**doc, "hmac_key": "abcd"}), "'hmac_key' must be at least 32 bytes"),
+        (lambda doc: json.dumps({**doc, "allowed_clients": ["short"]}), "'allowed_clients' must be a 40-character"),
+        (lambda doc: json.dumps({**doc, "allowed_clients": None}), "'allowed_clients' must be a list"),
+    ],
+)
 def test_a_corrupt_file_is_refused_naming_the_file(files: tuple[Path, Path], corrupt, problem: str) -> None:  # type: ignore[no-untyped-def]
     driver_file = files[0]
     _rewrite(driver_file, corrupt(json.loads(driver_file.read_text())))

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import pytest
@@ -72,10 +72,16 @@ class RegressionData(L.LightningDataModule):
 
 
 def trainer(**kwargs: object) -> L.Trainer:
-    defaults: dict[str, object] = dict(
-        strategy="lightdist", accelerator="cpu", devices=2, max_epochs=2, enable_progress_bar=False,
-        logger=False, enable_checkpointing=False, enable_model_summary=False,
-    )  # fmt: skip
+    defaults: dict[str, object] = {
+        "strategy": "lightdist",
+        "accelerator": "cpu",
+        "devices": 2,
+        "max_epochs": 2,
+        "enable_progress_bar": False,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_model_summary": False,
+    }
     defaults.update(kwargs)
     return L.Trainer(**defaults)  # type: ignore[arg-type]
 
@@ -203,7 +209,9 @@ def test_seed_env_and_torch_flags_follow_each_call(restore_env: None) -> None:
 
 def test_validate_and_test_match_a_single_process_run() -> None:
     model = Regressor()
-    single = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    single = L.Trainer(
+        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
     expected_val = single.validate(model, loader(), verbose=False)
     expected_test = single.test(model, loader(), verbose=False)
     t = trainer()
@@ -248,7 +256,9 @@ def test_ddp_arguments_that_no_longer_apply_warn() -> None:
 def test_predict_returns_every_rank_in_dataset_order() -> None:
     """predict on 2 ranks (a DistributedSampler shards and pads) equals a single-process predict."""
     model = Regressor()
-    single = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    single = L.Trainer(
+        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
     expected = single.predict(model, loader(n=21))  # 21 samples: the shards are padded
     got = trainer().predict(model, loader(n=21))
     assert [b.shape for b in got] == [b.shape for b in expected] == [(8, 1), (8, 1), (5, 1)]
@@ -262,7 +272,9 @@ class DictPredictions(Regressor):
 
 def test_predict_with_structured_outputs() -> None:
     model = DictPredictions()
-    single = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    single = L.Trainer(
+        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
     expected = single.predict(model, loader(n=20))
     got = trainer().predict(model, loader(n=20))
     assert len(got) == len(expected) == 3
@@ -279,7 +291,9 @@ class RowPredictions(Regressor):
 
 def test_predict_rows_per_sample_come_back_in_dataset_order_without_padding() -> None:
     model = RowPredictions()
-    single = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    single = L.Trainer(
+        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
     expected = single.predict(model, loader(n=21))  # 21 samples over 2 ranks: one padded repeat
     got = trainer().predict(model, loader(n=21))
     assert got == expected
@@ -402,8 +416,7 @@ def test_max_restarts_resumes_a_fit_after_a_rank_dies(tmp_path: Path) -> None:
             steps.append(event["step"])
 
     strategy = PoolStrategy(max_restarts=1, on_event=record)
-    t = trainer(strategy=strategy, max_epochs=-1, max_steps=16, callbacks=[checkpoint],
-                enable_checkpointing=True)  # fmt: skip
+    t = trainer(strategy=strategy, max_epochs=-1, max_steps=16, callbacks=[checkpoint], enable_checkpointing=True)
     with pytest.warns(UserWarning, match=r"rank 1 was killed by SIGKILL: resuming the fit from its last checkpoint"):
         t.fit(DiesOnceAtStep(str(tmp_path / "died")), loader())
     assert (tmp_path / "died").exists()
@@ -422,7 +435,9 @@ def test_without_max_restarts_a_dead_rank_fails_the_fit(tmp_path: Path) -> None:
         trainer(max_epochs=-1, max_steps=16).fit(DiesOnceAtStep(str(tmp_path / "died")), loader())
 
 
-def test_a_module_importable_only_through_a_driver_sys_path_insert(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_module_importable_only_through_a_driver_sys_path_insert(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The Trainer's job references the model's class by module; the driver's sys.path travels
     with each call and is applied before the job is unpickled in the ranks."""
     (tmp_path / "user_models.py").write_text(

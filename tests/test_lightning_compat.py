@@ -34,8 +34,10 @@ def pinned(private: str) -> Iterator[None]:
     try:
         yield
     except Exception as exc:
-        pytest.fail(f"Lightning {_compat.LIGHTNING_VERSION} changed {private}: {type(exc).__name__}: {exc} "
-                    "(update its wrapper in lightdist/lightning/_compat.py)")  # fmt: skip
+        pytest.fail(
+            f"Lightning {_compat.LIGHTNING_VERSION} changed {private}: {type(exc).__name__}: {exc} "
+            "(update its wrapper in lightdist/lightning/_compat.py)"
+        )
 
 
 class Tiny(L.LightningModule):
@@ -71,8 +73,15 @@ def loader(n: int = 8) -> DataLoader[tuple[torch.Tensor, ...]]:
 
 
 def make_trainer(**kwargs: Any) -> L.Trainer:
-    options: dict[str, Any] = dict(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
-                                   enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    options: dict[str, Any] = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "max_steps": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+    }
     options.update(kwargs)
     return L.Trainer(**options)
 
@@ -136,7 +145,9 @@ def test_entry_points_take_the_arguments_lightdist_names(name: str) -> None:
     for needed in ("model", "ckpt_path"):
         assert needed in params, f"Trainer.{name} has no parameter {needed!r} (it has {list(params)})"
         assert params[needed].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD, f"Trainer.{name}({needed}=) is not named"
-    assert next(iter(params)) == "self" and list(params)[1] == "model", f"Trainer.{name}: model is not its first argument"
+    assert next(iter(params)) == "self" and list(params)[1] == "model", (
+        f"Trainer.{name}: model is not its first argument"
+    )
 
 
 def test_interrupt_and_teardown_exist_with_their_arguments() -> None:
@@ -161,11 +172,18 @@ def test_overridden_private_hooks_keep_their_parameters(hook: tuple[str, str, st
 
 def test_a_real_trainer_has_the_private_attributes_lightdist_reads() -> None:
     trainer = make_trainer()
-    for owner, path in [(trainer, "_logger_connector._callback_metrics"), (trainer, "_logger_connector._logged_metrics"),
-                        (trainer, "_logger_connector._progress_bar_metrics"), (trainer, "_data_connector.attach_datamodule"),
-                        (trainer, "predict_loop._combined_loader"), (trainer, "fit_loop.restarting"),
-                        (trainer, "fit_loop.epoch_loop.restarting"), (trainer, "fit_loop.epoch_loop.val_loop.restarting"),
-                        (trainer.strategy, "_launcher"), (Tiny(), "_trainer")]:  # fmt: skip
+    for owner, path in [
+        (trainer, "_logger_connector._callback_metrics"),
+        (trainer, "_logger_connector._logged_metrics"),
+        (trainer, "_logger_connector._progress_bar_metrics"),
+        (trainer, "_data_connector.attach_datamodule"),
+        (trainer, "predict_loop._combined_loader"),
+        (trainer, "fit_loop.restarting"),
+        (trainer, "fit_loop.epoch_loop.restarting"),
+        (trainer, "fit_loop.epoch_loop.val_loop.restarting"),
+        (trainer.strategy, "_launcher"),
+        (Tiny(), "_trainer"),
+    ]:
         value: Any = owner
         for part in path.split("."):
             assert hasattr(value, part), f"{type(owner).__name__}.{path} is gone (no {part!r})"
@@ -286,15 +304,31 @@ def test_strategy_privates() -> None:
 # Lightning private names lightdist used outside _compat.py before, and the generic forms: a private
 # imported from a Lightning module, or reached through one. A heuristic over code, comments stripped.
 PRIVATE_USES = [
-    r"\._logger_connector\b", r"\._data_connector\b", r"\._checkpoint_connector\b", r"\._callback_connector\b",
-    r"\._(callback|logged|progress_bar)_metrics\b", r"\._results\b", r"\.restarting\b",
-    r"\._(fit|validate|test|predict)_impl\b", r"\._run_stage\b", r"(?<!self)\._run\b", r"\._interrupt\b",
-    r"\._call_and_handle_interrupt\b", r"\._teardown\b", r"\._combined_loader\b", r"\._trainer\b",
-    r"\._launcher\b", r"\._ddp_kwargs\b", r"\._process_group_backend\b", r"[\"']seen_batch_indices[\"']",
-    r"\b_Launcher\b", r"\b_StrategyRegistry\b", r"\b_IndexBatchSamplerWrapper\b",
+    r"\._logger_connector\b",
+    r"\._data_connector\b",
+    r"\._checkpoint_connector\b",
+    r"\._callback_connector\b",
+    r"\._(callback|logged|progress_bar)_metrics\b",
+    r"\._results\b",
+    r"\.restarting\b",
+    r"\._(fit|validate|test|predict)_impl\b",
+    r"\._run_stage\b",
+    r"(?<!self)\._run\b",
+    r"\._interrupt\b",
+    r"\._call_and_handle_interrupt\b",
+    r"\._teardown\b",
+    r"\._combined_loader\b",
+    r"\._trainer\b",
+    r"\._launcher\b",
+    r"\._ddp_kwargs\b",
+    r"\._process_group_backend\b",
+    r"[\"']seen_batch_indices[\"']",
+    r"\b_Launcher\b",
+    r"\b_StrategyRegistry\b",
+    r"\b_IndexBatchSamplerWrapper\b",
     r"^\s*from\s+(lightning|pytorch_lightning|lightning_fabric)\S*\s+import\s+.*\b_[A-Za-z]",
     r"(?<![\w.])(lightning|pytorch_lightning|lightning_fabric)(\.\w+)*\._[A-Za-z]",
-]  # fmt: skip
+]
 
 
 def test_no_module_but_compat_touches_a_lightning_private() -> None:
@@ -307,6 +341,6 @@ def test_no_module_but_compat_touches_a_lightning_private() -> None:
             code = line.split("#", 1)[0]
             if pattern.search(code):
                 found.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
-    assert not found, "Lightning private API used outside lightdist/lightning/_compat.py (wrap it there):\n" + "\n".join(
-        found
+    assert not found, (
+        "Lightning private API used outside lightdist/lightning/_compat.py (wrap it there):\n" + "\n".join(found)
     )

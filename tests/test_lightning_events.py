@@ -21,7 +21,7 @@ from starlette.routing import Route
 from lightdist import PoolStrategy, protocol
 from lightdist.lightning import TrainerWorker
 from lightdist.lightning import strategy as strategy_module
-from tests.conftest import wait_until, shared_lightning_pool
+from tests.conftest import shared_lightning_pool, wait_until
 from tests.test_lightning import Regressor, loader
 from tests.test_sse import serve
 
@@ -41,9 +41,17 @@ def shared_pool() -> Iterator[None]:
 
 
 def fit_trainer(strategy: PoolStrategy, **kwargs: Any) -> L.Trainer:
-    options: dict[str, Any] = dict(strategy=strategy, accelerator="cpu", devices=2, max_epochs=2, logger=False,
-                                   enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False)
-    options.update(kwargs)  # fmt: skip
+    options: dict[str, Any] = {
+        "strategy": strategy,
+        "accelerator": "cpu",
+        "devices": 2,
+        "max_epochs": 2,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_model_summary": False,
+        "enable_progress_bar": False,
+    }
+    options.update(kwargs)
     return L.Trainer(**options)
 
 

@@ -41,9 +41,22 @@ class Gather(DistributedWorker):
             time.sleep(0.02)
         total = torch.tensor([float(self.rank + 1)])
         dist.all_reduce(total)
-        me = {"rank": self.rank, "local_rank": self.local_rank, "pid": os.getpid(),
-              "env": {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "SLURM_NODEID", "MASTER_ADDR",
-                                                     "GLOO_SOCKET_IFNAME", "LIGHTDIST_TEST_HOST")}}  # fmt: skip
+        me = {
+            "rank": self.rank,
+            "local_rank": self.local_rank,
+            "pid": os.getpid(),
+            "env": {
+                k: os.environ.get(k)
+                for k in (
+                    "RANK",
+                    "LOCAL_RANK",
+                    "SLURM_NODEID",
+                    "MASTER_ADDR",
+                    "GLOO_SOCKET_IFNAME",
+                    "LIGHTDIST_TEST_HOST",
+                )
+            },
+        }
         everyone: list[Any] = [None] * self.world_size
         dist.all_gather_object(everyone, me)
         return {"sum": total.item(), "ranks": everyone}
@@ -56,11 +69,25 @@ class Hosts:
         self.client_key = client_key
         self.agents: dict[str, subprocess.Popen[str]] = {}
 
-    def start(self, name: str, address: str, nproc: int = 2, env: dict[str, str] | None = None,
-              key: Path | None = None) -> subprocess.Popen[str]:  # fmt: skip
-        argv = [sys.executable, "-m", "lightdist.cli", "agent", "--connect", address, "--key-file",
-                str(key or self.client_key), "--nproc-per-node", str(nproc), "--host-name", name,
-                "--connect-timeout", "30"]  # fmt: skip
+    def start(
+        self, name: str, address: str, nproc: int = 2, env: dict[str, str] | None = None, key: Path | None = None
+    ) -> subprocess.Popen[str]:
+        argv = [
+            sys.executable,
+            "-m",
+            "lightdist.cli",
+            "agent",
+            "--connect",
+            address,
+            "--key-file",
+            str(key or self.client_key),
+            "--nproc-per-node",
+            str(nproc),
+            "--host-name",
+            name,
+            "--connect-timeout",
+            "30",
+        ]
         full_env = {**os.environ, **(env or {}), "LIGHTDIST_TEST_HOST": name}
         proc = subprocess.Popen(argv, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.agents[name] = proc
@@ -105,8 +132,9 @@ def hosts(keys: tuple[Path, Path]) -> Iterator[Hosts]:
 
 def runner(keys: tuple[Path, Path], nodes: int = 2, world_size: int = 4) -> tuple[DistributedRunner, str]:
     address = f"tcp://127.0.0.1:{free_port()}"
-    pool = DistributedRunner(Gather, world_size=world_size, nodes=nodes, listen=address, key_file=keys[0],
-                             accelerator="cpu", timeout=30)  # fmt: skip
+    pool = DistributedRunner(
+        Gather, world_size=world_size, nodes=nodes, listen=address, key_file=keys[0], accelerator="cpu", timeout=30
+    )
     return pool, address
 
 
@@ -144,15 +172,17 @@ def test_start_names_the_attached_hosts_and_what_is_missing(keys: tuple[Path, Pa
 
 def test_named_hosts_set_the_order_and_a_timeout_names_the_missing_one(keys: tuple[Path, Path], hosts: Hosts) -> None:
     address = f"tcp://127.0.0.1:{free_port()}"
-    pool = DistributedRunner(Gather, world_size=4, host_names=["a", "b"], listen=address, key_file=keys[0],
-                             accelerator="cpu")  # fmt: skip
+    pool = DistributedRunner(
+        Gather, world_size=4, host_names=["a", "b"], listen=address, key_file=keys[0], accelerator="cpu"
+    )
     hosts.start("b", address, env={"SLURM_NODEID": "0"})  # the hint loses to the names given
     with pytest.raises(TimeoutError, match=r"1 of 2 hosts attached \(b\); missing: a"):
         pool.start_sync(timeout=5)
     assert hosts.agents["b"].wait(timeout=LEASE_S + 5) == 0
     hosts.start("b2", address)
-    pool = DistributedRunner(Gather, world_size=4, host_names=["a", "b2"], listen=address, key_file=keys[0],
-                             accelerator="cpu")  # fmt: skip
+    pool = DistributedRunner(
+        Gather, world_size=4, host_names=["a", "b2"], listen=address, key_file=keys[0], accelerator="cpu"
+    )
     hosts.start("a", address, env={"SLURM_NODEID": "1"})
     pool.start_sync(timeout=60)
     try:
@@ -163,8 +193,9 @@ def test_named_hosts_set_the_order_and_a_timeout_names_the_missing_one(keys: tup
 
 def test_host_timeout_sets_how_fast_a_silent_host_is_lost(keys: tuple[Path, Path], hosts: Hosts) -> None:
     address = f"tcp://127.0.0.1:{free_port()}"
-    pool = DistributedRunner(Gather, world_size=4, nodes=2, listen=address, key_file=keys[0], accelerator="cpu",
-                             host_timeout=0.8)  # fmt: skip
+    pool = DistributedRunner(
+        Gather, world_size=4, nodes=2, listen=address, key_file=keys[0], accelerator="cpu", host_timeout=0.8
+    )
     hosts.start("a", address, env={"SLURM_NODEID": "0"})
     hosts.start("b", address, env={"SLURM_NODEID": "1"})
     pool.start_sync(timeout=60)
@@ -304,8 +335,12 @@ time.sleep(600)
 
 def test_a_killed_driver_takes_every_host_down_within_the_lease(keys: tuple[Path, Path], hosts: Hosts) -> None:
     address = f"tcp://127.0.0.1:{free_port()}"
-    driver = subprocess.Popen([sys.executable, "-c", DRIVER, address, str(keys[0])], cwd=Path(__file__).parents[1],
-                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    driver = subprocess.Popen(
+        [sys.executable, "-c", DRIVER, address, str(keys[0])],
+        cwd=Path(__file__).parents[1],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         hosts.start("a", address)
         assert driver.stdout is not None
@@ -332,10 +367,28 @@ def test_torchrun_started_workers_attach_one_rank_each(keys: tuple[Path, Path]) 
     # torchrun starts every rank itself (and its own rendezvous); each `lightdist worker` attaches
     # as a one-rank host, placed by torchrun's RANK and keeping its LOCAL_RANK
     torchrun = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "lightdist.cli", "worker", "--connect", address, "--key-file", str(keys[1]), "--connect-timeout", "30"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "lightdist.cli",
+            "worker",
+            "--connect",
+            address,
+            "--key-file",
+            str(keys[1]),
+            "--connect-timeout",
+            "30",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         pool.start_sync(timeout=60)
         out = pool.invoke_sync({}, timeout=30)
@@ -368,8 +421,9 @@ def test_a_large_tensor_across_hosts_does_not_starve_the_heartbeat(
     import torch
 
     address = f"tcp://127.0.0.1:{free_port()}"
-    pool = DistributedRunner(Big, world_size=2, nodes=2, listen=address, key_file=keys[0], accelerator="cpu",
-                             host_timeout=host_timeout)  # fmt: skip
+    pool = DistributedRunner(
+        Big, world_size=2, nodes=2, listen=address, key_file=keys[0], accelerator="cpu", host_timeout=host_timeout
+    )
     hosts.start("a", address, nproc=1)
     hosts.start("b", address, nproc=1)
     pool.start_sync(timeout=60)

@@ -23,9 +23,17 @@ from tests.test_multihost import Hosts
 def fit(strategy: PoolStrategy, num_nodes: int, devices: int) -> torch.Tensor:
     L.seed_everything(0)
     model = Regressor()
-    trainer = L.Trainer(strategy=strategy, accelerator="cpu", num_nodes=num_nodes, devices=devices, max_epochs=2,
-                        enable_progress_bar=False, logger=False, enable_checkpointing=False,
-                        enable_model_summary=False)  # fmt: skip
+    trainer = L.Trainer(
+        strategy=strategy,
+        accelerator="cpu",
+        num_nodes=num_nodes,
+        devices=devices,
+        max_epochs=2,
+        enable_progress_bar=False,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
     trainer.fit(model, loader(64))
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
@@ -47,8 +55,15 @@ def test_two_hosts_fit_like_one_host_with_four_ranks(tmp_path: Path, restore_env
 
     driver_key, client_key = create_pool_keys(tmp_path / "keys")
     address = f"tcp://127.0.0.1:{free_port()}"
-    attached = DistributedRunner(TrainerWorker, world_size=4, nodes=2, listen=address, key_file=driver_key,
-                                 preload=("lightning",), accelerator="cpu")  # fmt: skip
+    attached = DistributedRunner(
+        TrainerWorker,
+        world_size=4,
+        nodes=2,
+        listen=address,
+        key_file=driver_key,
+        preload=("lightning",),
+        accelerator="cpu",
+    )
     hosts = Hosts(client_key)
     try:
         hosts.start("a", address, env={"SLURM_NODEID": "0"})

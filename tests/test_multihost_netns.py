@@ -23,8 +23,8 @@ import pytest
 
 from lightdist._attach import HOST_TIMEOUT_S, LEASE_S
 from lightdist.keys import create_pool_keys
-from tests.netns import Cluster, Host, netns_cluster  # noqa: F401  (the fixture)
 from tests.conftest import wait_until
+from tests.netns import Cluster, Host, netns_cluster  # noqa: F401  (the fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 PORT = 29400
@@ -35,9 +35,13 @@ class Driver:
 
     def __init__(self, host: Host, key: Path, nodes: int, world_size: int) -> None:
         self.address = f"tcp://{host.ip}:{PORT}"
-        self.proc = host.popen([sys.executable, "-m", "tests.netns_driver", self.address, str(key),
-                                str(nodes), str(world_size)], cwd=ROOT, stdin=subprocess.PIPE,
-                               stdout=subprocess.PIPE, text=True)  # fmt: skip
+        self.proc = host.popen(
+            [sys.executable, "-m", "tests.netns_driver", self.address, str(key), str(nodes), str(world_size)],
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         self.lines: queue.Queue[str] = queue.Queue()
         self.store_port = 0
         threading.Thread(target=self._read, daemon=True).start()
@@ -72,9 +76,26 @@ def agent(host: Host, driver: Driver, key: Path, name: str, nproc: int = 2, hint
     env = {"SLURM_NODEID": str(hint)} if hint is not None else {}
     import os
 
-    return host.popen([sys.executable, "-m", "lightdist.cli", "agent", "--connect", driver.address, "--key-file",
-                       str(key), "--nproc-per-node", str(nproc), "--host-name", name, "--connect-timeout", "30"],
-                      env={**os.environ, **env, "LIGHTDIST_TEST_HOST": name}, stdout=subprocess.DEVNULL)  # fmt: skip
+    return host.popen(
+        [
+            sys.executable,
+            "-m",
+            "lightdist.cli",
+            "agent",
+            "--connect",
+            driver.address,
+            "--key-file",
+            str(key),
+            "--nproc-per-node",
+            str(nproc),
+            "--host-name",
+            name,
+            "--connect-timeout",
+            "30",
+        ],
+        env={**os.environ, **env, "LIGHTDIST_TEST_HOST": name},
+        stdout=subprocess.DEVNULL,
+    )
 
 
 @pytest.fixture

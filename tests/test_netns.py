@@ -68,8 +68,10 @@ def root_net() -> tuple[list[str], list[str], str]:
     """The root namespace's interfaces, addresses and routes (lifetimes and counters left out)."""
     out = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, timeout=5).stdout
     links = re.findall(r"^\d+: ([^:@\s]+)", out, re.M)
-    addrs = [" ".join(line.split()[1:4]) for line in subprocess.run(
-        ["ip", "-o", "addr"], capture_output=True, text=True, timeout=5).stdout.splitlines()]
+    addrs = [
+        " ".join(line.split()[1:4])
+        for line in subprocess.run(["ip", "-o", "addr"], capture_output=True, text=True, timeout=5).stdout.splitlines()
+    ]
     routes = subprocess.run(["ip", "route"], capture_output=True, text=True, timeout=5).stdout
     return links, addrs, routes
 

@@ -220,9 +220,13 @@ def test_jupyter_kernel_fits_a_module_defined_in_a_cell(tmp_path: Path) -> None:
     )
     nb = build_notebook()
     client = nbclient.NotebookClient(
-        nb, km=km, kernel_name=kernel_name, timeout=CHILD_TIMEOUT_S, startup_timeout=120,
+        nb,
+        km=km,
+        kernel_name=kernel_name,
+        timeout=CHILD_TIMEOUT_S,
+        startup_timeout=120,
         resources={"metadata": {"path": str(tmp_path)}},  # the kernel's cwd
-    )  # fmt: skip
+    )
     # The kernel's IPython profile in tmp_path: no user startup files, nothing written to ~/.ipython.
     env = {**os.environ, "IPYTHONDIR": str(tmp_path / "ipython")}
     kernel_pid: int | None = None

@@ -57,7 +57,7 @@ def test_two_processes_each_with_a_pool(tmp_path: Path) -> None:
     """Two driver processes, each with its own pool, run side by side (no fixed ports)."""
     procs = [_run_script(tmp_path, SCRIPT_WITHOUT_MAIN_GUARD, str(n), name=f"s{n}.py") for n in (1, 2)]
     outs = [p.communicate(timeout=180) for p in procs]
-    for proc, (out, err) in zip(procs, outs):
+    for proc, (_out, err) in zip(procs, outs):
         assert proc.returncode == 0, err
     assert "'double': 2," in outs[0][0] and "'double': 4," in outs[1][0]
 

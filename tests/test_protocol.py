@@ -408,9 +408,7 @@ def test_protocol_module_imports_neither_zmq_nor_torch() -> None:
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('zmq', 'torch'))\n"
         "assert not bad, bad\n"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code, str(package_dir)], capture_output=True, text=True, timeout=60
-    )
+    proc = subprocess.run([sys.executable, "-c", code, str(package_dir)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
 
 
@@ -558,9 +556,11 @@ def test_bulk_frames_are_signed_through_their_digests() -> None:
     msg = rx.unpack(frames)
     assert msg.header.bulk == 2 and msg.bulk == tuple(bulk) and msg.payload == (b"meta", protocol.bulk_digests(bulk))
     protocol.verify_bulk(msg.payload[-1], msg.bulk)
-    altered = rx.unpack(tx.pack(Kind.RESULT, 4, [b"meta", protocol.bulk_digests(bulk)], bulk=[bulk[0], b"\x03" * 70_000]))
+    altered = rx.unpack(
+        tx.pack(Kind.RESULT, 4, [b"meta", protocol.bulk_digests(bulk)], bulk=[bulk[0], b"\x03" * 70_000])
+    )
     with pytest.raises(ProtocolError, match="bulk frame 1 does not match"):
         protocol.verify_bulk(altered.payload[-1], altered.bulk)
     frames = tx.pack(Kind.RESULT, 5, [b"meta", protocol.bulk_digests(bulk)], bulk=bulk)
     with pytest.raises(ProtocolError, match="bad signature"):  # a bulk frame moved into the signed part
-        rx.unpack([frames[0], frames[1][:-len("r0.1")].replace(b"\x00\x02", b"\x00\x01") + b"r0.1", *frames[2:]])
+        rx.unpack([frames[0], frames[1][: -len("r0.1")].replace(b"\x00\x02", b"\x00\x01") + b"r0.1", *frames[2:]])

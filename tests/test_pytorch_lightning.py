@@ -43,8 +43,16 @@ def test_pytorch_lightning_trainer_fits_on_the_pool() -> None:
     for _ in range(2):
         model = Regressor()
         before = model.layer.weight.detach().clone()
-        t = pl.Trainer(strategy="lightdist", accelerator="cpu", devices=2, max_epochs=1, logger=False,
-                       enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False)  # fmt: skip
+        t = pl.Trainer(
+            strategy="lightdist",
+            accelerator="cpu",
+            devices=2,
+            max_epochs=1,
+            logger=False,
+            enable_progress_bar=False,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+        )
         assert isinstance(t.strategy, lpl.PoolStrategy)
         assert isinstance(t.strategy, pl.strategies.DDPStrategy)
         t.fit(model, loader())

@@ -51,7 +51,7 @@ def test_one_agent_per_ray_node_forms_the_pool(ray_cluster: Any, tmp_path: Path)
         hosts = pool.hosts
         assert sorted(hosts.values()) == [[0], [1]]
         # bundle order is rank order, and each host name carries its Ray node id
-        for index, (name, ranks) in enumerate(sorted(hosts.items(), key=lambda item: item[1])):
+        for index, (name, _ranks) in enumerate(sorted(hosts.items(), key=lambda item: item[1])):
             assert name.startswith(f"ray{index}-") and name.endswith(nodes[index][:8]), (name, nodes)
         pool.stop_sync()
         assert agents.wait(timeout=30) == [0, 0]  # the pool's stop ends the agents too

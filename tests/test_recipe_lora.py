@@ -49,13 +49,31 @@ def lora_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoraRun]:
     (cwd / "prompts.txt").write_text("\n".join(PROMPTS) + "\n\n")
     # Validating every 4 steps: the tiny model learns most in its first ~30 steps (measured: val_loss
     # 8.23 after 4 steps, 7.67 after 46), so a per-epoch curve would start after the fall.
-    run_cli("fit", "--config", CONFIG, "--model.init_args.max_length=32", "--data.init_args.max_examples=400",
-            "--trainer.max_epochs=2", "--trainer.val_check_interval=4", *QUIET, cwd=cwd)  # fmt: skip
+    run_cli(
+        "fit",
+        "--config",
+        CONFIG,
+        "--model.init_args.max_length=32",
+        "--data.init_args.max_examples=400",
+        "--trainer.max_epochs=2",
+        "--trainer.val_check_interval=4",
+        *QUIET,
+        cwd=cwd,
+    )
     run_dir = cwd / "runs/lora_causal_lm"
-    run_cli("predict", "--config", CONFIG, "--ckpt_path", run_dir / "checkpoints/last.ckpt",
-            "--data.init_args.predict_file=prompts.txt",
-            "--data.init_args.batch_size=1", "--trainer.logger=false", "--predictions_file=out.jsonl", *QUIET,
-            cwd=cwd)  # fmt: skip
+    run_cli(
+        "predict",
+        "--config",
+        CONFIG,
+        "--ckpt_path",
+        run_dir / "checkpoints/last.ckpt",
+        "--data.init_args.predict_file=prompts.txt",
+        "--data.init_args.batch_size=1",
+        "--trainer.logger=false",
+        "--predictions_file=out.jsonl",
+        *QUIET,
+        cwd=cwd,
+    )
     predictions = [json.loads(line) for line in (cwd / "out.jsonl").read_text().splitlines()]
     yield LoraRun(cwd, model_dir, run_dir, predictions)
 
@@ -105,8 +123,12 @@ def test_predict_completes_prompts_with_the_trained_adapter(lora_run: LoraRun) -
     def greedy(model: torch.nn.Module, prompt: str) -> str:
         encoded = tokenizer(prompt, return_tensors="pt")
         with torch.no_grad():
-            out = model.generate(**encoded, max_new_tokens=NEW_TOKENS, do_sample=False,  # type: ignore[operator]
-                                 pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+            out = model.generate(
+                **encoded,
+                max_new_tokens=NEW_TOKENS,
+                do_sample=False,  # type: ignore[operator]
+                pad_token_id=tokenizer.pad_token_id,
+            )
         return str(tokenizer.decode(out[0, encoded["input_ids"].shape[1] :], skip_special_tokens=True))
 
     untuned = [greedy(base, prompt) for prompt in PROMPTS]
@@ -149,9 +171,17 @@ def test_only_the_adapter_travels_back_after_a_pool_fit(lora_run: LoraRun) -> No
     def fit() -> dict[str, int]:
         runner = strategy_module._pools[(2, "cpu")]
         before = runner.transfer_stats()
-        trainer = L.Trainer(strategy="lightdist", accelerator="cpu", devices=2, max_steps=2, logger=False,
-                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                            limit_val_batches=0)  # fmt: skip
+        trainer = L.Trainer(
+            strategy="lightdist",
+            accelerator="cpu",
+            devices=2,
+            max_steps=2,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+        )
         trainer.fit(model, datamodule=data)
         after = runner.transfer_stats()
         return {k: after[k] - before[k] for k in after}

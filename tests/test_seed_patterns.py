@@ -153,7 +153,9 @@ def test_pattern_ddp_training_with_broadcast(tmp_path: Path) -> None:
     assert rank0 == rank1, "DDP must keep the replicas identical"
     initial = torch.cat([p.detach().flatten() for p in MyModel().parameters()]).tolist()
     assert rank0 != initial, "training must have changed the weights"
-    assert torch.allclose(torch.tensor(rank0), torch.cat([saved["module.linear.weight"].flatten(), saved["module.linear.bias"]]))
+    assert torch.allclose(
+        torch.tensor(rank0), torch.cat([saved["module.linear.weight"].flatten(), saved["module.linear.bias"]])
+    )
 
 
 # --- Pattern 3: streaming with progress updates ----------------------------------------------------

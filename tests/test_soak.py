@@ -195,8 +195,11 @@ def test_soak_kills_and_failures_leave_no_trace() -> None:
         runner.stop_sync()
 
     died = sum(kind == "WorkerDiedError" for kind, _, _ in tally.errors.values())
-    print(f"[soak] {tally.ok} calls ok, {died} WorkerDiedError, {len(tally.errors) - died} WorkerError, "
-          f"{len(KILLS)} kills, {LAST} calls in {time.monotonic() - t0:.1f} s", flush=True)  # fmt: skip
+    print(
+        f"[soak] {tally.ok} calls ok, {died} WorkerDiedError, {len(tally.errors) - died} WorkerError, "
+        f"{len(KILLS)} kills, {LAST} calls in {time.monotonic() - t0:.1f} s",
+        flush=True,
+    )
     for index, (kind, rank, message) in sorted(tally.errors.items()):
         print(f"[soak]   call {index}: {kind} rank {rank}: {message[:90]}  <- {tally.causes.get(index, 'UNEXPLAINED')}")
     growth = {f"rank {r} pid {p}": round((s[-1] - s[0]) / 1024, 1) for (r, p), s in tally.rss_kb.items()}

@@ -275,7 +275,7 @@ def test_starlette_sse_endpoint_streams_every_event_to_an_http_client(pool: Dist
     assert data[:n] == list(range(n))
     assert torch.equal(decode_tensor(data[n]), torch.ones(2, 2))
     assert decode_image(data[n + 1], "jpeg").size == (3, 2)
-    assert data[n + 2:] == [{"done": n}]
+    assert data[n + 2 :] == [{"done": n}]
 
 
 def test_http_client_disconnect_cancels_the_call(pool: DistributedRunner) -> None:

@@ -1,5 +1,5 @@
-"""The package stays fully typed (mypy --strict) and free of unused names (ruff), checked with the
-settings in pyproject.toml, so the README's one test command also guards them."""
+"""The package stays fully typed (mypy --strict), lint-clean and formatted (ruff check, ruff format),
+checked with the settings in pyproject.toml, so the README's one test command also guards them."""
 
 from __future__ import annotations
 
@@ -16,6 +16,23 @@ def test_mypy_strict() -> None:
 
 
 def test_ruff() -> None:
-    proc = subprocess.run([sys.executable, "-m", "ruff", "check", "lightdist", "recipes", "tests"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "ruff", "check", "lightdist", "recipes", "tests"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_ruff_format() -> None:
+    """One formatter for everyone: no `# fmt: skip` islands, no style review in pull requests."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "ruff", "format", "--check", "lightdist", "recipes", "tests"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, "run: ruff format lightdist recipes tests\n" + proc.stdout + proc.stderr

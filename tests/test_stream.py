@@ -374,6 +374,7 @@ class Spawner(DistributedWorker):
 
     def __call__(self, mode: str, streaming: bool = False) -> object:
         if mode == "spawn":
+
             def spam() -> None:
                 end = time.monotonic() + 3
                 while time.monotonic() < end:

@@ -72,9 +72,18 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
     save_dir = tmp_path_factory.mktemp("tb") / "runs"
     with shared_lightning_pool(strategy_module, TrainerWorker, "lightning"):
         logger = TensorBoardLogger(save_dir, name="demo")
-        trainer = L.Trainer(strategy="lightdist", accelerator="cpu", devices=2, max_epochs=EPOCHS, logger=logger,
-                            log_every_n_steps=1, num_sanity_val_steps=0, enable_checkpointing=False,
-                            enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+        trainer = L.Trainer(
+            strategy="lightdist",
+            accelerator="cpu",
+            devices=2,
+            max_epochs=EPOCHS,
+            logger=logger,
+            log_every_n_steps=1,
+            num_sanity_val_steps=0,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
         trainer.fit(Demo(), loader(), loader())
         log_dir = Path(logger.log_dir)
     events = EventAccumulator(str(log_dir))
@@ -92,8 +101,13 @@ class Board:
         env = {**os.environ, MARK: self.mark}
         self.stderr = stderr
         with stderr.open("w") as err:
-            self.proc = subprocess.Popen([str(LIGHTDIST), command, "--port", "0", *map(str, args)],
-                                         stdout=subprocess.PIPE, stderr=err, text=True, env=env)  # fmt: skip
+            self.proc = subprocess.Popen(
+                [str(LIGHTDIST), command, "--port", "0", *map(str, args)],
+                stdout=subprocess.PIPE,
+                stderr=err,
+                text=True,
+                env=env,
+            )
         self.lines: queue.Queue[str | None] = queue.Queue()
         self.reader = threading.Thread(target=self._read, name="tb-cli-stdout", daemon=True)
         self.reader.start()
@@ -186,15 +200,20 @@ def test_view_alias_serves_the_hinted_dir_and_stops_on_sigterm(run: Run, tmp_pat
 
 def test_missing_logdir_and_busy_port_are_one_line_errors(tmp_path: Path) -> None:
     missing = tmp_path / "no-such-runs"
-    proc = subprocess.run([str(LIGHTDIST), "view", "--logdir", str(missing)], capture_output=True, text=True,
-                          timeout=30)  # fmt: skip
+    proc = subprocess.run(
+        [str(LIGHTDIST), "view", "--logdir", str(missing)], capture_output=True, text=True, timeout=30
+    )
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.count("\n") == 1 and str(missing) in proc.stderr and "does not exist" in proc.stderr
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = str(busy.getsockname()[1])
-        proc = subprocess.run([str(LIGHTDIST), "tensorboard", "--logdir", str(tmp_path), "--port", port],
-                              capture_output=True, text=True, timeout=60)  # fmt: skip
+        proc = subprocess.run(
+            [str(LIGHTDIST), "tensorboard", "--logdir", str(tmp_path), "--port", port],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.count("\n") == 1 and port in proc.stderr and "in use" in proc.stderr, proc.stderr

@@ -148,8 +148,9 @@ def test_no_shared_memory_outlives_a_sigkill(tmp_path: Path, victim: str) -> Non
     shm_before = set(os.listdir("/dev/shm"))
     script = tmp_path / "driver.py"
     script.write_text(_DRIVER)
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
-                            cwd=Path(__file__).parent.parent)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent
+    )
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
@@ -203,8 +204,9 @@ class Stack(L.LightningModule):
     def train_dataloader(self) -> DataLoader[tuple[torch.Tensor, ...]]:
         gen = torch.Generator().manual_seed(0)
         width = self.layers[0].in_features
-        return DataLoader(TensorDataset(torch.randn(64, width, generator=gen), torch.randn(64, width, generator=gen)),
-                          batch_size=8)  # fmt: skip
+        return DataLoader(
+            TensorDataset(torch.randn(64, width, generator=gen), torch.randn(64, width, generator=gen)), batch_size=8
+        )
 
     val_dataloader = train_dataloader
 
@@ -221,9 +223,18 @@ class SaveRankZero(Callback):
 
 
 def fit(model: L.LightningModule, callbacks: list[Callback] | None = None) -> L.Trainer:
-    trainer = L.Trainer(strategy="lightdist", accelerator="cpu", devices=2, max_steps=2, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=2, callbacks=callbacks or [])  # fmt: skip
+    trainer = L.Trainer(
+        strategy="lightdist",
+        accelerator="cpu",
+        devices=2,
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=2,
+        callbacks=callbacks or [],
+    )
     trainer.fit(model)
     return trainer
 
@@ -319,8 +330,16 @@ def test_a_datamodule_reused_across_trainers_does_not_carry_the_old_model() -> N
     for _ in range(3):
         model = Stack()
         before = stats()
-        trainer = L.Trainer(strategy="lightdist", accelerator="cpu", devices=2, max_steps=1, logger=False,
-                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        trainer = L.Trainer(
+            strategy="lightdist",
+            accelerator="cpu",
+            devices=2,
+            max_steps=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
         trainer.fit(model, datamodule=data)
         moved = delta(before)
         assert moved["tensors_resident"] == 0  # nothing of an earlier model was even named

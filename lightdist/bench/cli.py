@@ -91,14 +91,17 @@ def build_parser() -> argparse.ArgumentParser:
     recovery.add_argument("--repeats", type=_positive, default=5, help="times each failure is measured")
     recovery.add_argument("--grace", type=_seconds, default=2.0, help="the pool's grace_period (its default: 2.0)")
     recovery.set_defaults(func=run_recovery)
-    lightning = commands.add_parser("lightning", parents=[common],
-                                    help="Trainer fits on the warm pool vs ddp_spawn and a warm ddp group")  # fmt: skip
+    lightning = commands.add_parser(
+        "lightning", parents=[common], help="Trainer fits on the warm pool vs ddp_spawn and a warm ddp group"
+    )
     lightning.add_argument("--fits", type=_positive, default=5, help="fits per contender (the first is cold)")
     lightning.add_argument("--steps", type=_positive, default=20, help="training steps per fit")
-    lightning.add_argument("--throughput-steps", type=_positive, default=300,
-                           help="steps of the throughput fit (timed after the first 10)")
-    lightning.add_argument("--throughput-repeats", type=_positive, default=5,
-                           help="throughput fits per contender (median)")
+    lightning.add_argument(
+        "--throughput-steps", type=_positive, default=300, help="steps of the throughput fit (timed after the first 10)"
+    )
+    lightning.add_argument(
+        "--throughput-repeats", type=_positive, default=5, help="throughput fits per contender (median)"
+    )
     lightning.set_defaults(func=_run_lightning)
     gpu = commands.add_parser("gpu", help="the GPU proof kit: every CUDA/NCCL path in one budgeted run (docs/gpu.md)")
     gpu.add_argument("--out", default="gpu-results.md", help="the markdown result; the JSON goes next to it")
@@ -107,34 +110,46 @@ def build_parser() -> argparse.ArgumentParser:
     gpu.add_argument("--dry-run", action="store_true", help="only check that every part would import, even with GPUs")
     gpu.add_argument("--rehearse-on-cpu", action="store_true", help="run every part on CPU ranks: checks the kit")
     gpu.set_defaults(func=_run_gpu, json=None)
-    recipes = commands.add_parser("recipes", parents=[common],
-                                  help="every shipped CPU config: metric, wall time, peak memory")  # fmt: skip
+    recipes = commands.add_parser(
+        "recipes", parents=[common], help="every shipped CPU config: metric, wall time, peak memory"
+    )
     recipes.add_argument("--only", default="", help="run only the jobs whose name starts with this")
     recipes.set_defaults(func=_run_recipes)
-    sweep = commands.add_parser("sweep", parents=[common],
-                                help="a 4-fit lightdist sweep vs the same fits as separate ddp_spawn commands")  # fmt: skip
+    sweep = commands.add_parser(
+        "sweep", parents=[common], help="a 4-fit lightdist sweep vs the same fits as separate ddp_spawn commands"
+    )
     sweep.add_argument("--repeats", type=_positive, default=2, help="runs per contender (best is reported)")
     sweep.add_argument("--epochs", type=_positive, default=3, help="max_epochs of each fit")
     sweep.set_defaults(func=_run_sweep)
-    multihost = commands.add_parser("multihost", parents=[common],
-                                    help="a pool across 2 hosts (local agents): attach, invoke, host loss")  # fmt: skip
+    multihost = commands.add_parser(
+        "multihost", parents=[common], help="a pool across 2 hosts (local agents): attach, invoke, host loss"
+    )
     multihost.add_argument("--repeats", type=_positive, default=3, help="rounds (median is reported)")
     multihost.add_argument("--calls", type=_positive, default=500, help="timed invoke calls per round")
     multihost.set_defaults(func=_run_multihost)
-    models = commands.add_parser("models", parents=[common],
-                                 help="large-model fits: pool vs one process, ddp_spawn, warm ddp; time and peak PSS")  # fmt: skip
+    models = commands.add_parser(
+        "models", parents=[common], help="large-model fits: pool vs one process, ddp_spawn, warm ddp; time and peak PSS"
+    )
     models.add_argument("--sizes", default="50M,200M", help="parameter counts, e.g. 50M,200M or 2M")
     models.add_argument("--fits", type=_positive, default=3, help="timed fits per contender (after one warm-up)")
     models.add_argument("--steps", type=_positive, default=2, help="max_steps of each fit")
-    models.add_argument("--variants", default="full,frozen", help="full (all trainable), frozen (all but the last layer)")
+    models.add_argument(
+        "--variants", default="full,frozen", help="full (all trainable), frozen (all but the last layer)"
+    )
     models.add_argument("--contenders", default="single,ddp,ddp_spawn,pool-new,pool-same", help="a subset to run")
-    models.add_argument("--timeout", type=_seconds, default=900.0, help="seconds per contender before its tree is killed")
+    models.add_argument(
+        "--timeout", type=_seconds, default=900.0, help="seconds per contender before its tree is killed"
+    )
     models.add_argument("--lora", action="store_true", help="also time the LoRA recipe's CPU config, pool vs ddp_spawn")
-    models.add_argument("--lora-base", default="tiny",
-                        help="with --lora: tiny (the recipe's) or WIDTHxLAYERS of a larger random Llama, e.g. 2048x16")  # fmt: skip
+    models.add_argument(
+        "--lora-base",
+        default="tiny",
+        help="with --lora: tiny (the recipe's) or WIDTHxLAYERS of a larger random Llama, e.g. 2048x16",
+    )
     models.set_defaults(func=_run_models)
-    payload = commands.add_parser("payload", parents=[common],
-                                  help="a runner call with a large tensor there and back: shm, frames, in-band")  # fmt: skip
+    payload = commands.add_parser(
+        "payload", parents=[common], help="a runner call with a large tensor there and back: shm, frames, in-band"
+    )
     payload.add_argument("--mb", type=_positive, default=500, help="tensor size each way, in MB")
     payload.add_argument("--calls", type=_positive, default=3, help="timed calls per contender (median)")
     payload.set_defaults(func=_run_payload)

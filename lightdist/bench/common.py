@@ -27,7 +27,6 @@ class Row:
     verdict: str = "info"
 
 
-
 # --- report ----------------------------------------------------------------------------------------
 
 
@@ -44,8 +43,9 @@ def format_table(rows: Sequence[Row]) -> str:
     header = ("metric", "value", "baseline/floor", "ratio", "target", "pass/fail")
     cells = [header, *((r.metric, r.value, r.baseline, r.ratio, r.target, r.verdict) for r in rows)]
     widths = [max(len(c[i]) for c in cells) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cell, widths)))
-             for cell in cells]  # fmt: skip
+    lines = [
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cell, widths))) for cell in cells
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -61,8 +61,6 @@ def machine() -> dict[str, Any]:
         "platform": platform.platform(),
         "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
-
-
 
 
 # --- processes ------------------------------------------------------------------------------------

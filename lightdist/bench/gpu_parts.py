@@ -65,8 +65,13 @@ class Outcome:
     def to_json(self) -> dict[str, Any]:
         failed = [name for name, ok in self.checks.items() if not ok]
         status = f"skipped: {self.skip}" if self.skip else "failed" if failed else "passed"
-        return {"status": status, "rows": self.rows, "checks": self.checks, "failed_checks": failed,
-                "details": self.details}  # fmt: skip
+        return {
+            "status": status,
+            "rows": self.rows,
+            "checks": self.checks,
+            "failed_checks": failed,
+            "details": self.details,
+        }
 
 
 class _KitWorker(_BenchWorker):
@@ -77,8 +82,15 @@ class _KitWorker(_BenchWorker):
     as it is (it must reach the driver on CPU).
     """
 
-    def __call__(self, streaming: bool = False, n: int = 0, probe: bool = False, hold: float = 0.0,
-                 raw_tensor: bool = False, **kwargs: Any) -> Any:  # fmt: skip
+    def __call__(
+        self,
+        streaming: bool = False,
+        n: int = 0,
+        probe: bool = False,
+        hold: float = 0.0,
+        raw_tensor: bool = False,
+        **kwargs: Any,
+    ) -> Any:
         import torch
         import torch.distributed as dist
 
@@ -89,8 +101,13 @@ class _KitWorker(_BenchWorker):
             dist.all_reduce(t)
             devices: list[object] = [None] * self.world_size
             dist.all_gather_object(devices, str(self.device))
-            return {"devices": devices, "backend": dist.get_backend(), "sum": float(t[0].item()),
-                    "tensor": t.cpu(), "pid": os.getpid()}  # fmt: skip
+            return {
+                "devices": devices,
+                "backend": dist.get_backend(),
+                "sum": float(t[0].item()),
+                "tensor": t.cpu(),
+                "pid": os.getpid(),
+            }
         if hold:
             t = torch.ones(1, device=self.device)  # the rank holds a CUDA context when the kill lands
             deadline = time.monotonic() + hold
@@ -102,12 +119,17 @@ class _KitWorker(_BenchWorker):
 
 def expected_probe(accelerator: str, world_size: int) -> dict[str, Any]:
     devices = [f"cuda:{r}" if accelerator == "cuda" else "cpu" for r in range(world_size)]
-    return {"devices": devices, "backend": "nccl" if accelerator == "cuda" else "gloo",
-            "sum": float(world_size * (world_size + 1) / 2)}  # fmt: skip
+    return {
+        "devices": devices,
+        "backend": "nccl" if accelerator == "cuda" else "gloo",
+        "sum": float(world_size * (world_size + 1) / 2),
+    }
 
 
 def probe_ok(found: Any, accelerator: str, world_size: int) -> bool:
-    return isinstance(found, dict) and all(found.get(k) == v for k, v in expected_probe(accelerator, world_size).items())
+    return isinstance(found, dict) and all(
+        found.get(k) == v for k, v in expected_probe(accelerator, world_size).items()
+    )
 
 
 def cuda_initialized() -> bool:
@@ -139,9 +161,14 @@ def pool_numbers(accelerator: str) -> dict[str, Any]:
         raw = runner.invoke_sync({"raw_tensor": True}, timeout=CALL_S)
     finally:
         runner.stop_sync()
-    return {"start_s": start_s, "invoke_p50_ms": p50_ms, "items_per_s": ITEMS / stream["seconds"],
-            "stream_complete": stream["received"] == ITEMS and stream["in_order"], "probe": probe,
-            "raw_tensor_device": str(raw.device)}  # fmt: skip
+    return {
+        "start_s": start_s,
+        "invoke_p50_ms": p50_ms,
+        "items_per_s": ITEMS / stream["seconds"],
+        "stream_complete": stream["received"] == ITEMS and stream["in_order"],
+        "probe": probe,
+        "raw_tensor_device": str(raw.device),
+    }
 
 
 def part_pool(accelerator: str, out: Outcome, **_: Any) -> None:
@@ -150,8 +177,10 @@ def part_pool(accelerator: str, out: Outcome, **_: Any) -> None:
         nums = pool_numbers(acc)
         probe = nums.pop("probe")
         out.details[acc] = {**nums, "probe": {k: v for k, v in probe.items() if k != "tensor"}}
-        out.check(f"{acc}: rank on {expected_probe(acc, 1)['devices'][0]}, backend {expected_probe(acc, 1)['backend']}",
-                  probe_ok(probe, acc, 1))  # fmt: skip
+        out.check(
+            f"{acc}: rank on {expected_probe(acc, 1)['devices'][0]}, backend {expected_probe(acc, 1)['backend']}",
+            probe_ok(probe, acc, 1),
+        )
         out.check(f"{acc}: a .cpu() tensor from the rank arrives on cpu", probe["tensor"].device.type == "cpu")
         # Results leave a GPU rank as CPU tensors, so that the driver never needs CUDA.
         out.check(f"{acc}: a tensor returned as it is arrives on cpu", nums["raw_tensor_device"] == "cpu")
@@ -229,8 +258,12 @@ def machine_info() -> dict[str, Any]:
     """This machine as torch sees it (initialises CUDA: run it as a process of its own)."""
     import torch
 
-    info: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
-                            "torch_cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available()}  # fmt: skip
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+    }
     gpus = torch.cuda.device_count() if info["cuda_available"] else 0
     info["gpus"] = gpus
     info["gpu_names"] = [torch.cuda.get_device_name(i) for i in range(gpus)]

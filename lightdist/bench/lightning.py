@@ -76,13 +76,15 @@ class StepsPerSecond(Callback):
     def __init__(self) -> None:
         self.t0 = 0.0
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
-                             batch_idx: int) -> None:  # fmt: skip
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if trainer.global_step == WARMUP_STEPS:
             self.t0 = time.perf_counter()
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:  # fmt: skip
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if trainer.global_step == trainer.max_steps:  # the step counter has already moved on here
             rate = (trainer.max_steps - WARMUP_STEPS) / (time.perf_counter() - self.t0)
             pl_module.log("bench_steps_per_s", rate, on_step=True, on_epoch=False)
@@ -92,9 +94,17 @@ def timed_fit(strategy: str, steps: int, timer: bool = False) -> tuple[float, fl
     """Seconds for one fit (new Trainer, new model) and, with ``timer``, rank 0's training steps/s."""
     model, data = MLP(), SyntheticData(steps)
     t0 = time.perf_counter()
-    trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=WORLD_SIZE, max_steps=steps,
-                        callbacks=[StepsPerSecond()] if timer else [], enable_progress_bar=False, logger=False,
-                        enable_checkpointing=False, enable_model_summary=False)  # fmt: skip
+    trainer = L.Trainer(
+        strategy=strategy,
+        accelerator="cpu",
+        devices=WORLD_SIZE,
+        max_steps=steps,
+        callbacks=[StepsPerSecond()] if timer else [],
+        enable_progress_bar=False,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
     trainer.fit(model, datamodule=data)
     seconds = time.perf_counter() - t0
     return seconds, float(trainer.callback_metrics["bench_steps_per_s"]) if timer else 0.0
@@ -142,15 +152,22 @@ class WarmDDP:
         script = os.path.join(self._dir.name, "warm_ddp.py")
         with open(script, "w") as f:
             f.write(_DDP_SCRIPT)
-        env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK",
-                                                                 "PL_GLOBAL_SEED", "OMP_NUM_THREADS")}  # fmt: skip
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "PL_GLOBAL_SEED", "OMP_NUM_THREADS")
+        }
         env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
         self._stderr: IO[bytes] = open(os.path.join(self._dir.name, "stderr"), "w+b")
         self._proc = subprocess.Popen(
             [sys.executable, script, str(fits), str(steps), str(throughput_steps), str(repeats)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, env=env, text=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            env=env,
+            text=True,
             start_new_session=True,
-        )  # fmt: skip
+        )
         self._lines: queue.Queue[str | None] = queue.Queue()
         self._reader = threading.Thread(target=self._read, name="bench-ddp-reader", daemon=True)
         self._reader.start()
@@ -229,17 +246,30 @@ def measure_lightning(fits: int, steps: int, throughput_steps: int, repeats: int
     import lightdist.lightning  # noqa: F401 - registers strategy="lightdist"
     from lightdist.lightning import strategy as strategy_module
 
-    out: dict[str, Any] = {"pool_s": [], "spawn_s": [], "ddp_s": [], "spawn_failures": [], "pool_steps_per_s": [],
-                           "ddp_steps_per_s": [], "timed_steps": throughput_steps - WARMUP_STEPS}  # fmt: skip
+    out: dict[str, Any] = {
+        "pool_s": [],
+        "spawn_s": [],
+        "ddp_s": [],
+        "spawn_failures": [],
+        "pool_steps_per_s": [],
+        "ddp_steps_per_s": [],
+        "timed_steps": throughput_steps - WARMUP_STEPS,
+    }
     ddp = WarmDDP(fits, steps, throughput_steps, repeats)
     try:
         for i in range(fits):
             out["spawn_s"].append(spawn_fit(steps, out["spawn_failures"]))
-            in_turn(i, lambda: out["pool_s"].append(timed_fit("lightdist", steps)[0]),  # the 1st starts the pool
-                    lambda: out["ddp_s"].append(ddp.fit()["seconds"]))  # the 1st starts rank 1 and the group
+            in_turn(
+                i,
+                lambda: out["pool_s"].append(timed_fit("lightdist", steps)[0]),  # the 1st starts the pool
+                lambda: out["ddp_s"].append(ddp.fit()["seconds"]),
+            )  # the 1st starts rank 1 and the group
         for i in range(repeats):
-            in_turn(i, lambda: out["pool_steps_per_s"].append(timed_fit("lightdist", throughput_steps, timer=True)[1]),
-                    lambda: out["ddp_steps_per_s"].append(ddp.fit()["steps_per_s"]))
+            in_turn(
+                i,
+                lambda: out["pool_steps_per_s"].append(timed_fit("lightdist", throughput_steps, timer=True)[1]),
+                lambda: out["ddp_steps_per_s"].append(ddp.fit()["steps_per_s"]),
+            )
     finally:
         out["ddp_exit_code"] = ddp.close()
         for runner in list(strategy_module._pools.values()):
@@ -255,25 +285,50 @@ def lightning_rows(data: dict[str, Any]) -> list[Row]:
     warm = f"median of fits 2-{n}" if n > 2 else "fit 2" if n == 2 else "fit 1"
     failures = len(data["spawn_failures"])
     return [
-        Row("pool fit 1, includes pool start (s)", f"{data['pool_s'][0]:.3f}", f"{data['spawn_s'][0]:.3f} (ddp_spawn)",
-            f"{data['pool_s'][0] / data['spawn_s'][0]:.2f}x"),
-        Row(f"ddp_spawn fit, {warm} (s)", f"{spawn:.3f}", f"{pool:.3f} (pool)", f"{spawn / pool:.1f}x", ">= 20x",
-            verdict(spawn / pool >= 20)),
+        Row(
+            "pool fit 1, includes pool start (s)",
+            f"{data['pool_s'][0]:.3f}",
+            f"{data['spawn_s'][0]:.3f} (ddp_spawn)",
+            f"{data['pool_s'][0] / data['spawn_s'][0]:.2f}x",
+        ),
+        Row(
+            f"ddp_spawn fit, {warm} (s)",
+            f"{spawn:.3f}",
+            f"{pool:.3f} (pool)",
+            f"{spawn / pool:.1f}x",
+            ">= 20x",
+            verdict(spawn / pool >= 20),
+        ),
         Row("ddp_spawn runs died at exit, retried", f"{failures} of {n + failures}"),
-        Row(f"pool fit, {warm} (s)", f"{pool:.3f}", f"{ddp:.3f} (warm ddp)", f"{pool / ddp:.2f}x", "<= 1.2x",
-            verdict(pool / ddp <= 1.2)),
+        Row(
+            f"pool fit, {warm} (s)",
+            f"{pool:.3f}",
+            f"{ddp:.3f} (warm ddp)",
+            f"{pool / ddp:.2f}x",
+            "<= 1.2x",
+            verdict(pool / ddp <= 1.2),
+        ),
         Row("warm ddp fit 1, starts rank 1 (s)", f"{data['ddp_s'][0]:.3f}"),
-        Row(f"pool training, {data['timed_steps']} steps (steps/s)", f"{pool_rate:.1f}",
-            f"{ddp_rate:.1f} (ddp)", f"{pool_rate / ddp_rate:.2f}x", ">= 0.97x", verdict(pool_rate / ddp_rate >= 0.97)),
-    ]  # fmt: skip
+        Row(
+            f"pool training, {data['timed_steps']} steps (steps/s)",
+            f"{pool_rate:.1f}",
+            f"{ddp_rate:.1f} (ddp)",
+            f"{pool_rate / ddp_rate:.2f}x",
+            ">= 0.97x",
+            verdict(pool_rate / ddp_rate >= 0.97),
+        ),
+    ]
 
 
 def run_lightning(args: argparse.Namespace) -> dict[str, Any]:
     if args.throughput_steps <= WARMUP_STEPS:
         raise SystemExit(f"--throughput-steps must be more than {WARMUP_STEPS}: the first {WARMUP_STEPS} are not timed")
     info = machine()
-    print(f"lightdist.bench lightning: {info['date']}, Python {info['python']}, torch {info['torch']}, "
-          f"lightning {L.__version__}, {info['cpus']} CPUs, load {info['loadavg']}", flush=True)  # fmt: skip
+    print(
+        f"lightdist.bench lightning: {info['date']}, Python {info['python']}, torch {info['torch']}, "
+        f"lightning {L.__version__}, {info['cpus']} CPUs, load {info['loadavg']}",
+        flush=True,
+    )
     data = measure_lightning(args.fits, args.steps, args.throughput_steps, args.throughput_repeats)
     print(format_table(lightning_rows(data)))
     for key in ("pool_s", "spawn_s", "ddp_s", "pool_steps_per_s", "ddp_steps_per_s"):

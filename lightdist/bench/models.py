@@ -57,8 +57,13 @@ CONTENDERS = {  # name: row label
 }
 FROZEN_CONTENDERS = ("ddp", "ddp_spawn", "pool-new", "pool-same")  # one process never shares weights
 TIME_TARGETS = {"pool-new": 1.2, "pool-same": 1.05}  # x the warm native DDP fit
-STRATEGIES = {"single": "auto", "ddp": "ddp", "ddp_spawn": "ddp_spawn", "pool-new": "lightdist",
-              "pool-same": "lightdist"}  # fmt: skip
+STRATEGIES = {
+    "single": "auto",
+    "ddp": "ddp",
+    "ddp_spawn": "ddp_spawn",
+    "pool-new": "lightdist",
+    "pool-same": "lightdist",
+}
 ENV_DROPPED = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "MASTER_PORT", "PL_GLOBAL_SEED")
 
 
@@ -121,9 +126,16 @@ def _choice(option: str, text: str, allowed: tuple[str, ...]) -> list[str]:
 
 def _fit(strategy: str, model: LinearStack, data: RandomRows, steps: int) -> float:
     t0 = time.perf_counter()
-    trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=1 if strategy == "auto" else WORLD_SIZE,
-                        max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False)  # fmt: skip
+    trainer = L.Trainer(
+        strategy=strategy,
+        accelerator="cpu",
+        devices=1 if strategy == "auto" else WORLD_SIZE,
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(model, datamodule=data)
     return time.perf_counter() - t0
 
@@ -227,11 +239,30 @@ class Result:
 
 
 def run_child(name: str, width: int, layers: int, frozen: bool, args: argparse.Namespace) -> Result:
-    child = ["-m", "lightdist.bench.models", "--child", name, "--width", str(width), "--layers", str(layers),
-             "--steps", str(args.steps), "--fits", str(args.fits), *(["--frozen"] if frozen else [])]  # fmt: skip
+    child = [
+        "-m",
+        "lightdist.bench.models",
+        "--child",
+        name,
+        "--width",
+        str(width),
+        "--layers",
+        str(layers),
+        "--steps",
+        str(args.steps),
+        "--fits",
+        str(args.fits),
+        *(["--frozen"] if frozen else []),
+    ]
     if name == "ddp":
-        child = ["-m", "torch.distributed.run", f"--nproc_per_node={WORLD_SIZE}", "--master_addr=127.0.0.1",
-                 f"--master_port={free_port()}", *child]  # fmt: skip
+        child = [
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={WORLD_SIZE}",
+            "--master_addr=127.0.0.1",
+            f"--master_port={free_port()}",
+            *child,
+        ]
     env = {k: v for k, v in os.environ.items() if k not in ENV_DROPPED}
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:  # files: no pipe to keep drained
         proc = subprocess.Popen([sys.executable, *child], stdout=out, stderr=err, env=env, start_new_session=True)
@@ -264,8 +295,9 @@ def run_child(name: str, width: int, layers: int, frozen: bool, args: argparse.N
 def compare(metric: str, value: float | str, base: float | str | None, base_name: str, limit: float | None) -> Row:
     """A row of ``value`` next to ``base``; a target ``value <= limit x base`` when ``limit`` is set."""
     if isinstance(value, str):  # the contender failed: a missed target, if it had one
-        return Row(metric, value, "-", "-", "-" if limit is None else f"<= {limit:g}x", "info" if limit is None
-                   else "FAIL")  # fmt: skip
+        return Row(
+            metric, value, "-", "-", "-" if limit is None else f"<= {limit:g}x", "info" if limit is None else "FAIL"
+        )
     if base is None:
         return Row(metric, f"{value:.3f}")
     if isinstance(base, str):
@@ -280,18 +312,35 @@ def variant_rows(prefix: str, fits: int, results: dict[str, Result]) -> list[Row
     rows = []
     for name, result in results.items():
         base = ddp if name in ("ddp_spawn", *TIME_TARGETS) else None
-        rows.append(compare(f"{prefix}: {CONTENDERS[name]}, median of {fits} (s)", result.median,
-                            base.median if base else None, "warm ddp", TIME_TARGETS.get(name)))  # fmt: skip
+        rows.append(
+            compare(
+                f"{prefix}: {CONTENDERS[name]}, median of {fits} (s)",
+                result.median,
+                base.median if base else None,
+                "warm ddp",
+                TIME_TARGETS.get(name),
+            )
+        )
     for name, result in results.items():
         pool = name in TIME_TARGETS and spawn is not None
-        rows.append(compare(f"{prefix}: {CONTENDERS[name]}, peak PSS (GB)", result.peak_gb,  # a dead spawn: n/a
-                            (spawn.error or spawn.peak_gb) if spawn and pool else None, "ddp_spawn",
-                            1.0 if pool else None))  # fmt: skip
+        rows.append(
+            compare(
+                f"{prefix}: {CONTENDERS[name]}, peak PSS (GB)",
+                result.peak_gb,  # a dead spawn: n/a
+                (spawn.error or spawn.peak_gb) if spawn and pool else None,
+                "ddp_spawn",
+                1.0 if pool else None,
+            )
+        )
     return rows
 
 
-LORA_LIGHT = ["--data.init_args.batch_size=2", "--model.init_args.max_length=32", "--trainer.num_sanity_val_steps=0",
-              "--trainer.limit_val_batches=0"]  # fmt: skip
+LORA_LIGHT = [
+    "--data.init_args.batch_size=2",
+    "--model.init_args.max_length=32",
+    "--trainer.num_sanity_val_steps=0",
+    "--trainer.limit_val_batches=0",
+]
 
 
 def parse_lora_base(text: str) -> tuple[int, int] | None:
@@ -331,20 +380,37 @@ def lora_rows(raw: dict[str, Any], base: tuple[int, int] | None = None) -> list[
         label = f"LoRA random Llama {params / 1e9:.2f}B ({width}x{layers})"
     subprocess.run(make, cwd=scratch, check=True, capture_output=True, timeout=900)
     pool, spawn = measure(fit, scratch), measure([*fit, "--trainer.strategy=ddp_spawn"], scratch)
-    raw.update(label=label, pool_s=pool.seconds, pool_peak_mib=pool.peak_mib, pool_rc=pool.returncode,
-               spawn_s=spawn.seconds, spawn_peak_mib=spawn.peak_mib, spawn_rc=spawn.returncode,
-               scratch=str(scratch))  # fmt: skip
+    raw.update(
+        label=label,
+        pool_s=pool.seconds,
+        pool_peak_mib=pool.peak_mib,
+        pool_rc=pool.returncode,
+        spawn_s=spawn.seconds,
+        spawn_peak_mib=spawn.peak_mib,
+        spawn_rc=spawn.returncode,
+        scratch=str(scratch),
+    )
     ok = pool.returncode == spawn.returncode == 0
     if not ok:
         for name, run in (("pool", pool), ("ddp_spawn", spawn)):
             if run.returncode:
                 print(f"{label}, {name}: exit {run.returncode}; last output:\n{run.stdout[-2000:]}", flush=True)
-        return [Row(f"{label}: a command failed", f"exit {pool.returncode} (pool)",
-                    f"exit {spawn.returncode} (ddp_spawn)", "-", "-", "FAIL")]  # fmt: skip
-    return [compare(f"{label}, lightdist fit 2 steps, whole command (s)", pool.seconds, spawn.seconds,
-                    "ddp_spawn", None),
-            compare(f"{label}, whole command, peak PSS (GB)", pool.peak_mib / 1024, spawn.peak_mib / 1024,
-                    "ddp_spawn", 1.0)]  # fmt: skip
+        return [
+            Row(
+                f"{label}: a command failed",
+                f"exit {pool.returncode} (pool)",
+                f"exit {spawn.returncode} (ddp_spawn)",
+                "-",
+                "-",
+                "FAIL",
+            )
+        ]
+    return [
+        compare(f"{label}, lightdist fit 2 steps, whole command (s)", pool.seconds, spawn.seconds, "ddp_spawn", None),
+        compare(
+            f"{label}, whole command, peak PSS (GB)", pool.peak_mib / 1024, spawn.peak_mib / 1024, "ddp_spawn", 1.0
+        ),
+    ]
 
 
 def run_models(args: argparse.Namespace) -> dict[str, Any]:
@@ -355,26 +421,46 @@ def run_models(args: argparse.Namespace) -> dict[str, Any]:
     # SIGTERM as an exception, so that the finally blocks kill the child trees (their own sessions)
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     info = machine()
-    print(f"lightdist.bench models: {info['date']}, Python {info['python']}, torch {info['torch']}, "
-          f"lightning {L.__version__}, {info['cpus']} CPUs, load {info['loadavg']}", flush=True)  # fmt: skip
+    print(
+        f"lightdist.bench models: {info['date']}, Python {info['python']}, torch {info['torch']}, "
+        f"lightning {L.__version__}, {info['cpus']} CPUs, load {info['loadavg']}",
+        flush=True,
+    )
     rows: list[Row] = []
     raw: list[dict[str, Any]] = []
     failures: list[tuple[str, Result]] = []
     for label, params in sizes:
         width, layers = shape(params)
-        print(f"{label}: {layers} x Linear({width}, {width}) = {layers * width * width / 1e6:.1f}M parameters, "
-              f"{layers * width * width * 4 / 2**30:.2f} GB", flush=True)  # fmt: skip
+        print(
+            f"{label}: {layers} x Linear({width}, {width}) = {layers * width * width / 1e6:.1f}M parameters, "
+            f"{layers * width * width * 4 / 2**30:.2f} GB",
+            flush=True,
+        )
         for variant in variants:
             results: dict[str, Result] = {}
             for name in contenders:
                 if variant == "frozen" and name not in FROZEN_CONTENDERS:
                     continue
                 results[name] = result = run_child(name, width, layers, variant == "frozen", args)
-                print(f"  {label} {variant} {name}: {result.error or result.seconds} "
-                      f"(warm-up {result.first_s}), peak {result.peak_gb:.2f} GB", flush=True)  # fmt: skip
-                raw.append({"size": label, "params": layers * width * width, "width": width, "layers": layers,
-                            "variant": variant, "contender": name, "seconds": result.seconds,
-                            "first_s": result.first_s, "peak_gb": result.peak_gb, "error": result.error})  # fmt: skip
+                print(
+                    f"  {label} {variant} {name}: {result.error or result.seconds} "
+                    f"(warm-up {result.first_s}), peak {result.peak_gb:.2f} GB",
+                    flush=True,
+                )
+                raw.append(
+                    {
+                        "size": label,
+                        "params": layers * width * width,
+                        "width": width,
+                        "layers": layers,
+                        "variant": variant,
+                        "contender": name,
+                        "seconds": result.seconds,
+                        "first_s": result.first_s,
+                        "peak_gb": result.peak_gb,
+                        "error": result.error,
+                    }
+                )
                 if result.error:
                     failures.append((f"{label} {variant} {name}", result))
             rows += variant_rows(f"{label} {variant}", args.fits, results)
@@ -384,8 +470,7 @@ def run_models(args: argparse.Namespace) -> dict[str, Any]:
     print(format_table(rows))
     for what, result in failures:
         print(f"  {what}: {result.error}; its stderr ends:\n{result.stderr_tail}")
-    return {"machine": info, "args": {k: v for k, v in vars(args).items() if k != "func"}, "results": raw,
-            "lora": lora}  # fmt: skip
+    return {"machine": info, "args": {k: v for k, v in vars(args).items() if k != "func"}, "results": raw, "lora": lora}
 
 
 if __name__ == "__main__":

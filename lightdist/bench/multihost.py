@@ -39,8 +39,22 @@ class _Sleeper(DistributedWorker):
 
 
 def _agent(address: str, key: Path, name: str) -> subprocess.Popen[bytes]:
-    argv = [sys.executable, "-m", "lightdist.cli", "agent", "--connect", address, "--key-file", str(key),
-            "--nproc-per-node", "1", "--host-name", name, "--connect-timeout", "60"]  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "lightdist.cli",
+        "agent",
+        "--connect",
+        address,
+        "--key-file",
+        str(key),
+        "--nproc-per-node",
+        "1",
+        "--host-name",
+        name,
+        "--connect-timeout",
+        "60",
+    ]
     return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
@@ -110,15 +124,39 @@ def run_multihost(args: argparse.Namespace) -> dict[str, Any]:
     local = [s for r in rounds for s in r["local"]]
     p50m, p50l = percentile(multi, 50) * 1e6, percentile(local, 50) * 1e6
     rows = [
-        Row("attach 2 hosts x 1 rank (agents running)", f"{med['attach']:.2f} s", f"{med['local_start']:.2f} s",
-            f"{med['attach'] / med['local_start']:.2f}x", "-", "info"),
-        Row("invoke p50 across hosts (tcp+CURVE)", f"{p50m:.0f} us", f"{p50l:.0f} us", f"{p50m / p50l:.2f}x", "-", "info"),
-        Row("invoke p99 across hosts", f"{percentile(multi, 99) * 1e6:.0f} us",
-            f"{percentile(local, 99) * 1e6:.0f} us", "-", "-", "info"),
+        Row(
+            "attach 2 hosts x 1 rank (agents running)",
+            f"{med['attach']:.2f} s",
+            f"{med['local_start']:.2f} s",
+            f"{med['attach'] / med['local_start']:.2f}x",
+            "-",
+            "info",
+        ),
+        Row(
+            "invoke p50 across hosts (tcp+CURVE)",
+            f"{p50m:.0f} us",
+            f"{p50l:.0f} us",
+            f"{p50m / p50l:.2f}x",
+            "-",
+            "info",
+        ),
+        Row(
+            "invoke p99 across hosts",
+            f"{percentile(multi, 99) * 1e6:.0f} us",
+            f"{percentile(local, 99) * 1e6:.0f} us",
+            "-",
+            "-",
+            "info",
+        ),
         Row("crashed host -> WorkerDiedError", f"{med['detect']:.2f} s", "-", "-", "<= 2 s + 0.5 s", "info"),
         Row("crashed host -> next call ok (spare)", f"{med['recover']:.2f} s", "-", "-", "-", "info"),
-    ]  # fmt: skip
-    print(f"2 hosts as local agent processes (loopback), {args.repeats} rounds, {args.calls} calls each; "
-          "baseline: a single-host pool of the same size")  # fmt: skip
+    ]
+    print(
+        f"2 hosts as local agent processes (loopback), {args.repeats} rounds, {args.calls} calls each; "
+        "baseline: a single-host pool of the same size"
+    )
     print(format_table(rows))
-    return {"machine": machine(), "rounds": [{k: v for k, v in r.items() if k not in ("multi", "local")} for r in rounds]}
+    return {
+        "machine": machine(),
+        "rounds": [{k: v for k, v in r.items() if k not in ("multi", "local")} for r in rounds],
+    }

@@ -67,8 +67,12 @@ def _child(mode: str, mb: int, calls: int) -> None:
 def _run_one(mode: str, mb: int, calls: int) -> dict[str, Any]:
     from lightdist.bench.models import TreeSampler
 
-    proc = subprocess.Popen([sys.executable, "-m", "lightdist.bench.payload", "--child", mode, "--mb", str(mb),
-                             "--calls", str(calls)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lightdist.bench.payload", "--child", mode, "--mb", str(mb), "--calls", str(calls)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     sampler = TreeSampler(proc.pid)
     try:
         out, err = proc.communicate(timeout=900)
@@ -101,8 +105,16 @@ def run_payload(args: argparse.Namespace) -> dict[str, Any]:
             ratio, target = f"{median / base_median:.2f}x", "< 1x"
             ok = verdict(median < base_median)
         baseline = "-" if mode == "in-band" or base["error"] else f"{statistics.median(base['seconds']):.3f} (in-band)"
-        rows.append(Row(f"{mode}: call with {args.mb} MB there and back, median (s)", f"{median:.3f}", baseline,
-                        ratio, target, ok))  # fmt: skip
+        rows.append(
+            Row(
+                f"{mode}: call with {args.mb} MB there and back, median (s)",
+                f"{median:.3f}",
+                baseline,
+                ratio,
+                target,
+                ok,
+            )
+        )
         rows.append(Row(f"{mode}: peak PSS of driver + template + ranks (GB)", f"{res['peak_gb']:.2f}"))
     print(format_table(rows))
     return {"machine": info, "mb": args.mb, "results": results}

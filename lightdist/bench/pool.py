@@ -50,7 +50,6 @@ ctx.term()
 """
 
 
-
 class _BenchWorker(DistributedWorker):
     """Under ``invoke`` it does nothing and returns None: what is measured is the pool's overhead.
 
@@ -61,7 +60,7 @@ class _BenchWorker(DistributedWorker):
         if streaming and self.rank == 0:
             for i in range(n):
                 self.add_streaming_result(i)
-        return None
+        return
 
 
 # --- pool start / stop -----------------------------------------------------------------------------
@@ -103,7 +102,6 @@ def measure_start(world_sizes: Sequence[int], repeats: int) -> dict[str, Any]:
             starts[ws].append(started)
             stops[ws].append(stopped)
     return {"cold_start": cold_start, "import_torch": imports, "start": starts, "stop": stops}
-
 
 
 # --- the bare ZMQ floor ----------------------------------------------------------------------------
@@ -166,7 +164,6 @@ class ZmqPeer:
             self._dir.cleanup()
 
 
-
 # --- the pool's calls ------------------------------------------------------------------------------
 
 
@@ -225,7 +222,6 @@ def measure_calls(calls: int, items: int, repeats: int) -> dict[str, Any]:
     return {"floor_rtt_s": floor, "invoke_s": invoke, "floor_one_way_s": one_way, "stream": streams}
 
 
-
 def pool_rows(start: dict[str, Any], calls: dict[str, Any], items: int) -> list[Row]:
     ms = 1e3
     sizes = sorted(start["start"])
@@ -255,21 +251,37 @@ def pool_rows(start: dict[str, Any], calls: dict[str, Any], items: int) -> list[
     floor_rate = statistics.median(items / s for s in calls["floor_one_way_s"])
     lost = sum(items - s["received"] for s in streams)
     ordered = all(s["in_order"] for s in streams)
-    rows.append(Row("stream ws=2 (items/s, median)", f"{rate:,.0f}", f"{floor_rate:,.0f} (zmq 1-way)",
-                    f"{rate / floor_rate:.2f}x", ">= 20,000/s", verdict(rate >= 20_000)))  # fmt: skip
-    rows.append(Row(f"stream items lost / {items * len(streams):,}", f"{lost}{'' if ordered else ', OUT OF ORDER'}",
-                    "-", "-", "0, in order", verdict(lost == 0 and ordered)))  # fmt: skip
+    rows.append(
+        Row(
+            "stream ws=2 (items/s, median)",
+            f"{rate:,.0f}",
+            f"{floor_rate:,.0f} (zmq 1-way)",
+            f"{rate / floor_rate:.2f}x",
+            ">= 20,000/s",
+            verdict(rate >= 20_000),
+        )
+    )
+    rows.append(
+        Row(
+            f"stream items lost / {items * len(streams):,}",
+            f"{lost}{'' if ordered else ', OUT OF ORDER'}",
+            "-",
+            "-",
+            "0, in order",
+            verdict(lost == 0 and ordered),
+        )
+    )
     return rows
-
 
 
 def run_pool(args: argparse.Namespace) -> dict[str, Any]:
     info = machine()
-    print(f"lightdist.bench pool: {info['date']}, Python {info['python']}, torch {info['torch']}, "
-          f"{info['cpus']} CPUs, load {info['loadavg']}", flush=True)  # fmt: skip
+    print(
+        f"lightdist.bench pool: {info['date']}, Python {info['python']}, torch {info['torch']}, "
+        f"{info['cpus']} CPUs, load {info['loadavg']}",
+        flush=True,
+    )
     start = measure_start(args.world_sizes, args.repeats)
     calls = measure_calls(args.calls, args.items, args.repeats)
     print(format_table(pool_rows(start, calls, args.items)))
-    return {"machine": info, "args": {k: v for k, v in vars(args).items() if k != "func"}, "start": start,
-            **calls}  # fmt: skip
-
+    return {"machine": info, "args": {k: v for k, v in vars(args).items() if k != "func"}, "start": start, **calls}

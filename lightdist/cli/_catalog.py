@@ -87,7 +87,9 @@ def find_configs(root: Path | None = None) -> list[ConfigInfo]:
             class_path = ""
         parts = class_path.split(".")
         recipe = parts[1] if len(parts) > 2 and parts[0] == "recipes" else None
-        found.append(ConfigInfo(str(path.relative_to(root).with_suffix("")), path, command, description, expected, recipe))
+        found.append(
+            ConfigInfo(str(path.relative_to(root).with_suffix("")), path, command, description, expected, recipe)
+        )
     return found
 
 

@@ -82,8 +82,9 @@ def explain(error: BaseException) -> str:
         return one_line(config_error)
     text = str(error)
     group = re.match(r'Parser key "([^"]+)":', text)
-    problem = re.search(r"Problem with given class_path '([^']+)':\s*(.*?)(?:\n\s*- Expected a <class 'NoneType'>|$)",
-                        text, re.S)  # fmt: skip
+    problem = re.search(
+        r"Problem with given class_path '([^']+)':\s*(.*?)(?:\n\s*- Expected a <class 'NoneType'>|$)", text, re.S
+    )
     if group is None or problem is None:
         return one_line(error)
     class_path, detail = problem.group(1), one_line(Exception(problem.group(2)))

@@ -156,8 +156,11 @@ def main(argv: list[str]) -> int:
     args = resolve_config_args(rest)
     sweep_dir = Path(known.sweep_dir or _default_dir(args))
     if sweep_dir.exists() and any(sweep_dir.iterdir()):
-        print(f"lightdist sweep: error: --sweep_dir {str(sweep_dir)!r} already holds runs; choose another "
-              "directory or remove it", file=sys.stderr)  # fmt: skip
+        print(
+            f"lightdist sweep: error: --sweep_dir {str(sweep_dir)!r} already holds runs; choose another "
+            "directory or remove it",
+            file=sys.stderr,
+        )
         return 2
     combos = combinations(grid)
     print(f"lightdist sweep: {len(combos)} combinations on one pool; TensorBoard runs in {sweep_dir}", flush=True)
@@ -202,8 +205,14 @@ def _default_dir(args: list[str]) -> str:
 def _write_results(sweep_dir: Path, combos: list[Combination]) -> None:
     sweep_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = [
-        {"run": c.label, "overrides": c.overrides, "metrics": c.metrics, "seconds": round(c.seconds, 3),
-         "error": c.error, "rank_pids": c.rank_pids}  # fmt: skip
+        {
+            "run": c.label,
+            "overrides": c.overrides,
+            "metrics": c.metrics,
+            "seconds": round(c.seconds, 3),
+            "error": c.error,
+            "rank_pids": c.rank_pids,
+        }
         for c in combos
     ]
     tmp = sweep_dir / "results.jsonl.tmp"

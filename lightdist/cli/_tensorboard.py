@@ -58,11 +58,19 @@ def _seconds(text: str) -> float:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Serve a run directory with TensorBoard.")
     parser.add_argument("--logdir", default="runs", help="directory searched for event files (default: runs)")
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 shares it)")
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 shares it)",
+    )
     parser.add_argument("--port", type=_port, default=6006, help="TCP port (default: 6006; 0 picks a free port)")
-    parser.add_argument("--reload_interval", type=_seconds, default=2.0, metavar="SECONDS",
-                        help="reread the logdir this often (default: 2; 0 reads it once)")  # fmt: skip
+    parser.add_argument(
+        "--reload_interval",
+        type=_seconds,
+        default=2.0,
+        metavar="SECONDS",
+        help="reread the logdir this often (default: 2; 0 reads it once)",
+    )
     return parser
 
 
@@ -92,8 +100,10 @@ def main(argv: list[str]) -> int:
     logdir = Path(args.logdir).expanduser().resolve()
     if not logdir.is_dir():
         what = "is not a directory" if logdir.exists() else "does not exist"
-        return _error(f"--logdir {args.logdir!r} {what} (run a config first: lightdist fit --config ...; "
-                      "runs are written under its trainer.default_root_dir)")  # fmt: skip
+        return _error(
+            f"--logdir {args.logdir!r} {what} (run a config first: lightdist fit --config ...; "
+            "runs are written under its trainer.default_root_dir)"
+        )
     if problem := _bind_error(args.host, args.port):
         return _error(problem)
 
@@ -135,8 +145,14 @@ def _serve(args: argparse.Namespace, logdir: Path, stop: threading.Event) -> int
     # with "It may still be running as pid N". Its speed (here 120k scalars: <0.1 s against ~3 s)
     # matters for huge logdirs, not for the scalars of a fit.
     # reload_task="thread" pins what "auto" means in LocalDataIngester.start; "process" would fork.
-    board.configure(logdir=str(logdir), host=args.host, port=args.port, reload_interval=args.reload_interval,
-                    load_fast="false", reload_task="thread")  # fmt: skip
+    board.configure(
+        logdir=str(logdir),
+        host=args.host,
+        port=args.port,
+        reload_interval=args.reload_interval,
+        load_fast="false",
+        reload_task="thread",
+    )
     try:
         url = str(board.launch())
     except program.TensorBoardServerException as exc:  # the port was taken since _bind_error

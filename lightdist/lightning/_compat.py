@@ -104,7 +104,7 @@ __all__ = [
 ]
 
 # Read with getattr: the package sets it at import without listing it as an export.
-LIGHTNING_VERSION: str = str(getattr(lightning.pytorch, "__version__"))
+LIGHTNING_VERSION: str = str(getattr(lightning.pytorch, "__version__"))  # noqa: B009 - see above
 """The installed Lightning's version (``pytorch_lightning``'s, for :mod:`lightdist.pytorch_lightning`)."""
 
 SUPPORTED: tuple[str, str] = (">=2.4", "<2.7")
@@ -178,8 +178,12 @@ def teardown(trainer: pl.Trainer) -> None:
 # --- the driver's Trainer after a call -----------------------------------------------------------
 
 
-def restore_metrics(trainer: pl.Trainer, callback_metrics: dict[str, Any], logged_metrics: dict[str, Any],
-                    progress_bar_metrics: dict[str, Any]) -> None:  # fmt: skip
+def restore_metrics(
+    trainer: pl.Trainer,
+    callback_metrics: dict[str, Any],
+    logged_metrics: dict[str, Any],
+    progress_bar_metrics: dict[str, Any],
+) -> None:
     """Put the ranks' metrics where ``trainer.callback_metrics`` (etc.) read them.
 
     Wraps ``trainer._logger_connector._callback_metrics`` / ``_logged_metrics`` /

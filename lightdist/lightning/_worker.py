@@ -26,8 +26,13 @@ __all__ = ["CancelledByCaller", "TrainerWorker"]
 class TrainerWorker(DistributedWorker):
     """Pool worker for :class:`~lightdist.lightning.PoolStrategy` (one Trainer call per ``invoke``)."""
 
-    def __call__(self, streaming: bool = False, job: tuple[Any, ...] = (), env: dict[str, str | None] | None = None,
-                 flags: dict[str, Any] | None = None) -> dict[str, Any] | None:  # fmt: skip
+    def __call__(
+        self,
+        streaming: bool = False,
+        job: tuple[Any, ...] = (),
+        env: dict[str, str | None] | None = None,
+        flags: dict[str, Any] | None = None,
+    ) -> dict[str, Any] | None:
         _apply_env(env or {})
         _apply_flags(flags or {})
         trainer, function, arguments = job
@@ -88,8 +93,9 @@ class _StopWhenCancelled(Callback):
         if self.batches == 1:
             self.started = time.perf_counter()
         if self.batches == self.CALIBRATION_BATCHES:
-            per_batch = torch.tensor([(time.perf_counter() - self.started) / (self.batches - 1)],
-                                     device=trainer.strategy.root_device)  # fmt: skip
+            per_batch = torch.tensor(
+                [(time.perf_counter() - self.started) / (self.batches - 1)], device=trainer.strategy.root_device
+            )
             dist.all_reduce(per_batch, op=dist.ReduceOp.MAX)
             self.interval = max(1, min(1000, int(self.CHECK_EVERY_S / max(per_batch.item(), 1e-6))))
         if self.batches >= self.CALIBRATION_BATCHES and self.batches % self.interval == 0:
@@ -181,7 +187,10 @@ class _ModelTracker:
         self.sent: dict[str, tuple[int, int]] = {}  # every parameter and buffer from the driver: (cdata, version)
         if cache is None or module is None:
             return
-        for name, tensor in [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]:
+        for name, tensor in [
+            *module.named_parameters(remove_duplicate=False),
+            *module.named_buffers(remove_duplicate=False),
+        ]:
             if cache.key_of(tensor) is not None:
                 self.sent[name] = (tensor.untyped_storage()._cdata, tensor._version)
         for name, tensor in module.state_dict(keep_vars=True).items():
@@ -240,9 +249,9 @@ def _gather_predictions(trainer: Any, results: Any, rank: int) -> Any:
 
     A DistributedSampler gives rank r the samples r, r + world_size, ... (padded with repeats), so
     rank 0's batches alone are neither complete nor in order. Lightning records each batch's
-    dataset indices (:func:`~lightdist.lightning._compat.seen_batch_indices`); with them every output is split per sample,
-    duplicates from padding are dropped, and the samples are re-batched in dataset order, which is
-    what a single-process ``predict`` returns.
+    dataset indices (:func:`~lightdist.lightning._compat.seen_batch_indices`); with them every
+    output is split per sample, duplicates from padding are dropped, and the samples are re-batched
+    in dataset order, which is what a single-process ``predict`` returns.
     """
     import torch.distributed as dist
 
@@ -255,8 +264,9 @@ def _gather_predictions(trainer: Any, results: Any, rank: int) -> Any:
         return None
     merged = []
     for d, loader in enumerate(loaders):
-        batches = [(idx, out) for rank_indices, rank_outputs in gathered
-                   for idx, out in zip(rank_indices[d], rank_outputs[d])]  # fmt: skip
+        batches = [
+            (idx, out) for rank_indices, rank_outputs in gathered for idx, out in zip(rank_indices[d], rank_outputs[d])
+        ]
         # Lightning rebuilds the loader around a batch sampler, so its own batch_size is None.
         batch_size = getattr(loader.batch_sampler, "batch_size", None) or loader.batch_size or 1
         merged.append(_in_dataset_order(batches, batch_size))

@@ -68,22 +68,32 @@ class EventStreamer(Callback):
         self._send(event="start", fn="fit", max_epochs=trainer.max_epochs, max_steps=trainer.max_steps)
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
-        self._send(event="epoch_start", epoch=trainer.current_epoch,
-                   num_training_batches=_count(trainer.num_training_batches))  # fmt: skip
+        self._send(
+            event="epoch_start", epoch=trainer.current_epoch, num_training_batches=_count(trainer.num_training_batches)
+        )
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         metrics = _floats({**trainer.logged_metrics, **trainer.progress_bar_metrics})
-        self._send(event="train_batch", step=trainer.global_step, epoch=trainer.current_epoch, batch=batch_idx,
-                   metrics=metrics)  # fmt: skip
+        self._send(
+            event="train_batch", step=trainer.global_step, epoch=trainer.current_epoch, batch=batch_idx, metrics=metrics
+        )
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
         if not trainer.sanity_checking:
-            self._send(event="validation", step=trainer.global_step, epoch=trainer.current_epoch,
-                       metrics=_floats(trainer.callback_metrics))  # fmt: skip
+            self._send(
+                event="validation",
+                step=trainer.global_step,
+                epoch=trainer.current_epoch,
+                metrics=_floats(trainer.callback_metrics),
+            )
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        self._send(event="epoch_end", epoch=trainer.current_epoch, step=trainer.global_step,
-                   metrics=_floats(trainer.callback_metrics))  # fmt: skip
+        self._send(
+            event="epoch_end",
+            epoch=trainer.current_epoch,
+            step=trainer.global_step,
+            metrics=_floats(trainer.callback_metrics),
+        )
 
 
 class DriverProgressBar:
@@ -110,8 +120,13 @@ class DriverProgressBar:
         if self.rich:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                TimeElapsedColumn(), TextColumn("{task.fields[metrics]}"))  # fmt: skip
+            self.bar = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("{task.fields[metrics]}"),
+            )
             self.bar.start()
             self.task = self.bar.add_task(description, total=total, metrics="")
         else:

@@ -84,8 +84,10 @@ class _PoolLauncher(_compat.Launcher):
                     if fn != "fit" or restarts >= self._strategy.max_restarts:
                         raise
                     restarts += 1
-                    rank_zero_warn(f"{exc}: resuming the fit from its last checkpoint on the recovered pool "
-                                   f"(restart {restarts} of {self._strategy.max_restarts})")  # fmt: skip
+                    rank_zero_warn(
+                        f"{exc}: resuming the fit from its last checkpoint on the recovered pool "
+                        f"(restart {restarts} of {self._strategy.max_restarts})"
+                    )
                     arguments = _compat.resume_fit_from(arguments, "last")
             outcome["interrupted"] = interrupted
         except BaseException as exc:

@@ -130,8 +130,9 @@ class PoolStrategy(DDPStrategy):
                     # The ranks preload the Lightning package this strategy belongs to (lightning or
                     # pytorch_lightning, see lightdist.pytorch_lightning), so a fit pays no import.
                     package = DDPStrategy.__module__.split(".")[0]
-                    runner = DistributedRunner(TrainerWorker, world_size=key[0], accelerator=accelerator,
-                                               preload=(package,))  # fmt: skip
+                    runner = DistributedRunner(
+                        TrainerWorker, world_size=key[0], accelerator=accelerator, preload=(package,)
+                    )
                     _pools[key] = runner
             self._runner = runner
         if not self._runner.is_alive():
@@ -168,8 +169,9 @@ class PoolStrategy(DDPStrategy):
         if "init_sync" not in ddp_kwargs and unchanged is not None and unchanged(model):
             from torch.nn.parallel import DistributedDataParallel
 
-            return DistributedDataParallel(module=model, device_ids=self.determine_ddp_device_ids(), init_sync=False,
-                                           **ddp_kwargs)  # fmt: skip
+            return DistributedDataParallel(
+                module=model, device_ids=self.determine_ddp_device_ids(), init_sync=False, **ddp_kwargs
+            )
         return super()._setup_model(model)
 
     @override

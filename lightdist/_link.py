@@ -16,6 +16,7 @@ from typing import Any
 
 import zmq
 
+from lightdist.errors import PayloadError
 from lightdist.protocol import Kind, Message
 from lightdist.transport import Channel, Waker
 
@@ -33,8 +34,9 @@ class Link:
     receives, so CANCEL sets ``cancel_event`` and PING is answered even while ``__call__`` is busy.
     """
 
-    def __init__(self, channel: Channel) -> None:
+    def __init__(self, channel: Channel, max_frame_bytes: int | None = None) -> None:
         self.channel = channel
+        self.max_frame_bytes = max_frame_bytes  # the driver disconnects a peer that sends larger frames
         self.inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
         self.cancel_event = threading.Event()
         self.current_call = 0
@@ -51,7 +53,18 @@ class Link:
         self._thread.start()
 
     def send(self, kind: Kind, call: int = 0, payload: list[bytes] | None = None, bulk: Sequence[Any] = ()) -> None:
-        """Sign and send now; any thread."""
+        """Sign and send now; any thread. A frame over the driver's limit raises ``PayloadError``
+        here: sent, it would get this rank disconnected and its call would never end."""
+        cap = self.max_frame_bytes
+        if cap is not None:
+            for frame in [*(payload or ()), *bulk]:
+                size = memoryview(frame).nbytes
+                if size > cap:
+                    raise PayloadError(
+                        f"a {kind.name} frame of {size} bytes exceeds the pool's max_frame_bytes ({cap}); "
+                        "return or stream less at once, use tensors (they travel out of band), or raise "
+                        "max_frame_bytes (a TCP channel without key_file is capped at 256 MiB by default)"
+                    )
         self.channel.send(kind, call, payload or (), bulk=bulk)
 
     def next_command(self) -> Message | None:

@@ -82,6 +82,7 @@ class RankBoot:
     shm_probe: tuple[int, int] | None = None  # (pid, fd) of the driver's probe memfd, on one host
     node_rank: int = 0  # the host's index in a pool across hosts
     curve: Any = None  # an agent's client keys: its ranks connect with them
+    max_frame_bytes: int | None = None  # the driver refuses larger frames: check before sending
 
 
 def encode_spawn(boot: RankBoot) -> bytes:

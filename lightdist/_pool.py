@@ -91,6 +91,7 @@ class PoolConfig:
     host_timeout: float = HOST_TIMEOUT_S  # silence after which an attached host is lost (see _attach.timings)
     curve: Any = None  # DriverKeys: CURVE server keys and client allow-list for a TCP channel
     tensor_transport: str = "auto"  # "auto": shared memory on one host, frames across hosts; "frames"
+    max_frame_bytes: int | None = None  # the command socket's inbound frame limit (None: none)
 
 
 @dataclass
@@ -166,7 +167,9 @@ class Pool:
         if config.nodes is not None:
             self.session.newcomer_prefix = AGENT_PREFIX  # agents introduce themselves (HELLO)
         try:
-            self.channel, self.address = Channel.bind_router(self._context, address, self.session, curve=config.curve)
+            self.channel, self.address = Channel.bind_router(
+                self._context, address, self.session, curve=config.curve, max_frame_bytes=config.max_frame_bytes
+            )
         except BaseException:
             if self._auth is not None:
                 self._auth.stop()
@@ -280,6 +283,7 @@ class Pool:
             sys_path=cfg.sys_path,
             argv=tuple(sys.argv),
             shm_probe=probe,
+            max_frame_bytes=cfg.max_frame_bytes,
         )
 
     def _spawn_ranks(self, ranks: list[int]) -> None:
@@ -875,7 +879,12 @@ class Pool:
     def close(self, timeout: float) -> None:
         """EXIT → ``timeout`` → SIGTERM → grace → SIGKILL; then release sockets, store and files."""
         with self._lock:
+            if self.state in (PoolState.STOPPING, PoolState.CLOSED):
+                return  # idempotent: a second close (stop() racing an aborted start) has nothing to do
             was_ready = self.state is PoolState.READY
+            if self.state is PoolState.STARTING:
+                # A start() still waiting for READYs hears of it now, not at its timeout.
+                self.startup.push(Event(ERROR, PoolClosedError("the pool was stopped while it started")))
             if self.state is PoolState.RECOVERING:
                 # Survivors re-joining the group wait for peers that may never come (a lost host):
                 # they cannot see EXIT until then, so waiting the full timeout would only delay stop.
@@ -918,6 +927,9 @@ class Pool:
 
     def kill(self) -> None:
         """Immediate teardown (failed start, interpreter exit): no EXIT, no grace."""
+        with self._lock:
+            if self.state in (PoolState.STOPPING, PoolState.CLOSED):
+                return  # closed already, or closing on another thread
         for host in self.placement.hosts():
             host.signal_ranks(signal.SIGKILL)
         self.close(timeout=0.0)

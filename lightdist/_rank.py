@@ -27,6 +27,7 @@ from lightdist._link import Link
 from lightdist._messages import DRIVER_SENDER, RankBoot
 from lightdist._resident import RankCache
 from lightdist._shm import trim_heap
+from lightdist.errors import PayloadError
 from lightdist.protocol import Kind, Message, Session
 from lightdist.transport import Channel
 from lightdist.worker import DistributedWorker
@@ -45,7 +46,7 @@ def rank_main(boot: RankBoot, template_pid: int) -> int:
     session = Session(boot.key, sender=boot.sender, rank=boot.rank)
     session.accept_from(DRIVER_SENDER, after_seq=boot.driver_seq)
     channel = Channel.connect_dealer(context, boot.address, boot.sender.encode(), session, curve=boot.curve)
-    link = Link(channel)
+    link = Link(channel, boot.max_frame_bytes)
     link.start()
     try:
         worker, boot = _build_worker(boot, link)
@@ -254,14 +255,19 @@ def _run_call(worker: DistributedWorker, link: Link, msg: Message, cache: RankCa
         return []
     worker._resident = None
     link.end_call()
-    if not dropped and not outbound.manifest["records"]:
-        # The usual small reply (no tensor, nothing dropped): its data frame alone says so.
-        link.send(Kind.RESULT, call_id, [outbound.data])
+    try:
+        if not dropped and not outbound.manifest["records"]:
+            # The usual small reply (no tensor, nothing dropped): its data frame alone says so.
+            link.send(Kind.RESULT, call_id, [outbound.data])
+            return []
+        reply = [messages.encode_result_meta(dropped, outbound.manifest), outbound.data]
+        if outbound.buffers:
+            reply.append(protocol.bulk_digests(outbound.buffers))  # hashed here, outside any lock
+        link.send(Kind.RESULT, call_id, reply, bulk=outbound.buffers)
+    except PayloadError as exc:  # over the channel's frame limit: the caller hears why
+        outbound.release()
+        link.send(Kind.ERROR, call_id, [messages.encode_error(exc)])
         return []
-    reply = [messages.encode_result_meta(dropped, outbound.manifest), outbound.data]
-    if outbound.buffers:
-        reply.append(protocol.bulk_digests(outbound.buffers))  # hashed here, outside any lock
-    link.send(Kind.RESULT, call_id, reply, bulk=outbound.buffers)
     return [outbound]
 
 

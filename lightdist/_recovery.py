@@ -13,11 +13,20 @@ return what the pool must do (a :class:`Rebuild`), and the pool does it, under i
 from __future__ import annotations
 
 import dataclasses
+import secrets
 import time
 
-__all__ = ["MAX_RECOVERY_RESTARTS", "Rebuild", "Recovery"]
+__all__ = ["MAX_RECOVERY_RESTARTS", "Rebuild", "Recovery", "store_prefix"]
 
 MAX_RECOVERY_RESTARTS = 3  # ranks dying again while recovery restarts them: give up after this many
+
+
+def store_prefix(generation: int) -> str:
+    """The store namespace of one process-group generation. The TCPStore has no authentication: any
+    local user can connect to it. A prefix it cannot guess (128 random bits, sent to the ranks only
+    in signed messages) keeps such a client from reading the ranks' addresses or pre-writing the
+    keys of the next generation, which broke recovery when the prefix was ``pg<generation>``."""
+    return f"pg{generation}.{secrets.token_hex(16)}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +48,7 @@ class Recovery:
         self.world_size = world_size
         self.timeout = timeout  # an episode not done by then breaks the pool (the start() timeout)
         self.generation = 0  # of the process group; REBUILT replies name the one they joined
-        self.store_prefix = "pg0"
+        self.store_prefix = store_prefix(0)
         self.dead: set[int] = set()  # ranks lost since the last recovery (died or killed)
         self.pending: set[int] = set()  # ranks that have not reported back in this episode
         self.deadline: float | None = None
@@ -65,7 +74,7 @@ class Recovery:
             self._restarts = 0
         self.count += 1
         self.generation += 1
-        self.store_prefix = f"pg{self.generation}"
+        self.store_prefix = store_prefix(self.generation)
         self._started = time.monotonic()
         self.deadline = self._started + self.timeout
         self.pending = set(range(self.world_size))

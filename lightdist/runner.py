@@ -35,6 +35,7 @@ from lightdist.worker import DistributedWorker
 __all__ = ["DistributedRunner"]
 
 _live_runners: weakref.WeakSet[DistributedRunner] = weakref.WeakSet()
+DEFAULT_TCP_FRAME_CAP = 256 << 20  # frames on a TCP channel without CURVE (see max_frame_bytes)
 
 
 class DistributedRunner:
@@ -86,6 +87,12 @@ class DistributedRunner:
             ``"auto"``: through shared memory between the processes of one host (ranks share one
             copy of tensors they do not train), as signed ZMQ frames across hosts; ``"frames"``:
             always as frames. See docs/architecture.md, "Tensors".
+        max_frame_bytes: the largest frame the driver's command socket accepts; a peer that sends a
+            larger one is disconnected before its bytes are read, and a rank whose result or stream
+            item would exceed it gets an error instead. None: 256 MiB on a TCP channel without CURVE
+            (``worker_port`` without ``key_file``: anyone who can reach the port can send), no limit
+            on the private ipc socket or with CURVE (peers must authenticate before sending).
+            Tensors never count: they travel out of band on one host.
     """
 
     def __init__(
@@ -112,6 +119,7 @@ class DistributedRunner:
         key_file: str | os.PathLike[str] | None = None,
         host_timeout: float = HOST_TIMEOUT_S,
         tensor_transport: str = "auto",
+        max_frame_bytes: int | None = None,
     ) -> None:
         _check_worker_cls(worker_cls)
         _check_world_size(world_size)
@@ -134,6 +142,9 @@ class DistributedRunner:
             _check_attach(nodes, listen, key_file, world_size)
         if isinstance(host_timeout, bool) or not isinstance(host_timeout, (int, float)) or host_timeout < 0.2:
             raise ValueError(f"host_timeout must be a number of seconds >= 0.2, got {host_timeout!r}")
+        if max_frame_bytes is not None and (isinstance(max_frame_bytes, bool) or not isinstance(max_frame_bytes, int)
+                                            or max_frame_bytes < 1 << 16):  # fmt: skip
+            raise ValueError(f"max_frame_bytes must be an int of at least 65536, got {max_frame_bytes!r}")
         if tensor_transport not in ("auto", "frames"):
             raise ValueError(f"tensor_transport must be 'auto' or 'frames', got {tensor_transport!r}")
         if set_device is not None:
@@ -159,6 +170,7 @@ class DistributedRunner:
         self.listen = listen
         self.key_file = key_file
         self.tensor_transport = tensor_transport
+        self.max_frame_bytes = max_frame_bytes
         self._pool: Pool | None = None
         self._lifecycle = threading.Lock()  # start/stop never overlap
 
@@ -263,6 +275,7 @@ class DistributedRunner:
                 host_timeout=self.host_timeout,
                 curve=self._driver_keys(),
                 tensor_transport=self.tensor_transport,
+                max_frame_bytes=self._frame_cap(),
             )
             pool = Pool(config)
             self._pool = pool
@@ -285,6 +298,23 @@ class DistributedRunner:
             _, warning = choose_device(gpus, self.world_size, self.accelerator)
             if warning is not None:
                 warnings.warn(warning, stacklevel=4)
+
+    def _frame_cap(self) -> int | None:
+        """The command socket's frame limit; warns about a TCP channel that anyone can write to."""
+        if self.max_frame_bytes is not None:
+            return self.max_frame_bytes
+        address = self._worker_address()
+        if address is None or self.key_file is not None:
+            return None  # ipc in a 0700 directory, or CURVE: only authenticated peers send
+        warnings.warn(
+            f"the pool's command channel {address} runs without CURVE: anyone who can reach it can send "
+            "frames (each capped at max_frame_bytes) before the HMAC check drops them; pass key_file= "
+            "(lightdist keys create DIR) to require authentication, or drop worker_port to use a private "
+            "ipc socket",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        return DEFAULT_TCP_FRAME_CAP
 
     def _worker_address(self) -> str | None:
         if self.listen is not None:

@@ -137,12 +137,20 @@ class Channel:
 
     @classmethod
     def bind_router(
-        cls, context: zmq.Context[zmq.Socket[bytes]], address: str, session: Session, curve: Any = None
+        cls,
+        context: zmq.Context[zmq.Socket[bytes]],
+        address: str,
+        session: Session,
+        curve: Any = None,
+        max_frame_bytes: int | None = None,
     ) -> tuple[Channel, str]:
         """``curve``: the driver's :class:`~lightdist.keys.DriverKeys` (a TCP pool); the context must
-        already have its allow-list authenticator."""
+        already have its allow-list authenticator. ``max_frame_bytes``: a peer announcing a larger
+        frame is disconnected by ZMQ before the frame is read (nothing is allocated for it)."""
         sock = context.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
+        if max_frame_bytes is not None:
+            sock.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes)
         if curve is not None:
             from lightdist.keys import secure_server
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -72,6 +72,7 @@ class PendingCall:
     resident_serial: int | None = None  # a resident call: its serial in the pool's ResidentSet
     taken: set[int] = field(default_factory=set)  # ranks that sent TAKEN
     dropped: set[int] = field(default_factory=set)  # resident keys some rank dropped (see RankCache.end)
+    on_consumed: Callable[[int], None] | None = None  # the consumer took an item of this many bytes
 
     def __post_init__(self) -> None:
         self._events: collections.deque[Event] = collections.deque()
@@ -97,7 +98,14 @@ class PendingCall:
 
     def pop_nowait(self) -> Event | None:
         with self._cond:
-            return self._events.popleft() if self._events else None
+            event = self._events.popleft() if self._events else None
+        return self._consumed(event) if event is not None else None
+
+    def _consumed(self, event: Event) -> Event:
+        """An item left the buffer: tell the producer it has room (see ``Pool._credit``)."""
+        if event.kind == ITEM and self.on_consumed is not None:
+            self.on_consumed(len(event.value))
+        return event
 
     def next(self, deadline: float | None) -> Event:
         """The next event; blocks (interruptible by Ctrl-C) until ``deadline``, then TimeoutError."""
@@ -107,15 +115,19 @@ class PendingCall:
                 if left == 0:
                     raise TimeoutError
                 self._cond.wait(left)
-            return self._events.popleft()
+            event = self._events.popleft()
+        return self._consumed(event)
 
     async def anext(self, deadline: float | None) -> Event:
         """Like :meth:`next` without blocking the running event loop."""
         loop = asyncio.get_running_loop()
         while True:
+            event = self.pop_nowait()
+            if event is not None:
+                return event
             with self._cond:
                 if self._events:
-                    return self._events.popleft()
+                    continue  # pushed between the two looks: take it
                 fut: asyncio.Future[None] = loop.create_future()
                 self._waiter = (loop, fut)
             try:

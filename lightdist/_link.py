@@ -16,6 +16,7 @@ from typing import Any
 
 import zmq
 
+from lightdist._messages import decode_credit
 from lightdist.errors import PayloadError
 from lightdist.protocol import Kind, Message
 from lightdist.transport import Channel, Waker
@@ -23,6 +24,46 @@ from lightdist.transport import Channel, Waker
 __all__ = ["Link"]
 
 _FINAL_LINGER_MS = 2000  # the last FAILED/EXIT reply must reach the driver before the socket closes
+
+
+class StreamWindow:
+    """Rank 0's flow control for one streaming call: at most ``items`` items and ``nbytes`` bytes
+    the caller has not consumed yet. The driver returns credit as its consumer reads (CREDIT), so a
+    slow consumer slows the producer instead of filling the driver's memory. Nothing is dropped."""
+
+    def __init__(self, items: int, nbytes: int) -> None:
+        self.max_items = items
+        self.max_bytes = nbytes
+        self._cond = threading.Condition()
+        self._items = 0  # sent and not yet credited
+        self._bytes = 0
+
+    def reset(self) -> None:
+        with self._cond:
+            self._items = self._bytes = 0
+            self._cond.notify_all()
+
+    def reserve(self, nbytes: int, cancelled: threading.Event) -> bool:
+        """Wait for room for one item of ``nbytes`` (an item larger than the window goes alone);
+        False if the call was cancelled meanwhile (its items would be discarded anyway)."""
+        with self._cond:
+            while self._items and (self._items >= self.max_items or self._bytes + nbytes > self.max_bytes):
+                if cancelled.is_set():
+                    return False
+                self._cond.wait(0.25)  # CANCEL also notifies; the timeout is a safety net
+            self._items += 1
+            self._bytes += nbytes
+            return True
+
+    def credit(self, items: int, nbytes: int) -> None:
+        with self._cond:
+            self._items = max(0, self._items - items)
+            self._bytes = max(0, self._bytes - nbytes)
+            self._cond.notify_all()
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
 
 
 class Link:
@@ -34,8 +75,11 @@ class Link:
     receives, so CANCEL sets ``cancel_event`` and PING is answered even while ``__call__`` is busy.
     """
 
-    def __init__(self, channel: Channel, max_frame_bytes: int | None = None) -> None:
+    def __init__(
+        self, channel: Channel, max_frame_bytes: int | None = None, stream_window: tuple[int, int] = (1024, 64 << 20)
+    ) -> None:
         self.channel = channel
+        self.window = StreamWindow(*stream_window)
         self.max_frame_bytes = max_frame_bytes  # the driver disconnects a peer that sends larger frames
         self.inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
         self.cancel_event = threading.Event()
@@ -86,6 +130,7 @@ class Link:
 
     def begin_call(self, call: int, streaming: bool) -> None:
         self.cancel_event.clear()
+        self.window.reset()
         self.streaming = streaming
         self.current_call = call
         if call in self._cancelled:
@@ -132,6 +177,10 @@ class Link:
             self._cancelled.add(msg.header.call)
             if msg.header.call == self.current_call:
                 self.cancel_event.set()
+                self.window.wake()  # a producer waiting for credit gives up
+        elif kind is Kind.CREDIT:
+            if msg.header.call == self.current_call:
+                self.window.credit(*decode_credit(msg.payload[0]))
         elif kind is Kind.PING:
             self.channel.send(Kind.PONG, msg.header.call)
         elif kind in (Kind.CALL, Kind.EXIT, Kind.REBUILD):

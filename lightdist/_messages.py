@@ -14,6 +14,7 @@ import dataclasses
 import json
 import os
 import pickle
+import struct
 import sys
 import traceback
 from typing import Any
@@ -83,6 +84,7 @@ class RankBoot:
     node_rank: int = 0  # the host's index in a pool across hosts
     curve: Any = None  # an agent's client keys: its ranks connect with them
     max_frame_bytes: int | None = None  # the driver refuses larger frames: check before sending
+    stream_window: tuple[int, int] = (1024, 64 << 20)  # stream items, bytes unconsumed by the caller
 
 
 def encode_spawn(boot: RankBoot) -> bytes:
@@ -203,6 +205,19 @@ def encode_envelope(streaming: bool, cwd: str | None, manifest: dict[str, Any], 
 
 def decode_envelope(payload: bytes) -> dict[str, Any]:
     return dict(pickle.loads(payload))
+
+
+# --- CREDIT: stream items the caller consumed (flow control) ---------------------------------------
+_CREDIT = struct.Struct("!QQ")
+
+
+def encode_credit(items: int, nbytes: int) -> bytes:
+    return _CREDIT.pack(items, nbytes)
+
+
+def decode_credit(payload: bytes) -> tuple[int, int]:
+    items, nbytes = _CREDIT.unpack(payload)
+    return int(items), int(nbytes)
 
 
 # --- RESULT: the reply's meta frame ------------------------------------------------------------------

@@ -92,6 +92,7 @@ class PoolConfig:
     curve: Any = None  # DriverKeys: CURVE server keys and client allow-list for a TCP channel
     tensor_transport: str = "auto"  # "auto": shared memory on one host, frames across hosts; "frames"
     max_frame_bytes: int | None = None  # the command socket's inbound frame limit (None: none)
+    stream_window: tuple[int, int] = (1024, 64 << 20)  # stream items / bytes a caller may leave unread
 
 
 @dataclass
@@ -284,6 +285,7 @@ class Pool:
             argv=tuple(sys.argv),
             shm_probe=probe,
             max_frame_bytes=cfg.max_frame_bytes,
+            stream_window=cfg.stream_window,
         )
 
     def _spawn_ranks(self, ranks: list[int]) -> None:
@@ -356,6 +358,9 @@ class Pool:
             outbound=outbound,
             resident_serial=resident_serial,
         )
+        if streaming:
+            credit = _Credit(self, call)
+            call.on_consumed = credit.consumed
         if outbound is not None:
             self.transfers.sent(outbound, len(frames[1]))
         with self._lock:
@@ -964,6 +969,33 @@ class Pool:
                 rejected_messages=self.channel.rejected,
                 refused_clients=0 if self._auth is None else int(self._auth.denied),
             )
+
+
+class _Credit:
+    """The driver's half of stream flow control for one call: count what the consumer took and
+    return it to rank 0 as CREDIT in batches (a quarter window at a time, so one message per many
+    items), which lets rank 0's ``add_streaming_result`` go on (see ``_link.StreamWindow``)."""
+
+    def __init__(self, pool: Pool, call: PendingCall) -> None:
+        self.pool = pool
+        self.call = call
+        max_items, max_bytes = pool.config.stream_window
+        self.batch_items = max(1, max_items // 4)
+        self.batch_bytes = max(1, max_bytes // 4)
+        self.items = 0
+        self.bytes = 0
+
+    def consumed(self, nbytes: int) -> None:  # the consumer's thread
+        self.items += 1
+        self.bytes += nbytes
+        if self.items < self.batch_items and self.bytes < self.batch_bytes:
+            return
+        items, self.items, nbytes, self.bytes = self.items, 0, self.bytes, 0
+        pool = self.pool
+        with pool._lock:
+            call = self.call
+            if call is pool.current and not call.finished.is_set() and 0 in call.pending:
+                pool._send_to(Kind.CREDIT, call.id, [messages.encode_credit(items, nbytes)], {0})
 
 
 def _listen(host: str, port: int) -> socket.socket:

@@ -46,7 +46,7 @@ def rank_main(boot: RankBoot, template_pid: int) -> int:
     session = Session(boot.key, sender=boot.sender, rank=boot.rank)
     session.accept_from(DRIVER_SENDER, after_seq=boot.driver_seq)
     channel = Channel.connect_dealer(context, boot.address, boot.sender.encode(), session, curve=boot.curve)
-    link = Link(channel, boot.max_frame_bytes)
+    link = Link(channel, boot.max_frame_bytes, boot.stream_window)
     link.start()
     try:
         worker, boot = _build_worker(boot, link)

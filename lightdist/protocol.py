@@ -61,8 +61,8 @@ _DIGEST = hashlib.sha256().digest_size
 
 
 class Kind(enum.IntEnum):
-    """Message kinds. Driver → worker: CALL, CANCEL, PING, EXIT, REBUILD. Worker → driver: READY to
-    REBUILT, and TAKEN. HELLO to FENCED are between the driver and the agent of a host (a multi-host pool); the
+    """Message kinds. Driver → worker: CALL, CANCEL, PING, EXIT, REBUILD, CREDIT. Worker → driver:
+    READY to REBUILT, and TAKEN. HELLO to FENCED are between the driver and the agent of a host (a multi-host pool); the
     header's call field carries the agent's generation there."""
 
     READY = 1  # setup finished on this rank; payload: what this rank can reach out of band (pickled)
@@ -84,6 +84,7 @@ class Kind(enum.IntEnum):
     KILL = 17  # driver: signal these ranks; payload: JSON {"ranks": [...], "signal": n}
     FENCED = 18  # driver: your generation is over (you were declared lost); kill your ranks and exit
     TAKEN = 19  # worker: this call's out-of-band storages are mapped or copied (the driver may free them)
+    CREDIT = 20  # driver → rank 0: the caller consumed this many stream items and bytes; payload: 16 bytes
 
 
 _KINDS = {int(k): k for k in Kind}

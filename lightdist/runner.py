@@ -93,6 +93,10 @@ class DistributedRunner:
             (``worker_port`` without ``key_file``: anyone who can reach the port can send), no limit
             on the private ipc socket or with CURVE (peers must authenticate before sending).
             Tensors never count: they travel out of band on one host.
+        stream_buffer_items, stream_buffer_bytes: how much of a stream the caller may leave unread
+            (1024 items, 64 MiB). Past that, rank 0's ``add_streaming_result`` waits until the
+            caller reads on, so a slow consumer (an SSE client on a slow link) slows the producer
+            instead of filling the driver's memory; no item is ever dropped.
     """
 
     def __init__(
@@ -120,6 +124,8 @@ class DistributedRunner:
         host_timeout: float = HOST_TIMEOUT_S,
         tensor_transport: str = "auto",
         max_frame_bytes: int | None = None,
+        stream_buffer_items: int = 1024,
+        stream_buffer_bytes: int = 64 << 20,
     ) -> None:
         _check_worker_cls(worker_cls)
         _check_world_size(world_size)
@@ -145,6 +151,9 @@ class DistributedRunner:
         if max_frame_bytes is not None and (isinstance(max_frame_bytes, bool) or not isinstance(max_frame_bytes, int)
                                             or max_frame_bytes < 1 << 16):  # fmt: skip
             raise ValueError(f"max_frame_bytes must be an int of at least 65536, got {max_frame_bytes!r}")
+        for name, value in (("stream_buffer_items", stream_buffer_items), ("stream_buffer_bytes", stream_buffer_bytes)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
         if tensor_transport not in ("auto", "frames"):
             raise ValueError(f"tensor_transport must be 'auto' or 'frames', got {tensor_transport!r}")
         if set_device is not None:
@@ -171,6 +180,7 @@ class DistributedRunner:
         self.key_file = key_file
         self.tensor_transport = tensor_transport
         self.max_frame_bytes = max_frame_bytes
+        self.stream_window = (stream_buffer_items, stream_buffer_bytes)
         self._pool: Pool | None = None
         self._lifecycle = threading.Lock()  # start/stop never overlap
 
@@ -276,6 +286,7 @@ class DistributedRunner:
                 curve=self._driver_keys(),
                 tensor_transport=self.tensor_transport,
                 max_frame_bytes=self._frame_cap(),
+                stream_window=self.stream_window,
             )
             pool = Pool(config)
             self._pool = pool

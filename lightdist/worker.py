@@ -109,6 +109,10 @@ class DistributedWorker:
     def add_streaming_result(self, result: Any, image_format: str = "jpeg", as_text_event: bool = False) -> None:
         """Send ``result`` to the caller of ``stream()`` now, in order, without loss.
 
+        Blocks while the caller has ``stream_buffer_items`` items or ``stream_buffer_bytes`` bytes
+        of this call unread (runner settings), so a slow consumer slows the producer instead of
+        filling the driver's memory; returns at once, sending nothing, once the call is cancelled.
+
         Safe from any thread of this rank while a call runs. Only rank 0's items reach the caller;
         on other ranks the item is ignored (with a one-time warning per call). ``image_format`` is used
         for PIL images when the caller asked for text events. ``as_text_event`` is accepted for
@@ -150,7 +154,9 @@ class DistributedWorker:
                 f"stream item ({type(result).__qualname__}) cannot be pickled: {exc}; "
                 "stream plain data, tensors, arrays or PIL images"
             ) from exc
-        link.send(Kind.STREAM_ITEM, call, [data])
+        # Backpressure: wait while the caller has too much unread (see _link.StreamWindow).
+        if link.window.reserve(len(data), link.cancel_event) and link.current_call == call:
+            link.send(Kind.STREAM_ITEM, call, [data])
 
     def rank_print(self, message: str, debug: bool = False) -> None:
         """Print ``message`` on this rank; the driver shows it prefixed with ``[rank N]``."""

@@ -174,3 +174,52 @@ def test_a_result_or_item_over_the_frame_limit_is_an_error_not_a_hang() -> None:
         assert runner.stats().recoveries == 0
     finally:
         runner.stop_sync()
+
+
+# --- streams have backpressure ----------------------------------------------------------------------
+
+
+class Firehose(DistributedWorker):
+    def __call__(self, streaming: bool = False, n: int = 0, size: int = 1 << 20) -> int:
+        if self.rank == 0:
+            for i in range(n):
+                self.add_streaming_result(i.to_bytes(8, "little") + b"\0" * size)
+        return n
+
+
+def test_a_slow_consumer_slows_the_producer_and_loses_nothing() -> None:
+    """Rank 0 streams 1 MB items as fast as it can; the consumer reads one every 20 ms. The driver
+    holds at most the stream window (here 8 MiB) of unread items, not the whole stream, and every
+    item arrives, in order."""
+    runner = DistributedRunner(Firehose, world_size=2, stream_buffer_bytes=8 << 20)
+    runner.start_sync(timeout=120)
+    try:
+        n = 300  # 300 MB in all
+        _reset_peak()
+        before = _peak_rss_mb()
+        seen = []
+        for item in runner.stream_sync({"n": n}, timeout=120):
+            if isinstance(item, bytes):
+                seen.append(int.from_bytes(item[:8], "little"))
+                time.sleep(0.02)
+            else:
+                assert item == n  # the final result
+        grown = _peak_rss_mb() - before
+        assert seen == list(range(n)), "items lost or out of order"
+        assert grown < 100, f"the driver buffered the stream: peak RSS +{grown:.0f} MB"
+    finally:
+        runner.stop_sync()
+
+
+def test_a_cancelled_stream_unblocks_a_producer_waiting_for_room() -> None:
+    runner = DistributedRunner(Firehose, world_size=2, stream_buffer_items=4)
+    runner.start_sync(timeout=120)
+    try:
+        stream = runner.stream_sync({"n": 10_000, "size": 10}, timeout=60)
+        assert int.from_bytes(next(stream)[:8], "little") == 0
+        time.sleep(0.3)  # rank 0 now waits for credit
+        stream.close()  # leaving the stream cancels the call
+        assert runner.invoke_sync({"n": 0}, timeout=30) == 0  # the producer gave up: the pool is free
+        assert runner.stats().recoveries == 0
+    finally:
+        runner.stop_sync()

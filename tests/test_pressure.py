@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -221,5 +222,89 @@ def test_a_cancelled_stream_unblocks_a_producer_waiting_for_room() -> None:
         stream.close()  # leaving the stream cancels the call
         assert runner.invoke_sync({"n": 0}, timeout=30) == 0  # the producer gave up: the pool is free
         assert runner.stats().recoveries == 0
+    finally:
+        runner.stop_sync()
+
+
+# --- everything at once, for a bounded time -----------------------------------------------------------
+
+
+class Mixed(DistributedWorker):
+    def __call__(self, streaming: bool = False, n: int = 0, size: int = 0, x: Any = None, hold: float = 0.0) -> Any:
+        import torch
+        import torch.distributed as dist
+
+        total = torch.ones(1)
+        dist.all_reduce(total)
+        if streaming and self.rank == 0:
+            for i in range(n):
+                self.add_streaming_result(i.to_bytes(8, "little") + b"\0" * size)
+        deadline = time.monotonic() + hold
+        while time.monotonic() < deadline and not self.cancelled:
+            time.sleep(0.01)
+        return None if x is None else float(x.sum()) + total.item()
+
+
+@pytest.mark.heavy
+def test_pressure_soak_slow_consumers_big_payloads_and_kills() -> None:
+    """60 s of slow stream consumers, 64 MB payloads and SIGKILLed ranks on one pool: every call
+    returns the right value or a WorkerDiedError explained by a kill; the driver's fds, threads and
+    processes end where they started and its RSS stays flat. Run with --run-heavy -s for figures."""
+    import os
+    import signal
+
+    import torch
+
+    from tests.conftest import descendants
+
+    runner = DistributedRunner(Mixed, world_size=2, stream_buffer_bytes=8 << 20, grace_period=0.5)
+    runner.start_sync(timeout=120)
+    try:
+        for _ in range(5):
+            runner.invoke_sync({"x": torch.ones(10)}, timeout=60)
+
+        def snapshot() -> dict[str, Any]:
+            time.sleep(1.0)  # a killed rank is reaped and respawned within moments
+            return {
+                "fds": len(os.listdir("/proc/self/fd")),
+                "threads": threading.active_count(),
+                "procs": len(descendants()),
+                "rss_mb": round(_peak_rss_mb(), 1),
+            }
+
+        _reset_peak()
+        warm = snapshot()
+        ended = time.monotonic() + 60
+        rounds = kills = died = 0
+        while time.monotonic() < ended:
+            rounds += 1
+            killer = None
+            if rounds % 5 == 0:
+                victim = runner.pids[rounds % 2]
+                killer = threading.Timer(0.2, os.kill, (victim, signal.SIGKILL))
+                killer.start()
+                kills += 1
+            try:
+                got = []
+                for item in runner.stream_sync({"n": 40, "size": 1 << 20, "hold": 0.3}, timeout=60):
+                    if isinstance(item, bytes):
+                        got.append(int.from_bytes(item[:8], "little"))
+                        time.sleep(0.005)  # a slow consumer
+                assert got == list(range(40))
+                x = torch.ones(16 << 20)  # 64 MB
+                assert runner.invoke_sync({"x": x}, timeout=60) == float(x.numel()) + 2.0
+            except WorkerDiedError:
+                died += 1
+                assert killer is not None, "a death nobody caused"
+            finally:
+                if killer is not None:
+                    killer.join(timeout=5)
+        _reset_peak()
+        end = snapshot()
+        print(f"[pressure soak] {rounds} rounds, {kills} kills, {died} WorkerDiedError; warm {warm}, end {end}")
+        assert died <= kills
+        assert end["fds"] - warm["fds"] <= 5 and end["threads"] - warm["threads"] <= 3, (warm, end)
+        assert end["procs"] == warm["procs"] == 3, (warm, end)
+        assert end["rss_mb"] - warm["rss_mb"] < 150, (warm, end)
     finally:
         runner.stop_sync()

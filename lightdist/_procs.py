@@ -8,6 +8,7 @@ stdin is the death pipe: when the driver dies, the kernel closes it and the temp
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import pickle
@@ -29,6 +30,9 @@ __all__ = ["RankExit", "RankHost", "TemplateProcess"]
 _LEN = struct.Struct("!I")
 _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TEMPLATE_BOOT = "import sys; sys.path.insert(0, {root!r}); from lightdist._template import main; main()"
+# How long stop() waits for the output thread after the template exited: it finishes at once unless
+# the driver's own stdout blocks (nobody reads it), and then stop() must not wait on it.
+_OUTPUT_JOIN_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -150,10 +154,10 @@ class TemplateProcess:
             self.proc.kill()
             self.proc.wait(timeout=5)
         self._monitor.join(timeout=5)
-        self._output.join(timeout=5)
-        for stream in (self.proc.stdout, self.proc.stderr):
-            if stream is not None:
-                stream.close()
+        # The output thread closes the template's output pipes itself, when it is done with them: it
+        # may still be blocked writing to a sys.stdout nobody reads, and must not be left reading
+        # descriptors closed (or reused) under it.
+        self._output.join(timeout=_OUTPUT_JOIN_S)
         self._control.close()
 
     # --- threads ---------------------------------------------------------------------------------
@@ -189,23 +193,37 @@ class TemplateProcess:
             self._on_exit(RankExit(rank, pid, self.senders.get(rank, ""), None, signal.SIGKILL))
 
     def _forward_output(self) -> None:
+        # Takes no lock of the pool's: sys.stdout may block (a pipe nobody reads) for as long as
+        # it likes; the template then holds, and beyond a bound drops, the ranks' output.
         assert self.proc.stdout is not None and self.proc.stderr is not None
+        streams = [self.proc.stdout, self.proc.stderr]
         targets = {self.proc.stdout.fileno(): "stdout", self.proc.stderr.fileno(): "stderr"}
+        # One incremental decoder per stream: a character split across two reads is decoded
+        # whole (decoding each read alone turns its halves into replacement characters).
+        decoders = {fd: codecs.getincrementaldecoder("utf-8")(errors="replace") for fd in targets}
         sel = selectors.DefaultSelector()
         for fd in targets:
             sel.register(fd, selectors.EVENT_READ)
-        while targets:
-            for key, _ in sel.select():
-                fd = int(key.fd)
-                data = os.read(fd, 1 << 16)
-                if not data:
-                    sel.unregister(fd)
-                    del targets[fd]
-                    continue
-                out = getattr(sys, targets[fd])
-                try:
-                    out.write(data.decode(errors="replace"))
-                    out.flush()
-                except (OSError, ValueError):
-                    pass  # a closed driver stream must not stop us draining the pipe
-        sel.close()
+        try:
+            while targets:
+                for key, _ in sel.select():
+                    fd = int(key.fd)
+                    data = os.read(fd, 1 << 16)
+                    text = decoders[fd].decode(data, final=not data)
+                    if text:
+                        _write_text(getattr(sys, targets[fd]), text)
+                    if not data:
+                        sel.unregister(fd)
+                        del targets[fd]
+        finally:
+            sel.close()
+            for stream in streams:
+                stream.close()
+
+
+def _write_text(out: Any, text: str) -> None:
+    try:
+        out.write(text)
+        out.flush()
+    except (OSError, ValueError):
+        pass  # a closed driver stream must not stop us draining the pipe

@@ -119,9 +119,18 @@ def _build_worker(boot: RankBoot, link: Link) -> tuple[DistributedWorker, RankBo
     worker = worker_cls(boot.rank, boot.world_size)
     if not isinstance(worker, DistributedWorker):
         raise TypeError(f"{worker_cls!r} must subclass lightdist.DistributedWorker")
+    _check_base_init(worker)
     worker._attach(link, boot.local_rank, boot.local_world_size, device)
     worker._complete(worker.setup(**kwargs))  # awaited when async
     return worker, boot
+
+
+def _check_base_init(worker: DistributedWorker) -> None:
+    # Without the base __init__ the pool's own attributes are missing and every call would fail
+    # with an AttributeError far from the cause: fail start() instead, saying what to fix.
+    if not hasattr(worker, "_thread_calls"):  # set by DistributedWorker.__init__ alone
+        name = type(worker).__qualname__
+        raise TypeError(f"{name}.__init__ must call super().__init__(...)")
 
 
 def _join_group(boot: RankBoot, prefix: str) -> None:
@@ -174,6 +183,9 @@ def _serve(worker: DistributedWorker, link: Link, boot: RankBoot) -> int:
             _rebuild(worker, link, boot, msg)
             continue
         held.extend(_run_call(worker, link, msg, cache))
+        # The CALL holds its frames (the pickled payload, bulk tensors): free them now that the call
+        # is over, not when the next command replaces this one (a warm rank may idle for hours).
+        del msg
         if cache.collect_due:
             # A resident (Trainer) call leaves its trainer, optimizer state and gradients in
             # reference cycles: collect now, after the reply left, not when memory has doubled.

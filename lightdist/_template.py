@@ -10,7 +10,9 @@ Channels with the driver (all private pipes, so they carry trusted data):
 * stdin: length-prefixed pickled commands (``init``, ``spawn``). EOF means the driver is gone: every
   rank is killed and this process exits. This is the death pipe.
 * control fd (passed by the driver): JSON lines of events (``spawned``, ``exit``, ``error``).
-* stdout/stderr: each rank's output, line by line, prefixed with ``[rank N]``.
+* stdout/stderr: each rank's output, line by line, prefixed with ``[rank N]``. Written without
+  blocking (:class:`_Output`): this loop also reaps and respawns ranks, which a driver that stopped
+  reading its stdout must not hold up.
 
 One ``select`` loop serves all of it; a one-second tick checks that the driver is still our parent.
 """
@@ -24,14 +26,80 @@ import select
 import signal
 import struct
 import sys
+import time
 import traceback
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from collections.abc import Container
+
     from lightdist._messages import RankBoot
 
 _LEN = struct.Struct("!I")
-_MAX_PARTIAL_LINE = 1 << 16
+_MAX_PARTIAL_LINE = 1 << 20  # a longer line is passed on in pieces (each cut between characters)
+_OUTPUT_BUFFER = 1 << 20  # rank output waiting per stream for the driver to read it
+_STALL_S = 1.0  # a driver that took no output for this long is not reading it: drop, do not wait
+_FINAL_FLUSH_S = 1.0  # how long output still waiting may hold up our exit
+
+
+class _Output:
+    """One of our output streams (stdout or stderr), written without ever blocking.
+
+    While the driver reads, however slowly, nothing is lost: once ``_OUTPUT_BUFFER`` bytes wait,
+    the loop stops reading the ranks' pipes for this stream (:meth:`taking`), so their prints wait,
+    as they would on any pipe. A driver that took nothing for ``_STALL_S`` is not reading (a
+    stdout nobody drains): then the ranks' output is read and dropped, counted, until the backlog
+    has drained, so the gap is one stretch, marked by one notice line saying how much was lost.
+    """
+
+    def __init__(self, fd: int, name: str) -> None:
+        self.fd = fd
+        self.name = name
+        self.pending = bytearray()
+        self.progress = time.monotonic()  # when the driver last took output (or a backlog began)
+        self.dropped = 0  # bytes dropped since the backlog last drained
+        self.closed = False  # the driver closed its end: nothing will be read again
+        os.set_blocking(fd, False)
+
+    def stalled_at(self) -> float:
+        """When a full backlog that the driver does not take counts as not being read."""
+        return self.progress + _STALL_S
+
+    def taking(self, now: float) -> bool:
+        """Whether to read more of the ranks' output for this stream now."""
+        return len(self.pending) < _OUTPUT_BUFFER or bool(self.dropped) or now >= self.stalled_at()
+
+    def write(self, data: bytes) -> None:
+        if self.closed:
+            return
+        now = time.monotonic()
+        if self.dropped or (len(self.pending) >= _OUTPUT_BUFFER and now >= self.stalled_at()):
+            self.dropped += len(data)
+            return
+        if not self.pending:
+            self.progress = now
+        self.pending += data  # past the bound by one chunk at most, or what a dead rank left (reap)
+        self.flush()
+
+    def flush(self) -> None:
+        """Write what the pipe takes now; the loop calls again when it becomes writable."""
+        while self.pending and not self.closed:
+            try:
+                written = os.write(self.fd, self.pending)
+            except BlockingIOError:
+                return
+            except OSError:  # EPIPE: the driver is gone; output is best effort, control is not
+                self.closed = True
+                self.pending.clear()
+                return
+            del self.pending[:written]
+            self.progress = time.monotonic()
+            if not self.pending and self.dropped:
+                self.pending += (
+                    f"[lightdist] dropped {self.dropped} bytes of rank output "
+                    f"(the driver's {self.name} was not being read)\n"
+                ).encode()
+                self.dropped = 0
 
 
 class _Rank:
@@ -52,6 +120,7 @@ class Template:
         self.ranks: dict[int, _Rank] = {}  # by pid
         self.cleanup_dir: str | None = None  # the pool's private ipc directory
         self.stdin_buf = b""
+        self.outputs = {1: _Output(1, "stdout"), 2: _Output(2, "stderr")}
 
     # --- driver channels -------------------------------------------------------------------------
     def emit(self, **event: Any) -> None:
@@ -104,10 +173,11 @@ class Template:
         self.ranks[pid] = _Rank(rank, boot.sender, pid, os.pidfd_open(pid), out_r, err_r)
         self.emit(ev="spawned", rank=rank, pid=pid, sender=boot.sender)
 
-    def _fds(self) -> list[int]:
+    def _fds(self, held_targets: Container[int] = ()) -> list[int]:
+        """Our fds for the ranks: pidfds and output pipes, but not those that feed ``held_targets``."""
         fds = []
         for r in self.ranks.values():
-            fds += [r.pidfd, *r.partial]
+            fds += [r.pidfd, *(fd for fd in r.partial if r.target[fd] not in held_targets)]
         return fds
 
     def forward(self, rank: _Rank, fd: int) -> bool:
@@ -121,8 +191,9 @@ class Template:
             return False
         *lines, rest = buf.split(b"\n")
         if len(rest) > _MAX_PARTIAL_LINE:
-            lines.append(rest)
-            rest = b""
+            cut = _whole_chars(rest)
+            lines.append(rest[:cut])
+            rest = rest[cut:]
         out = b"".join(rank.prefix + _prefix_redraws(line.rstrip(b"\r"), rank.prefix) + b"\n" for line in lines)
         if b"\r" in rest:
             # A progress bar redraws its line with "\r" and no newline: pass each redraw on now,
@@ -135,11 +206,17 @@ class Template:
         return True
 
     def _write(self, fd: int, data: bytes) -> None:
-        try:
-            while data:
-                data = data[os.write(fd, data) :]
-        except OSError:
-            pass  # the driver stopped reading; output is best effort, control is not
+        self.outputs[fd].write(data)
+
+    def flush_output(self, timeout: float) -> None:
+        """Before exiting: give the driver up to ``timeout`` seconds to take what is still waiting."""
+        deadline = time.monotonic() + timeout
+        while waiting := [o.fd for o in self.outputs.values() if o.pending and not o.closed]:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            for fd in select.select([], waiting, [], left)[1]:
+                self.outputs[fd].flush()
 
     def reap(self, rank: _Rank) -> None:
         for fd in list(rank.partial):
@@ -179,8 +256,15 @@ class Template:
     # --- main loop -------------------------------------------------------------------------------
     def serve(self) -> None:
         while True:
-            watched = [0, *self._fds()]
-            readable, _, _ = select.select(watched, [], [], 1.0)
+            now = time.monotonic()
+            held = {o.fd for o in self.outputs.values() if not o.taking(now)}
+            watched = [0, *self._fds(held_targets=held)]
+            backlog = [o.fd for o in self.outputs.values() if o.pending and not o.closed]
+            # Wake when a held stream's driver counts as not reading, to drop instead of hold.
+            timeout = min([1.0, *(self.outputs[fd].stalled_at() - now for fd in held)])
+            readable, writable, _ = select.select(watched, backlog, [], max(0.0, timeout))
+            for fd in writable:
+                self.outputs[fd].flush()
             if os.getppid() != self.parent:  # the driver died without closing the pipe
                 self.driver_gone()
                 break
@@ -205,6 +289,19 @@ class Template:
                 else:
                     self.forward(rank, fd)
         self.kill_all()
+
+
+def _whole_chars(data: bytes) -> int:
+    """Where to cut ``data`` so that no UTF-8 character is split: its length, or the start of an
+    incomplete character at its end."""
+    for back in range(1, min(4, len(data)) + 1):
+        byte = data[-back]
+        if byte < 0x80:  # ASCII: whatever follows starts a new character
+            return len(data)
+        if byte >= 0xC0:  # the lead byte of the last character: is the character complete?
+            size = 2 if byte < 0xE0 else 3 if byte < 0xF0 else 4
+            return len(data) if back >= size else len(data) - back
+    return len(data)  # not UTF-8 (or only continuation bytes): any cut will do
 
 
 def _prefix_redraws(data: bytes, prefix: bytes) -> bytes:
@@ -252,6 +349,7 @@ def main() -> None:
         template.emit(ev="error", traceback=traceback.format_exc())
         _flush_and_exit(1)
     template.serve()
+    template.flush_output(_FINAL_FLUSH_S)
     # Every rank is reaped; skip interpreter shutdown, which with torch loaded takes ~0.5 s.
     _flush_and_exit(0)
 

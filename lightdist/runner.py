@@ -137,6 +137,7 @@ class DistributedRunner:
             raise ValueError(f"keepalive_interval must be a positive number or None, got {keepalive_interval!r}")
         if not isinstance(keepalive_payload, Mapping):
             raise TypeError(f"keepalive_payload must be a dict, got {type(keepalive_payload).__name__}")
+        _check_payload_keys(keepalive_payload)  # sent like invoke's: refused here, not on every rank later
         if not isinstance(grace_period, (int, float)) or grace_period < 0:
             raise ValueError(f"grace_period must be a number of seconds >= 0, got {grace_period!r}")
         if accelerator not in ("auto", "cpu", "cuda"):
@@ -502,8 +503,7 @@ class DistributedRunner:
     def _submit(self, payload: Mapping[str, Any], streaming: bool, resident: bool = False) -> tuple[Pool, PendingCall]:
         if not isinstance(payload, Mapping):
             raise TypeError(f"payload must be a dict of __call__ keyword arguments, got {type(payload).__name__}")
-        if "streaming" in payload:
-            raise ValueError("'streaming' is set by the runner (invoke: False, stream: True); remove it from payload")
+        _check_payload_keys(payload)
         pool = self._pool
         if pool is None:
             raise PoolClosedError(f"{self!r}: call start() before invoke()/stream()")
@@ -597,6 +597,21 @@ class _StreamReader:
         raise TimeoutError(
             f"stream() got no item for {self.streaming_timeout} s (streaming_timeout); the call was cancelled"
         ) from None
+
+
+def _check_payload_keys(payload: Mapping[str, Any]) -> None:
+    """Refuse, in the caller, keys that ``__call__(streaming=..., **payload)`` could not take.
+
+    On the ranks they would fail every rank with a ``TypeError`` far from the call that caused it.
+    On the hot path: one pass over the keys, the message is built only for a bad one.
+    """
+    if not all(isinstance(key, str) for key in payload):
+        bad = next(key for key in payload if not isinstance(key, str))
+        raise TypeError(f"payload keys are __call__ keyword names and must be str, got {bad!r} ({type(bad).__name__})")
+    if "streaming" in payload:
+        raise ValueError("'streaming' is set by the runner (invoke: False, stream: True); remove it from payload")
+    if "self" in payload:
+        raise ValueError("'self' cannot be a payload key: it is __call__'s own first parameter; rename it")
 
 
 def _final_value(event: Event, pool: Pool) -> Any:

@@ -179,15 +179,29 @@ class DigitsClassifier(pl.LightningModule):
         state = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
         self.backbone.load_state_dict(state)
 
-    def setup(self, stage: str) -> None:
-        # Checked here rather than in __init__: only now are model and data known together.
-        datamodule = getattr(self.trainer, "datamodule", None)
-        data_classes = getattr(datamodule, "num_classes", self.hparams["num_classes"])
+    def check_data(self, datamodule: pl.LightningDataModule) -> None:
+        """Raise ``ConfigError`` unless this model can train on ``datamodule``.
+
+        ``lightdist fit`` calls it in the driver before any worker starts; ``setup`` calls it too,
+        for Trainers run from Python. Data of another recipe (text) has no ``classes`` of digits.
+        """
+        if not isinstance(getattr(datamodule, "classes", None), list):
+            raise ConfigError(
+                f"data: {type(datamodule).__module__}.{type(datamodule).__qualname__} has no digit classes: "
+                "recipes.digits.DigitsClassifier trains on 8x8 digit images (data: recipes.digits.DigitsDataModule)"
+            )
+        data_classes = len(datamodule.classes)  # type: ignore[attr-defined]
         if data_classes != self.hparams["num_classes"]:
             raise ConfigError(
                 f"model.num_classes={self.hparams['num_classes']} but data.classes has {data_classes} "
                 "classes: make them agree"
             )
+
+    def setup(self, stage: str) -> None:
+        # Checked here rather than in __init__: only now are model and data known together.
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None:
+            self.check_data(datamodule)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         logits: torch.Tensor = self.head(self.backbone(images))

@@ -57,6 +57,10 @@ def _main(args: list[str]) -> int:
         return 0 if args else 2
     command, rest = args[0], args[1:]
     if command in TRAINER_COMMANDS:
+        problem = _ckpt_path_problem(rest)
+        if problem is not None:
+            print(f"lightdist {command}: error: {problem} (see: lightdist {command} --help)", file=sys.stderr)
+            return 2
         from lightdist.cli._lightning import run_trainer_command
 
         return run_trainer_command(command, rest)
@@ -84,6 +88,22 @@ def _main(args: list[str]) -> int:
         return _keys(rest)
     print(f"lightdist: error: unknown command {command!r}\n\n{_USAGE}", end="", file=sys.stderr)
     return 2
+
+
+def _ckpt_path_problem(args: list[str]) -> str | None:
+    """A bad ``--ckpt_path`` on the command line, found before Lightning is imported (seconds
+    earlier); one set in a config file is checked once the config is parsed."""
+    from lightdist.cli._checkpoint import check_ckpt_path, ckpt_path_arg
+    from lightdist.errors import ConfigError
+
+    value = ckpt_path_arg(args)
+    if value is None:
+        return None
+    try:
+        check_ckpt_path(value)
+    except ConfigError as error:
+        return str(error)
+    return None
 
 
 def _keys(argv: list[str]) -> int:

@@ -5,8 +5,10 @@ Everything Lightning users know carries over (``--config``, ``--trainer.max_epoc
 
 - ``trainer.strategy`` defaults to ``lightdist`` (the warm pool);
 - ``--config digits/pretrain-cpu`` also finds the shipped config of that name;
-- bad input (an unknown key, a wrong type, a missing file) is one line on stderr and exit status 2,
-  before any worker starts;
+- bad input (an unknown key, a wrong type, a missing file, a ``--ckpt_path`` that is missing,
+  truncated or corrupted, a model that cannot train on the data) is one line on stderr and exit
+  status 2, before any worker starts;
+- a run that fails before its first step removes the log folder (``version_N``) it created;
 - ``fit`` says where its TensorBoard logs and checkpoints go, and prints the final metrics;
 - ``predict --predictions_file out.jsonl`` writes every rank's predictions, in dataset order.
 """
@@ -14,6 +16,7 @@ Everything Lightning users know carries over (``--config``, ``--trainer.max_epoc
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import warnings
 from collections.abc import Iterable, Sequence
@@ -21,11 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from typing_extensions import override
 
 import lightdist.lightning  # noqa: F401  (registers strategy="lightdist" with Lightning)
 from lightdist.cli._catalog import resolve_config_args
+from lightdist.cli._checkpoint import check_ckpt_path
 from lightdist.cli._errors import BAD_INPUT, INTERRUPTED, classify, explain, one_line
 
 __all__ = ["LightdistCLI", "explain", "one_line", "run_trainer_command"]
@@ -46,6 +50,7 @@ class LightdistCLI(LightningCLI):
 
     def __init__(self, args: Sequence[str], *, run: bool = True, quiet: bool = False) -> None:
         self.quiet = quiet
+        self.new_log_dirs: list[Path] = []  # log folders this command creates, until it makes progress
         # exit_on_error=False makes jsonargparse raise instead of printing its whole usage text, so
         # the caller can print the one line that matters. Subcommand parsers take their own kwargs.
         parser_kwargs: dict[str, Any] = {"exit_on_error": False}
@@ -54,12 +59,16 @@ class LightdistCLI(LightningCLI):
             # LightningCLI warns when args= is given while sys.argv has arguments too: here args
             # are sys.argv's, with --config names resolved (or a sweep's combination).
             warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-            super().__init__(
-                trainer_defaults={"strategy": "lightdist"},
-                parser_kwargs=parser_kwargs,
-                args=list(args),
-                run=run,
-            )
+            try:
+                super().__init__(
+                    trainer_defaults={"strategy": "lightdist"},
+                    parser_kwargs=parser_kwargs,
+                    args=list(args),
+                    run=run,
+                )
+            except BaseException:
+                self._remove_new_log_dirs()
+                raise
 
     @override
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
@@ -75,6 +84,51 @@ class LightdistCLI(LightningCLI):
                 help="write the predictions of all ranks here, one JSON object per line, in dataset order",
             )
         return parser
+
+    @override
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        super().parse_arguments(parser, args)
+        # Here: LightningCLI torch.loads --ckpt_path next (for its hyperparameters), and the ranks
+        # would load it only after the pool started and the log folder was written.
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path is not None:
+            check_ckpt_path(str(ckpt_path))
+
+    @override
+    def after_instantiate_classes(self) -> None:
+        super().after_instantiate_classes()
+        # A recipe's model may say, in the driver, that it cannot train on the data (before the
+        # pool starts; the same check in its setup() would run on the ranks, after it).
+        check = getattr(self.model, "check_data", None)
+        if callable(check) and self.datamodule is not None:
+            check(self.datamodule)
+        self._track_new_log_dirs()
+
+    def _track_new_log_dirs(self) -> None:
+        from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+        # Reading log_dir fixes the version now, in the driver (the launcher reads it again for the ranks).
+        dirs = [Path(lg.log_dir) for lg in self.trainer.loggers if isinstance(lg, (CSVLogger, TensorBoardLogger))]
+        self.new_log_dirs = [path for path in dirs if not path.exists()]
+        hub = getattr(self.trainer.strategy, "hub", None)  # PoolStrategy's progress events from rank 0
+        if self.new_log_dirs and hub is not None:
+            hub.listeners.append(self._on_event)
+
+    def _on_event(self, event: dict[str, Any]) -> None:
+        if event["event"] in _PROGRESS_EVENTS:
+            self.new_log_dirs = []  # the run got somewhere: its logs are worth keeping, even if it fails
+
+    def _remove_new_log_dirs(self) -> None:
+        """After a failure before the first step: remove the log folders this command created.
+
+        Only with PoolStrategy, whose events tell whether a step ran; with another strategy they stay."""
+        trainer = getattr(self, "trainer", None)  # None: it failed before the Trainer was built
+        if trainer is None or getattr(trainer.strategy, "hub", None) is None:
+            return
+        for path in self.new_log_dirs:
+            shutil.rmtree(path, ignore_errors=True)
+        self.new_log_dirs = []
 
     def before_fit(self) -> None:
         self._say(f"lightdist: fit on {self._layout()}")
@@ -136,6 +190,10 @@ class LightdistCLI(LightningCLI):
     def _say(self, text: str) -> None:
         if not self.quiet:
             print(text, flush=True)
+
+
+# Events of rank 0 after which a failed run keeps its log folder (see lightdist.lightning.events).
+_PROGRESS_EVENTS = frozenset({"train_batch", "validation", "epoch_end"})
 
 
 def _tensorboard_dir(trainer: pl.Trainer) -> str | None:

@@ -56,6 +56,9 @@ function                               Lightning private, and why
                                        build DDP without its start-up broadcast.
 :func:`set_process_group_backend`      ``DDPStrategy._process_group_backend``: the backend of
                                        the pool's process group (Lightning did not create it).
+:func:`default_checkpoint_io`          ``Strategy._checkpoint_io`` and ``_WrappingCheckpointIO``:
+                                       the strategy's CheckpointIO with lightdist's atomic one in
+                                       place of Lightning's default ``TorchCheckpointIO``.
 =====================================  =========================================================
 
 :data:`OVERRIDDEN_HOOKS` lists the private methods lightdist *overrides* (a subclass must define
@@ -71,11 +74,13 @@ from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch
 from lightning.fabric.strategies.registry import _StrategyRegistry
+from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
 from lightning.pytorch.strategies.launchers.launcher import _Launcher
 from lightning.pytorch.trainer import call
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
+    from lightning.fabric.plugins import CheckpointIO
     from lightning.pytorch.strategies import DDPStrategy, Strategy
 
 __all__ = [
@@ -88,6 +93,7 @@ __all__ = [
     "attach_datamodule",
     "clear_fit_restarting",
     "ddp_kwargs",
+    "default_checkpoint_io",
     "entry_point_kwargs",
     "entry_point_model",
     "handle_interrupt",
@@ -262,3 +268,16 @@ def ddp_kwargs(strategy: DDPStrategy) -> dict[str, Any]:
 def set_process_group_backend(strategy: DDPStrategy, backend: str) -> None:
     """Record the backend of a process group Lightning did not create (``DDPStrategy._process_group_backend``)."""
     strategy._process_group_backend = backend
+
+
+def default_checkpoint_io(strategy: Strategy, make: Callable[[], CheckpointIO]) -> CheckpointIO:
+    """``strategy.checkpoint_io`` with ``make()`` where Lightning would use ``TorchCheckpointIO()``.
+
+    Reads ``Strategy._checkpoint_io`` (the public property installs Lightning's default); a
+    ``_WrappingCheckpointIO`` (e.g. ``AsyncCheckpointIO``) given without a base gets ``make()`` too."""
+    io = strategy._checkpoint_io
+    if io is None:
+        io = strategy._checkpoint_io = make()
+    elif isinstance(io, _WrappingCheckpointIO) and io.checkpoint_io is None:
+        io.checkpoint_io = make()
+    return io

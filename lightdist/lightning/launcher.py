@@ -21,6 +21,7 @@ from typing_extensions import override
 from lightdist import protocol
 from lightdist.errors import PayloadError, WorkerDiedError
 from lightdist.lightning import _compat
+from lightdist.lightning.checkpoint_io import remove_stale_temp_files
 from lightdist.lightning.events import DriverProgressBar
 
 if TYPE_CHECKING:
@@ -48,6 +49,7 @@ class _PoolLauncher(_compat.Launcher):
         if trainer is not None:
             for logger in trainer.loggers:
                 _ = logger.version  # resolve in the driver, so every rank writes the folder it reports
+            _remove_stale_checkpoint_writes(trainer)
         # Ctrl-C: the ranks agree on a batch, stop there and send back the state so far, which is
         # applied like any result. KeyboardInterrupt is not re-raised: Lightning would set SIGINT to
         # SIG_IGN for good and call sys.exit(1), which in a notebook disables "interrupt kernel".
@@ -106,6 +108,15 @@ class _PoolLauncher(_compat.Launcher):
     @override
     def kill(self, signum: Any) -> None:
         pass  # the pool owns its processes; cancellation goes through it
+
+
+def _remove_stale_checkpoint_writes(trainer: pl.Trainer) -> None:
+    # What a killed driver's ranks were writing when they died (each up to a checkpoint's size):
+    # the ranks also sweep before their first write, but a run may never write there again.
+    for callback in trainer.checkpoint_callbacks:
+        dirpath = getattr(callback, "dirpath", None)
+        if dirpath:
+            remove_stale_temp_files(dirpath)
 
 
 def _seed_env() -> dict[str, str | None]:

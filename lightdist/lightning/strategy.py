@@ -15,12 +15,14 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.strategies import DDPStrategy
 from typing_extensions import override
 
 from lightdist.lightning import _compat
 from lightdist.lightning._worker import TrainerWorker
+from lightdist.lightning.checkpoint_io import AtomicCheckpointIO
 from lightdist.lightning.environment import PoolEnvironment
 from lightdist.lightning.events import EventHub
 from lightdist.lightning.launcher import _PoolLauncher
@@ -93,6 +95,17 @@ class PoolStrategy(DDPStrategy):
         :mod:`lightdist.lightning.events`). Start iterating before the call, e.g. from a server's
         event loop while ``fit`` runs in a worker thread."""
         return self.hub.events()
+
+    @property
+    @override
+    def checkpoint_io(self) -> CheckpointIO:
+        # Lightning's default TorchCheckpointIO can leave a truncated last.ckpt (see checkpoint_io.py);
+        # a CheckpointIO the user gives (plugins=[...]) is used as given.
+        return _compat.default_checkpoint_io(self, AtomicCheckpointIO)
+
+    @checkpoint_io.setter
+    def checkpoint_io(self, io: CheckpointIO) -> None:
+        DDPStrategy.checkpoint_io.fset(self, io)  # type: ignore[attr-defined]
 
     # --- driver side -----------------------------------------------------------------------------
     # _configure_launcher and _setup_model are private hooks of DDPStrategy, overridden by name:

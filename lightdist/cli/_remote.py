@@ -201,18 +201,24 @@ def follow(client: Client, job_id: int, prog: str, *, owner: bool, progress_bar:
                 # The ranks stop at one batch and the stream goes on to "finished". Should this
                 # request not get through, the job is attached: the server cancels it 3 s after
                 # this process is gone.
-                client.cancel(job_id)
+                try:
+                    client.cancel(job_id)
+                except ServerGone:
+                    raise
+                except ServerError:
+                    pass  # it has just finished (409): its "finished" event says how
                 print(f"{prog}: cancelling job {job_id} (Ctrl-C again to stop waiting)", file=sys.stderr)
     except KeyboardInterrupt:  # the second Ctrl-C came while the first one was handled
         return _stopped_waiting(prog, job_id, client.server.url, owner)
     except ServerGone as error:
         view.close()
-        print(f"{prog}: error: {error}; job {job_id} did not finish (lightdist serve restarts it)", file=sys.stderr)
+        print(
+            f"{prog}: error: {error}; job {job_id} did not finish here (see: lightdist jobs {job_id})", file=sys.stderr
+        )
         return FAILED
     except ServerError as error:
         view.close()
-        print(f"{prog}: error: the server answered {error.status}: {error.message}", file=sys.stderr)
-        return FAILED
+        return server_problem(prog, error)
     finally:
         view.close()
 
@@ -245,6 +251,10 @@ class _JobView:
             self.bar(raw_event(data))
         elif kind == "run_end":
             self.bar.close()
+        elif kind == "interrupted" and data.get("resumes"):  # the server stops; the job is requeued
+            self.bar.close()
+            back = "resumes from its last checkpoint when the server is back"
+            print(f"{self.prog}: the server is stopping; job {self.job_id} {back}", file=sys.stderr)
         elif kind == "log":
             self.bar.write(str(data.get("message", "")))
         elif kind == "finished":

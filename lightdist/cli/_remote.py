@@ -26,15 +26,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lightdist.cli._catalog import resolve_config_args
+from lightdist.cli._errors import BAD_INPUT, INTERRUPTED, RANK_FAILED  # light: jsonargparse only on use
 
 if TYPE_CHECKING:
     from lightdist.server._client import Client
 
 __all__ = ["RemoteOptions", "follow", "open_client", "run_remote", "server_problem", "split_remote_args"]
 
-BAD_INPUT = 2  # the same numbers as lightdist.cli._errors, which imports lightdist.errors' torch-free
-FAILED = 1  # module only, but is kept out of the thin client's import graph on purpose
-INTERRUPTED = 130
+FAILED = RANK_FAILED  # also: no server answers, or it went away while the job ran
 
 _LOCAL_ONLY = ("-h", "--help", "--print_config")  # answered by the parser, on this host
 
@@ -145,11 +144,12 @@ def run_remote(command: str, options: RemoteOptions, args: list[str]) -> int:
     from lightdist.server._client import BadInput, ServerError
 
     prog = f"lightdist {command}"
+    args = absolute_config_args(args)
     try:
         client = open_client(options.server)
         job = client.submit(
             command,
-            absolute_config_args(args),
+            args,
             os.getcwd(),
             name=options.name,
             restarts=options.restarts,

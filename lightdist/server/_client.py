@@ -149,9 +149,16 @@ class Client:
         body = {"command": command, "args": args, "cwd": cwd, "name": name, "restarts": restarts, "attach": attach}
         return self._json("POST", "/v1/jobs", body)
 
-    def submit_call(self, blob: bytes) -> dict[str, Any]:
-        """Queue a Python-client call (the pickled Trainer call of ``PoolStrategy(server=...)``)."""
-        return self._json("POST", "/v1/calls", blob, content_type="application/octet-stream")
+    def submit_call(
+        self, blob: bytes, cwd: str, command: str = "fit", name: str | None = None, attach: bool = True
+    ) -> dict[str, Any]:
+        """Queue a Python-client call (the pickled Trainer call of ``PoolStrategy(server=...)``);
+        with ``attach`` it is cancelled once no ``attach=True`` event stream of it is open."""
+        fields = {"cwd": cwd, "command": command, "attach": "1" if attach else "0"}
+        if name is not None:
+            fields["name"] = name
+        query = urllib.parse.urlencode(fields)
+        return self._json("POST", f"/v1/calls?{query}", blob, content_type="application/octet-stream")
 
     def jobs(self, state: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
         """Jobs, newest first."""

@@ -7,6 +7,7 @@
     lightdist fit --config ... --server [URL]                      # as a job on a lightdist server
     lightdist jobs [ID]                                            # that server's jobs
     lightdist sweep --config X --grid model.lr=1e-3,1e-4            # every combination, one pool
+    lightdist serve --devices 2                                    # a warm pool behind a job API
     lightdist recipes                                              # recipes and configs on disk
     lightdist tensorboard --logdir runs                            # serve the run directory
     lightdist agent --connect tcp://DRIVER:PORT --key-file F       # attach this host to a pool
@@ -26,13 +27,14 @@ import sys
 __all__ = ["main"]
 
 _USAGE = """\
-usage: lightdist {fit,validate,test,predict,jobs,sweep,recipes,tensorboard,agent,worker,keys} ...
+usage: lightdist {fit,validate,test,predict,jobs,sweep,serve,recipes,tensorboard,agent,worker,keys} ...
 
   fit, validate, test, predict   run a LightningCLI config on a warm pool of ranks
                                  (lightdist fit --config configs/digits/pretrain-cpu.yaml);
                                  with --server [URL]: as a job on a lightdist server
   jobs                           list a server's jobs, or show, follow or cancel one
   sweep                          run every combination of --grid overrides on one pool
+  serve                          keep a warm pool up and run jobs on it (docs/server.md)
   recipes                        list the recipes and configs found on disk
   tensorboard (or view)          serve a run directory with TensorBoard
   agent                          attach this host's ranks to a driver's pool (one per host)
@@ -98,6 +100,10 @@ def _main(args: list[str]) -> int:
         return worker_main(rest)
     if command == "keys":
         return _keys(rest)
+    if command == "serve":
+        from lightdist.server._serve import main as serve_main
+
+        return serve_main(rest)
     print(f"lightdist: error: unknown command {command!r}\n\n{_USAGE}", end="", file=sys.stderr)
     return 2
 

@@ -32,7 +32,9 @@ import pytest
 from lightdist.cli._jobs import config_name, detail, main_metric, table
 from lightdist.cli._remote import RemoteArgsError, RemoteOptions, progress_bar_kind, split_remote_args
 from tests.cli_helpers import CONFIGS, ROOT
+from tests.conftest import OWNED_ELSEWHERE
 from tests.fake_server import FakeServer, Script, fit_script
+from tests.server_helpers import RunningServer, start_server, stop_server
 
 HEAVY_MODULES = ("torch", "lightning", "pytorch_lightning", "jsonargparse", "numpy")
 
@@ -381,3 +383,101 @@ def test_job_views_from_the_api_fields() -> None:
     shown = detail(job)
     assert "ran 12.0s" in shown and "waited 0.5s" in shown and "log_dir" in shown
     assert "error     ValueError (rank 1): boom" in shown and shown.endswith("Traceback (most recent call last):\n...")
+
+
+# --- against a real `lightdist serve` ----------------------------------------------------------------
+
+QUICK = ["--trainer.max_epochs=1", "--trainer.enable_progress_bar=false"]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """One real server for the module (a start costs seconds), in a state dir that bare ``--server``
+    finds through ``XDG_STATE_HOME``."""
+    running = start_server(tmp_path_factory.mktemp("served") / "state" / "lightdist")
+    owned = running.owned
+    OWNED_ELSEWHERE.append(owned)
+    try:
+        yield running
+    finally:
+        OWNED_ELSEWHERE.remove(owned)
+        assert stop_server(running) == 0, running.output()
+
+
+def test_a_digits_fit_on_a_real_server(served: RunningServer, tmp_path: Path) -> None:
+    done = lightdist(
+        "fit", "--config", "digits/pretrain-cpu", "--server", *QUICK, state_dir=served.state_dir, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stdout + done.stderr + served.output()
+    assert "lightdist: fit on 2 rank(s), CPUAccelerator, PoolStrategy" in done.stdout
+    assert re.search(r"^lightdist: fit metrics: .*val_acc=", done.stdout, re.M), done.stdout
+    assert (
+        f"Final checkpoint: {tmp_path}/runs/digits/pretrain/checkpoints/last.ckpt" in done.stdout
+    )  # cwd: the client's
+    assert (tmp_path / "runs/digits/pretrain/checkpoints/last.ckpt").is_file()
+
+
+def test_bad_input_on_a_real_server_queues_nothing(served: RunningServer, tmp_path: Path) -> None:
+    before = len(served.client().jobs(limit=1000))
+    done = lightdist(
+        "fit",
+        "--config",
+        "digits/pretrain-cpu",
+        "--model.lr=fast",
+        "--server",
+        state_dir=served.state_dir,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr == (
+        "lightdist fit: error: model.lr: Expected a <class 'float'>. Got value: fast (see: lightdist fit --help)\n"
+    )
+    listed = json.loads(lightdist("jobs", "--json", state_dir=served.state_dir, cwd=tmp_path).stdout)
+    assert len(listed) == before
+    assert not (tmp_path / "runs").exists()
+
+
+def test_ctrl_c_cancels_only_that_job_and_the_ranks_stay_warm(served: RunningServer, tmp_path: Path) -> None:
+    client = served.client()
+    ranks = client.info()["rank_pids"]
+    long_fit = ["fit", "--config", "digits/pretrain-cpu", "--server", "--trainer.max_epochs=200", "--name", "long"]
+    proc = start_client(*long_fit, "--trainer.enable_progress_bar=false", state_dir=served.state_dir, cwd=tmp_path)
+    try:
+        job_id = int(re.search(r"job (\d+) on", read_until(proc, r"job \d+ on", timeout=30)).group(1))  # type: ignore[union-attr]
+        next(kind for _, kind, _ in client.events(job_id) if kind == "train_batch")  # it is training
+        proc.send_signal(signal.SIGINT)
+        out = proc.communicate(timeout=60)[0]
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, out
+    assert out.rstrip().endswith("lightdist fit: interrupted"), out
+    assert client.job(job_id)["state"] == "cancelled"
+    assert client.info()["rank_pids"] == ranks  # the pool stayed warm: the same processes
+    after = lightdist(
+        "fit", "--config", "digits/pretrain-cpu", "--server", *QUICK, state_dir=served.state_dir, cwd=tmp_path
+    )
+    assert after.returncode == 0, after.stdout + after.stderr
+    assert client.info()["rank_pids"] == ranks
+
+
+def test_jobs_on_a_real_server(served: RunningServer, tmp_path: Path) -> None:
+    done = lightdist(
+        "fit",
+        "--config",
+        "digits/pretrain-cpu",
+        "--server",
+        "--name",
+        "listed",
+        *QUICK,
+        state_dir=served.state_dir,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    job_id = served.client().jobs(limit=1)[0]["id"]
+    listed = lightdist("jobs", state_dir=served.state_dir, cwd=tmp_path).stdout.splitlines()
+    row = next(line.split() for line in listed if line.split()[0] == str(job_id))
+    assert row[1:5] == ["listed", "succeeded", "fit", "digits/pretrain-cpu"] and row[-1].startswith("val_acc="), listed
+    shown = lightdist("jobs", str(job_id), state_dir=served.state_dir, cwd=tmp_path)
+    assert shown.returncode == 0 and shown.stdout.startswith(f"job {job_id} (listed): succeeded\n"), shown.stdout
+    assert f"last_checkpoint  {tmp_path}/runs/digits/pretrain/checkpoints/last.ckpt" in shown.stdout
+    assert "metrics   train_acc=" in shown.stdout

@@ -75,6 +75,12 @@ def _run_models(args: argparse.Namespace) -> dict[str, Any]:
     return run_models(args)
 
 
+def _run_thin(args: argparse.Namespace) -> dict[str, Any]:
+    from lightdist.bench.thin import run_thin  # starts lightdist serve: only for this subcommand
+
+    return run_thin(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     description = "lightdist benchmarks: each number next to a baseline measured in the same run"
     parser = argparse.ArgumentParser(prog="python -m lightdist.bench", description=description)
@@ -153,6 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
     payload.add_argument("--mb", type=_positive, default=500, help="tensor size each way, in MB")
     payload.add_argument("--calls", type=_positive, default=3, help="timed calls per contender (median)")
     payload.set_defaults(func=_run_payload)
+    thin = commands.add_parser(
+        "thin", parents=[common], help="Enter to first step: lightdist fit --server on a warm server vs a local fit"
+    )
+    thin.add_argument("--fits", type=_positive, default=5, help="timed thin-client fits (after one warm-up job)")
+    thin.add_argument("--local-fits", type=_positive, default=2, help="timed local fits (the baseline)")
+    thin.set_defaults(func=_run_thin)
     return parser
 
 

@@ -349,6 +349,18 @@ def test_jobs_lists_and_shows(fake_fit: FakeServer, state_dir: Path, tmp_path: P
     assert missing.returncode == 1 and "no job 9" in missing.stderr
 
 
+def test_jobs_cancel_and_follow_a_detached_job(fake_held: FakeServer, state_dir: Path, tmp_path: Path) -> None:
+    detached = lightdist("fit", "--server", "--detach", state_dir=state_dir, cwd=tmp_path)
+    assert detached.returncode == 0 and detached.stdout == "1\n"
+    cancelled = lightdist("jobs", "1", "--cancel", state_dir=state_dir, cwd=tmp_path)
+    assert cancelled.returncode == 0 and cancelled.stdout.startswith("job 1: ") and fake_held.cancels == [1]
+    followed = lightdist("jobs", "1", "--follow", state_dir=state_dir, cwd=tmp_path)
+    assert followed.returncode == 130, followed.stderr  # the job's exit status, as its own client would
+    assert (
+        "lightdist: fit on 2 rank(s)" in followed.stdout and "lightdist jobs 1: job 1 was cancelled" in followed.stderr
+    )
+
+
 def test_job_views_from_the_api_fields() -> None:
     job = {
         "id": 7,

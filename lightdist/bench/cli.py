@@ -75,10 +75,10 @@ def _run_models(args: argparse.Namespace) -> dict[str, Any]:
     return run_models(args)
 
 
-def _run_thin(args: argparse.Namespace) -> dict[str, Any]:
-    from lightdist.bench.thin import run_thin  # starts lightdist serve: only for this subcommand
+def _run_server(args: argparse.Namespace) -> dict[str, Any]:
+    from lightdist.bench.server import run_server  # starts a lightdist serve: only for this subcommand
 
-    return run_thin(args)
+    return run_server(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,12 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
     payload.add_argument("--mb", type=_positive, default=500, help="tensor size each way, in MB")
     payload.add_argument("--calls", type=_positive, default=3, help="timed calls per contender (median)")
     payload.set_defaults(func=_run_payload)
-    thin = commands.add_parser(
-        "thin", parents=[common], help="Enter to first step: lightdist fit --server on a warm server vs a local fit"
+    server = commands.add_parser(
+        "server", parents=[common], help="lightdist serve: attach, Enter to first step, four configs back to back"
     )
-    thin.add_argument("--fits", type=_positive, default=5, help="timed thin-client fits (after one warm-up job)")
-    thin.add_argument("--local-fits", type=_positive, default=2, help="timed local fits (the baseline)")
-    thin.set_defaults(func=_run_thin)
+    server.add_argument("--repeats", type=_positive, default=3, help="runs per contender (median is reported)")
+    server.add_argument("--epochs", type=_positive, default=2, help="max_epochs of each digits fit")
+    server.add_argument("--devices", type=_positive, default=2, help="ranks of the server and of every command")
+    server.set_defaults(func=_run_server)
     return parser
 
 

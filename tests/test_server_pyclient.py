@@ -168,7 +168,7 @@ class Loopback(RemoteRunner):
                 on_item(event)
 
         with without_module(self.hidden):
-            result = execute_call(blob, self.runner, on_event)
+            result, _ = execute_call(blob, self.runner, on_event)
         out, interrupted = decode_result(result)
         if out is not None and out["weights"] is not None:
             self.weights_sent_back.append(set(out["weights"]))

@@ -144,15 +144,18 @@ def decode_result(blob: bytes) -> tuple[dict[str, Any] | None, bool]:
     return result["out"], bool(result["interrupted"])
 
 
-def execute_call(blob: bytes, runner: DistributedRunner, on_event: Callable[[dict[str, Any]], None]) -> bytes:
-    """Run a client's call on ``runner`` (a started pool of ``TrainerWorker``) and return its result.
+def execute_call(
+    blob: bytes, runner: DistributedRunner, on_event: Callable[[dict[str, Any]], None]
+) -> tuple[bytes, bool]:
+    """Run a client's call on ``runner`` (a started pool of ``TrainerWorker``); returns the result
+    for ``GET /v1/jobs/{id}/result`` and whether the call was interrupted (cancelled).
 
     Runs in the server's job thread, with the working directory already set to
     ``call_header(blob).cwd``. ``on_event`` gets each progress event of rank 0 as the Lightning
     layer makes it (:mod:`lightdist.lightning.events`), then an ``end`` event. The server cancels
     with ``runner.interrupt()``: the ranks stop at a batch they agree on and the call still returns
     its state so far (``interrupted`` in the result). A rank's failure raises ``WorkerError`` /
-    ``WorkerDiedError``; record it with :func:`error_record`.
+    ``WorkerDiedError``; record it with :func:`error_record` (a client rebuilds it from that).
 
     Weights: the call is resident, so the pool writes what training changed into this process's
     copy of the model in place (bumping those tensors' version counters); the entries whose
@@ -178,7 +181,7 @@ def execute_call(blob: bytes, runner: DistributedRunner, on_event: Callable[[dic
     if out is not None and model is not None:
         changed = _changed_entries(model, before)
         out["weights"] = {**changed, **(out["weights"] or {})}
-    return encode_result(out, interrupted)
+    return encode_result(out, interrupted), interrupted
 
 
 def error_record(exc: BaseException) -> dict[str, Any]:

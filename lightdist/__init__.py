@@ -14,10 +14,14 @@ CPU) and a signed ZMQ command channel, then run any number of calls on them::
 """
 
 import sys
+from typing import TYPE_CHECKING
 
 from lightdist.errors import ConfigError, PoolClosedError, TextEventError, WorkerDiedError, WorkerError
-from lightdist.runner import DistributedRunner
-from lightdist.worker import DistributedWorker
+
+if TYPE_CHECKING:
+    from lightdist.lightning import PoolStrategy
+    from lightdist.runner import DistributedRunner
+    from lightdist.worker import DistributedWorker
 
 __all__ = [
     "ConfigError",
@@ -33,13 +37,23 @@ __all__ = [
 __version__ = "0.1.0"
 
 
-def __getattr__(name: str) -> object:
-    # The Lightning layer loads on first use: runner-only users never pay for importing lightning.
-    if name == "PoolStrategy":
-        from lightdist.lightning import PoolStrategy
+# Loaded on first use: the thin clients (`lightdist fit --server`, `lightdist jobs`) start in a
+# tenth of a second without the pool's machinery (zmq, asyncio), and runner-only users never pay
+# for importing lightning.
+_LAZY = {
+    "DistributedRunner": "lightdist.runner",
+    "DistributedWorker": "lightdist.worker",
+    "PoolStrategy": "lightdist.lightning",
+}
 
-        return PoolStrategy
-    raise AttributeError(f"module 'lightdist' has no attribute {name!r}")
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lightdist' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
 
 
 if "lightning" in sys.modules:  # register Trainer(strategy="lightdist") if Lightning is in use already

@@ -73,11 +73,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+# Callables naming processes a module-scoped fixture owns outside this process's runners (a
+# `lightdist serve` subprocess and its ranks, which change when its pool replaces one).
+OWNED_ELSEWHERE: list[Any] = []
+
+
 def _pool_owned() -> set[int]:
     """Processes of pools still running (a module-scoped pool may respawn a rank in a test)."""
     from lightdist.runner import _live_runners
 
     owned: set[int] = set()
+    for more in OWNED_ELSEWHERE:
+        owned |= more()
     for runner in list(_live_runners):
         if runner.is_alive():
             template = runner.stats().template_pid

@@ -75,6 +75,12 @@ def _run_models(args: argparse.Namespace) -> dict[str, Any]:
     return run_models(args)
 
 
+def _run_server(args: argparse.Namespace) -> dict[str, Any]:
+    from lightdist.bench.server import run_server  # starts a lightdist serve: only for this subcommand
+
+    return run_server(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     description = "lightdist benchmarks: each number next to a baseline measured in the same run"
     parser = argparse.ArgumentParser(prog="python -m lightdist.bench", description=description)
@@ -153,6 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
     payload.add_argument("--mb", type=_positive, default=500, help="tensor size each way, in MB")
     payload.add_argument("--calls", type=_positive, default=3, help="timed calls per contender (median)")
     payload.set_defaults(func=_run_payload)
+    server = commands.add_parser(
+        "server", parents=[common], help="lightdist serve: attach, Enter to first step, four configs back to back"
+    )
+    server.add_argument("--repeats", type=_positive, default=3, help="runs per contender (median is reported)")
+    server.add_argument("--epochs", type=_positive, default=2, help="max_epochs of each digits fit")
+    server.add_argument("--devices", type=_positive, default=2, help="ranks of the server and of every command")
+    server.set_defaults(func=_run_server)
     return parser
 
 

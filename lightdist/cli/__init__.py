@@ -5,6 +5,7 @@
     lightdist fit --config configs/digits/pretrain-cpu.yaml        # LightningCLI, on the warm pool
     lightdist validate | test | predict --config ... --ckpt_path ...
     lightdist sweep --config X --grid model.lr=1e-3,1e-4            # every combination, one pool
+    lightdist serve --devices 2                                    # a warm pool behind a job API
     lightdist recipes                                              # recipes and configs on disk
     lightdist tensorboard --logdir runs                            # serve the run directory
     lightdist agent --connect tcp://DRIVER:PORT --key-file F       # attach this host to a pool
@@ -23,11 +24,12 @@ import sys
 __all__ = ["main"]
 
 _USAGE = """\
-usage: lightdist {fit,validate,test,predict,sweep,recipes,tensorboard,agent,worker,keys} ...
+usage: lightdist {fit,validate,test,predict,sweep,serve,recipes,tensorboard,agent,worker,keys} ...
 
   fit, validate, test, predict   run a LightningCLI config on a warm pool of ranks
                                  (lightdist fit --config configs/digits/pretrain-cpu.yaml)
   sweep                          run every combination of --grid overrides on one pool
+  serve                          keep a warm pool up and run jobs on it (docs/server.md)
   recipes                        list the recipes and configs found on disk
   tensorboard (or view)          serve a run directory with TensorBoard
   agent                          attach this host's ranks to a driver's pool (one per host)
@@ -86,6 +88,10 @@ def _main(args: list[str]) -> int:
         return worker_main(rest)
     if command == "keys":
         return _keys(rest)
+    if command == "serve":
+        from lightdist.server._serve import main as serve_main
+
+        return serve_main(rest)
     print(f"lightdist: error: unknown command {command!r}\n\n{_USAGE}", end="", file=sys.stderr)
     return 2
 

@@ -48,20 +48,32 @@ class LightdistCLI(LightningCLI):
     runs ``cli.trainer.fit(cli.model, datamodule=cli.datamodule)`` itself.
     """
 
-    def __init__(self, args: Sequence[str], *, run: bool = True, quiet: bool = False) -> None:
+    def __init__(
+        self,
+        args: Sequence[str],
+        *,
+        run: bool = True,
+        quiet: bool = False,
+        trainer_defaults: dict[str, Any] | None = None,
+        overwrite_config: bool = False,
+    ) -> None:
         self.quiet = quiet
+        # Only the subcommand that runs gets a parser: each costs ~0.1 s of signature inspection.
+        self._only = args[0] if run and args and args[0] in _SUBCOMMANDS else None
         self.new_log_dirs: list[Path] = []  # log folders this command creates, until it makes progress
         # exit_on_error=False makes jsonargparse raise instead of printing its whole usage text, so
         # the caller can print the one line that matters. Subcommand parsers take their own kwargs.
         parser_kwargs: dict[str, Any] = {"exit_on_error": False}
-        parser_kwargs.update({name: {"exit_on_error": False} for name in _SUBCOMMANDS})
+        parser_kwargs.update({name: {"exit_on_error": False} for name in self.subcommands()})
         with warnings.catch_warnings():
             # LightningCLI warns when args= is given while sys.argv has arguments too: here args
             # are sys.argv's, with --config names resolved (or a sweep's combination).
             warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
             try:
                 super().__init__(
-                    trainer_defaults={"strategy": "lightdist"},
+                    trainer_defaults={"strategy": "lightdist", **(trainer_defaults or {})},
+                    # A resumed run writes its config.yaml where the interrupted one did.
+                    save_config_kwargs={"overwrite": overwrite_config},
                     parser_kwargs=parser_kwargs,
                     args=list(args),
                     run=run,
@@ -69,6 +81,11 @@ class LightdistCLI(LightningCLI):
             except BaseException:
                 self._remove_new_log_dirs()
                 raise
+
+    @override
+    def subcommands(self) -> dict[str, set[str]]:  # type: ignore[override]  # a staticmethod in LightningCLI
+        every = LightningCLI.subcommands()
+        return every if self._only is None else {self._only: every[self._only]}
 
     @override
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:

@@ -14,6 +14,7 @@ Events (every one has ``"event"``; ``step`` is ``trainer.global_step``):
 ``train_batch``       ``step``, ``epoch``, ``batch``, ``metrics`` (progress-bar and logged, floats)
 ``validation``        ``step``, ``epoch``, ``metrics`` (after each validation run, not sanity check)
 ``epoch_end``         ``epoch``, ``step``, ``metrics``
+``checkpoint``        ``checkpoint_path`` (absolute), ``step``, ``epoch``: a checkpoint file was written
 ``end``               sent by the driver when the call is over: ``fn``, ``interrupted``, ``error``
 ====================  ==========================================================================
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import sys
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -60,9 +62,34 @@ class EventStreamer(Callback):
 
     def __init__(self, worker: DistributedWorker) -> None:
         self.worker = worker
+        self._saving = False  # a checkpoint was being written: report it at the next hook
+        self._written: dict[str, int] = {}  # checkpoint path -> mtime_ns last reported
 
     def _send(self, **event: Any) -> None:
         self.worker.add_streaming_result(event)
+
+    def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        self._saving = True  # the file is written after this hook; ModelCheckpoint records its path then
+
+    def _report_checkpoints(self, trainer: Any) -> None:
+        """One ``checkpoint`` event per checkpoint file (re)written since the last report."""
+        if not self._saving:
+            return
+        self._saving = False
+        for callback in trainer.checkpoint_callbacks:
+            for path in {getattr(callback, "last_model_path", ""), getattr(callback, "best_model_path", "")}:
+                try:
+                    written = os.stat(path).st_mtime_ns if path else None
+                except OSError:
+                    written = None
+                if written is not None and self._written.get(path) != written:
+                    self._written[path] = written
+                    self._send(
+                        event="checkpoint",
+                        checkpoint_path=os.path.abspath(path),
+                        step=trainer.global_step,
+                        epoch=trainer.current_epoch,
+                    )
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         self._send(event="start", fn="fit", max_epochs=trainer.max_epochs, max_steps=trainer.max_steps)
@@ -73,12 +100,14 @@ class EventStreamer(Callback):
         )
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._report_checkpoints(trainer)
         metrics = _floats({**trainer.logged_metrics, **trainer.progress_bar_metrics})
         self._send(
             event="train_batch", step=trainer.global_step, epoch=trainer.current_epoch, batch=batch_idx, metrics=metrics
         )
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        self._report_checkpoints(trainer)
         if not trainer.sanity_checking:
             self._send(
                 event="validation",
@@ -88,12 +117,16 @@ class EventStreamer(Callback):
             )
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        self._report_checkpoints(trainer)
         self._send(
             event="epoch_end",
             epoch=trainer.current_epoch,
             step=trainer.global_step,
             metrics=_floats(trainer.callback_metrics),
         )
+
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        self._report_checkpoints(trainer)
 
 
 class DriverProgressBar:

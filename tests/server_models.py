@@ -1,0 +1,59 @@
+"""Small Lightning models for server tests, importable by the server's job and its ranks
+(``--model tests.server_models.Tiny``; jobs run with the repository root as their directory)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+
+class Tiny(pl.LightningModule):
+    """A linear regression; ``step_sleep`` seconds per training step make a job last long enough
+    to cancel or kill it mid-run; ``die_at_step`` makes rank 1 exit (as an OOM kill would)."""
+
+    def __init__(self, lr: float = 0.05, step_sleep: float = 0.0, die_at_step: int = -1) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.layer = torch.nn.Linear(4, 1)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        if self.hparams.step_sleep:
+            time.sleep(self.hparams.step_sleep)
+        if self.global_step == self.hparams.die_at_step and self.global_rank == 1:
+            os._exit(3)
+        x, y = batch
+        loss = torch.nn.functional.mse_loss(self.layer(x), y)
+        self.log("train_loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        self.log("val_loss", torch.nn.functional.mse_loss(self.layer(x), y), sync_dist=True)
+
+    def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self.layer(batch[0])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+
+
+class TinyData(pl.LightningDataModule):
+    def __init__(self, size: int = 64, batch_size: int = 8) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(size, 4, generator=generator)
+        self.data = TensorDataset(x, x.sum(dim=1, keepdim=True))
+        self.batch_size = batch_size
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.data, batch_size=self.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.data, batch_size=self.batch_size)
+
+    def predict_dataloader(self) -> DataLoader:
+        return DataLoader(self.data, batch_size=self.batch_size)

@@ -60,7 +60,7 @@ def loader(n=64):
 class Model(L.LightningModule):
     """A frozen layer (never written: it must not travel back) and a trained head."""
 
-    def __init__(self, fail_on_rank1=False):
+    def __init__(self, fail_on_rank1=False, die_on_rank1=False):
         super().__init__()
         self.save_hyperparameters()
         self.frozen = torch.nn.Linear(4, 4)
@@ -73,6 +73,10 @@ class Model(L.LightningModule):
     def training_step(self, batch, batch_idx):
         if self.hparams.fail_on_rank1 and self.global_rank == 1 and batch_idx == 2:
             raise ValueError("bad batch on rank 1")
+        if self.hparams.die_on_rank1 and self.global_rank == 1 and batch_idx == 2:
+            import os
+
+            os._exit(3)
         loss = torch.nn.functional.mse_loss(self(batch[0]), batch[1])
         self.log("train_loss", loss, prog_bar=True)
         return loss

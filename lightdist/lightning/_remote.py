@@ -141,7 +141,9 @@ class RemoteRunner:
         self.attach()
         client = self._client()
         try:
-            job_id = int(client.submit_call(blob)["id"])
+            header = call_header(blob)
+            job = client.submit_call(blob, cwd=header.cwd, command=header.command or "fit")
+            job_id = int(job["id"])
             del blob
             finished, interrupted = self._follow(client, job_id, on_item)
             return self._outcome(client, job_id, finished, interrupted)

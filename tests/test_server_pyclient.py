@@ -356,8 +356,8 @@ def test_a_rank_error_raises_worker_error_with_the_remote_traceback(mymod: Modul
 
 
 def test_an_interrupted_call_returns_its_state_so_far(mymod: ModuleType) -> None:
-    """What the server's cancel does (the pool's interrupt from another thread): the ranks stop at
-    one batch and the driver gets the state reached, with interrupted set."""
+    """What the server's cancel does (runner.interrupt(), not a Ctrl-C in the job's thread): the
+    ranks stop at one batch and the driver gets the state reached, with interrupted set."""
     runner = local_runner()
     remote = Loopback(runner)
     seen = threading.Event()
@@ -365,9 +365,7 @@ def test_an_interrupted_call_returns_its_state_so_far(mymod: ModuleType) -> None
     def interrupt_once(event: dict[str, Any]) -> None:
         if event["event"] == "train_batch" and event["step"] == 6 and not seen.is_set():
             seen.set()
-            pool = runner._pool
-            assert pool is not None and pool.current is not None
-            pool.interrupt(pool.current)
+            assert runner.interrupt()  # what the server's cancel calls, from its request thread
 
     remote.on_server_event = interrupt_once
     t = trainer(PoolStrategy(runner=remote), max_epochs=50)

@@ -295,8 +295,8 @@ class Executor:
         )
 
     def _run_call(self, live: _Live, on_raw: Callable[[dict[str, Any]], None]) -> Any:
-        from lightdist.lightning._remote import execute_call
-        from lightdist.server._cli_job import JobOutcome, _error_dict
+        from lightdist.lightning._remote import error_record, execute_call
+        from lightdist.server._cli_job import JobOutcome
 
         blob, live.blob = live.blob, None
         outcome = JobOutcome()
@@ -304,7 +304,8 @@ class Executor:
             result, interrupted = execute_call(blob or b"", self.pool.runner, on_raw)
         except Exception as exc:  # noqa: BLE001 - the client re-raises it from the job's error
             outcome.exit_code = 1
-            outcome.error = _error_dict(exc, None)
+            # What the client needs to raise the same WorkerError / WorkerDiedError a local pool would.
+            outcome.error = error_record(exc)
             return outcome
         if interrupted:
             outcome.exit_code = 130

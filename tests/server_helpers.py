@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -119,6 +121,81 @@ def serving(state_dir: Path, *extra: str) -> Iterator[RunningServer]:
         yield running
     finally:
         stop_server(running)
+
+
+def client_env(state_dir: Path) -> dict[str, str]:
+    """The environment of a ``python -m lightdist.cli`` client process: this checkout first (the
+    console script in the venv may belong to another checkout), ``state_dir`` as its default server's
+    (``find_server`` reads ``XDG_STATE_HOME/lightdist``: ``state_dir`` must be named ``lightdist``)."""
+    env = {k: v for k, v in os.environ.items() if k != "XDG_STATE_HOME"}
+    env.update(PYTHONPATH=f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}", PYTHONUNBUFFERED="1")
+    env["XDG_STATE_HOME"] = str(state_dir.parent)
+    return env
+
+
+class ClientProcess:
+    """``python -m lightdist.cli *args`` in the background; a thread collects its output (stdout and
+    stderr as one stream), so a test can wait for a line and then for the rest."""
+
+    def __init__(self, *args: str | Path, state_dir: Path, cwd: Path) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "lightdist.cli", *map(str, args)],
+            cwd=cwd,
+            env=client_env(state_dir),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        self._reader = threading.Thread(target=self._read, name="client-output", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with self._changed:
+                self.lines.append(line)
+                self._changed.notify_all()
+        with self._changed:
+            self.lines.append("")  # the end of its output
+            self._changed.notify_all()
+
+    def output(self) -> str:
+        with self._changed:
+            return "".join(self.lines)
+
+    def wait_for(self, pattern: str, timeout: float) -> str:
+        """Its output up to and including its first line that matches ``pattern``."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                for i, line in enumerate(self.lines):
+                    if line and re.search(pattern, line):
+                        return "".join(self.lines[: i + 1])
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.lines and self.lines[-1] == ""):
+                    raise AssertionError(f"no line matching {pattern!r} within {timeout} s:\n{''.join(self.lines)}")
+                self._changed.wait(left)
+
+    def finish(self, timeout: float) -> tuple[int, str]:
+        """``(exit status, all its output)`` once it exits; killed when it runs past ``timeout``."""
+        try:
+            status = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.close()
+            raise AssertionError(f"the client did not exit within {timeout} s:\n{self.output()}") from None
+        self._reader.join(10)
+        return status, self.output()
+
+    def close(self) -> None:
+        """Kill it if it still runs, and reap it."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+        self._reader.join(10)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
 
 
 def wait_for_state(client: Client, job_id: int, states: set[str], timeout: float = 60.0) -> dict[str, Any]:

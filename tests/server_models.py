@@ -12,19 +12,29 @@ from torch.utils.data import DataLoader, TensorDataset
 
 
 class Tiny(pl.LightningModule):
-    """A linear regression; ``step_sleep`` seconds per training step make a job last long enough
-    to cancel or kill it mid-run; ``die_at_step`` makes rank 1 exit (as an OOM kill would)."""
+    """A linear regression; ``step_sleep`` seconds per training step (from step ``sleep_from_step``
+    on) make a job last long enough to cancel or kill it mid-run; ``die_at_step`` makes rank 1 exit
+    (as an OOM kill would); ``fail_at_step`` makes rank 1 raise a RuntimeError (a bug in the model)."""
 
-    def __init__(self, lr: float = 0.05, step_sleep: float = 0.0, die_at_step: int = -1) -> None:
+    def __init__(
+        self,
+        lr: float = 0.05,
+        step_sleep: float = 0.0,
+        sleep_from_step: int = 0,
+        die_at_step: int = -1,
+        fail_at_step: int = -1,
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.layer = torch.nn.Linear(4, 1)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        if self.hparams.step_sleep:
+        if self.hparams.step_sleep and self.global_step >= self.hparams.sleep_from_step:
             time.sleep(self.hparams.step_sleep)
         if self.global_step == self.hparams.die_at_step and self.global_rank == 1:
             os._exit(3)
+        if self.global_step == self.hparams.fail_at_step and self.global_rank == 1:
+            raise RuntimeError(f"Tiny fails at step {self.global_step} on rank 1")
         x, y = batch
         loss = torch.nn.functional.mse_loss(self.layer(x), y)
         self.log("train_loss", loss, prog_bar=True)

@@ -26,7 +26,7 @@ from lightdist.server._client import BadInput, Client, ServerGone
 from lightdist.server._jobs import ATTACH_GRACE_S
 from tests.cli_helpers import MARK, ROOT, assert_nothing_left
 from tests.conftest import OWNED_ELSEWHERE, pid_alive, wait_until
-from tests.server_helpers import TINY, RunningServer, start_server, stop_server, wait_for_state
+from tests.server_helpers import TINY, ClientProcess, RunningServer, start_server, stop_server, wait_for_state
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -334,12 +334,24 @@ def test_a_killed_server_takes_its_ranks_and_a_restart_keeps_the_history(tmp_pat
     follower = threading.Thread(target=follow)
     follower.start()
     assert seen_epoch.wait(60), "no checkpoint was written"
-    running.proc.kill()
-    killed = time.monotonic()
-    follower.join(10)
-    assert not follower.is_alive()
-    assert failure and isinstance(failure[0], ServerGone), failure
-    assert time.monotonic() - killed < 2.0 + 0.5, "a waiting client learns the server is gone within 2 s"
+    url = running.server.url
+    follow_cli = ["jobs", str(resumable["id"]), "--follow", "--server", f"{url}/?token={running.server.token}"]
+    cli = ClientProcess(*follow_cli, state_dir=state, cwd=tmp_path)
+    try:
+        cli.wait_for(r"lightdist: fit on 2 rank", timeout=30)  # it follows: the job's events arrive
+        running.proc.kill()
+        killed = time.monotonic()
+        follower.join(10)
+        assert not follower.is_alive()
+        assert failure and isinstance(failure[0], ServerGone), failure
+        assert time.monotonic() - killed < 2.0 + 0.5, "a waiting client learns the server is gone within 2 s"
+        status, out = cli.finish(timeout=10)
+        assert status == 1 and time.monotonic() - killed < 2.0 + 0.5, out  # lightdist jobs ID --follow, too
+    finally:
+        cli.close()
+    said = [line for line in out.splitlines() if line.startswith(f"lightdist jobs {resumable['id']}: ")]
+    assert len(said) == 1 and out.rstrip().endswith(said[0]), out  # one line, the last
+    assert said[0].startswith(f"lightdist jobs {resumable['id']}: error: ") and url in said[0], out
     assert wait_until(lambda: not any(pid_alive(pid) for pid in ranks), 5.0), "ranks outlived the server by 5 s"
     stop_server(running)
 

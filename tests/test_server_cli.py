@@ -1,13 +1,18 @@
 """The thin client (``lightdist fit ... --server``) and ``lightdist jobs`` (issue 13).
 
-Two halves. Against :class:`tests.fake_server.FakeServer` (a scripted stand-in, no pool): the flag
-grammar, the lines and exit statuses, the progress bar in a real terminal, Ctrl-C, a server that is
-not there or dies mid-job, and that the client imports neither torch nor Lightning. Against a real
-``lightdist serve`` (the ``served`` fixture): a digits fit end to end, bad input refused before
-anything is queued, Ctrl-C cancelling only that job with the ranks kept warm, and ``lightdist jobs``.
+Pure functions (the flag grammar, the progress bar a command line asks for, the job views) are
+tested as such. Everything else runs against one real ``lightdist serve`` for the module (the
+``served`` fixture; a start costs ~10-15 s) with tiny jobs (``tests.server_models.Tiny``, about a
+second each on its warm pool) and a digits fit where a shipped recipe matters: the lines and exit
+statuses of a local run, bad input refused before anything is queued, a failed rank's traceback,
+Ctrl-C (once: the job is cancelled; twice: the client stops waiting at once), ``--detach`` and
+``lightdist jobs``, the progress bar in a real terminal, and that the client imports neither torch
+nor Lightning. A server that dies under a following client is tested in test_server.py, on the
+server that test kills anyway.
 
 The client runs as ``python -m lightdist.cli`` with this checkout on ``PYTHONPATH`` (the console
-script in the venv may belong to another checkout).
+script in the venv may belong to another checkout), in a directory of its own: a job runs there,
+and Lightning refuses to overwrite a run's config.yaml.
 """
 
 from __future__ import annotations
@@ -24,30 +29,31 @@ import subprocess
 import sys
 import termios
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from lightdist.cli._jobs import config_name, detail, main_metric, table
 from lightdist.cli._remote import RemoteArgsError, RemoteOptions, progress_bar_kind, split_remote_args
-from tests.cli_helpers import CONFIGS, ROOT
+from tests.cli_helpers import CONFIGS
 from tests.conftest import OWNED_ELSEWHERE
-from tests.fake_server import FakeServer, Script, fit_script
-from tests.server_helpers import RunningServer, start_server, stop_server
+from tests.server_helpers import (
+    TINY,
+    ClientProcess,
+    RunningServer,
+    client_env,
+    start_server,
+    stop_server,
+    wait_for_state,
+)
 
 HEAVY_MODULES = ("torch", "lightning", "pytorch_lightning", "jsonargparse", "numpy")
+QUIET = ["--trainer.enable_progress_bar=false"]
+QUICK = ["--trainer.max_epochs=1", *QUIET]  # a digits fit: one epoch
 
 
-def client_env(state_dir: Path) -> dict[str, str]:
-    """The environment of a client process: this checkout first, the state dir as its default."""
-    env = {k: v for k, v in os.environ.items() if k != "XDG_STATE_HOME"}
-    env.update(PYTHONPATH=f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}", PYTHONUNBUFFERED="1")
-    env["XDG_STATE_HOME"] = str(state_dir.parent)  # find_server() reads XDG_STATE_HOME/lightdist
-    return env
-
-
-def lightdist(*args: str | Path, state_dir: Path, cwd: Path, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+def lightdist(*args: str | Path, state_dir: Path, cwd: Path, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "lightdist.cli", *map(str, args)],
         cwd=cwd,
@@ -58,58 +64,35 @@ def lightdist(*args: str | Path, state_dir: Path, cwd: Path, timeout: float = 30
     )
 
 
-def start_client(*args: str | Path, state_dir: Path, cwd: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "lightdist.cli", *map(str, args)],
-        cwd=cwd,
-        env=client_env(state_dir),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+def fresh(tmp_path: Path) -> Path:
+    """A new directory for one client and its job."""
+    directory = tmp_path / f"run{len(list(tmp_path.glob('run*')))}"
+    directory.mkdir()
+    return directory
 
 
-def read_until(proc: subprocess.Popen[str], pattern: str, timeout: float) -> str:
-    """The client's output up to and including the first line that matches ``pattern``."""
-    assert proc.stdout is not None
-    seen = ""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
-        if not ready:
-            break
-        line = proc.stdout.readline()
-        if not line:
-            break
-        seen += line
-        if re.search(pattern, line):
-            return seen
-    raise AssertionError(f"no line matching {pattern!r} within {timeout} s; output so far:\n{seen}")
+def tiny(*more: str) -> list[str]:
+    """``lightdist fit`` of the tiny model on the local server, without a progress bar."""
+    return ["fit", *TINY, *QUIET, *more, "--server"]
 
 
-@pytest.fixture
-def state_dir(tmp_path: Path) -> Path:
-    return tmp_path / "state" / "lightdist"
+def job_id_in(stderr: str) -> int:
+    found = re.search(r"job (\d+) on http", stderr)
+    assert found, stderr
+    return int(found.group(1))
 
 
-def fake(state_dir: Path, script: Script, **kwargs: bool) -> Iterator[FakeServer]:
-    server = FakeServer(state_dir, script, **kwargs)
+def kinds_of(served: RunningServer, job_id: int) -> list[str]:
+    return [kind for _, kind, _ in served.client().events(job_id)]
+
+
+def first_step(served: RunningServer, job_id: int) -> None:
+    """Returns once job ``job_id`` has made a training step (it is running, on the ranks)."""
+    events = served.client().events(job_id)
     try:
-        yield server
+        next(kind for _, kind, _ in events if kind == "train_batch")
     finally:
-        server.close()
-
-
-@pytest.fixture
-def fake_fit(state_dir: Path) -> Iterator[FakeServer]:
-    yield from fake(state_dir, fit_script())
-
-
-@pytest.fixture
-def fake_held(state_dir: Path) -> Iterator[FakeServer]:
-    """A fit that runs until it is cancelled, then finishes as cancelled."""
-    script = fit_script(exit_code=130)
-    yield from fake(state_dir, [*script[:6], ("hold", {}), *script[-3:]])
+        events.close()  # no stream left open on the server
 
 
 # --- the flag grammar (no process) ------------------------------------------------------------------
@@ -155,75 +138,47 @@ def test_the_progress_bar_is_the_one_a_local_run_would_draw(tmp_path: Path) -> N
     assert progress_bar_kind(["--config", str(quiet)]) is None
 
 
-# --- against the scripted server -----------------------------------------------------------------
-
-
-def test_a_fit_through_the_server_prints_as_a_local_run(fake_fit: FakeServer, state_dir: Path, tmp_path: Path) -> None:
-    done = lightdist(
-        "fit", "--config", "digits/pretrain-cpu", "--server", "--name", "q", state_dir=state_dir, cwd=tmp_path
-    )
-    assert done.returncode == 0, done.stderr
-    assert "lightdist: fit on 2 rank(s)" in done.stdout and "lightdist: fit metrics: " in done.stdout
-    assert f"job 1 on {fake_fit.url}" in done.stderr
-    sent = fake_fit.jobs[1]
-    assert sent["command"] == "fit" and sent["name"] == "q" and sent["attach"] is True and sent["cwd"] == str(tmp_path)
-    assert sent["args"] == ["--config", str(CONFIGS / "digits/pretrain-cpu.yaml")]  # a name made a path
-
-
-def test_the_client_imports_neither_torch_nor_lightning(fake_fit: FakeServer, state_dir: Path, tmp_path: Path) -> None:
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-X",
-            "importtime",
-            "-m",
-            "lightdist.cli",
-            "fit",
-            "--config",
-            "digits/pretrain-cpu",
-            "--server",
-        ],
-        cwd=tmp_path,
-        env=client_env(state_dir),
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert done.returncode == 0, done.stderr
-    imported = {line.split("|")[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
-    assert "lightdist.cli._remote" in imported and "lightdist._progress" in imported
-    heavy = sorted(m for m in imported if m.split(".")[0] in HEAVY_MODULES)
-    assert not heavy, f"the thin client imported {heavy}"
-
-
-def test_bad_input_is_one_line_and_exit_2(fake_fit: FakeServer, state_dir: Path, tmp_path: Path) -> None:
-    done = lightdist("fit", "--config", "digits/pretrain-cpu", "--bad", "--server", state_dir=state_dir, cwd=tmp_path)
-    assert done.returncode == 2
-    assert done.stderr == (
-        "lightdist fit: error: model.lr: Expected a <class 'float'>. Got value: fast (see: lightdist fit --help)\n"
-    )
-    assert fake_fit.jobs == {}
-
-
-def test_a_failed_rank_prints_its_traceback_and_exits_1(state_dir: Path, tmp_path: Path) -> None:
-    error = {
-        "type": "ValueError",
-        "message": "rank 1 failed: ValueError: boom",
-        "traceback": "Traceback ...\nValueError: boom\n",
+def test_job_views_from_the_api_fields() -> None:
+    job = {
+        "id": 7,
+        "name": None,
+        "kind": "cli",
+        "command": "fit",
+        "args": ["--config", str(CONFIGS / "digits/pretrain-cpu.yaml"), "--trainer.max_epochs=3"],
+        "cwd": "/home/me",
+        "state": "failed",
+        "position": None,
+        "attempt": 1,
+        "restarts": 0,
+        "created_at": 100.0,
+        "started_at": 100.5,
+        "finished_at": 112.5,
+        "metrics": {"train_loss": 0.25, "val_acc": 0.875, "val_loss": 0.5},
+        "artifacts": {"log_dir": "/home/me/runs/digits/pretrain/version_0"},
+        "error": {
+            "type": "ValueError",
+            "message": "boom",
+            "traceback": "Traceback (most recent call last):\n...",
+            "rank": 1,
+        },
+        "exit_code": 1,
     }
-    for _ in fake(state_dir, fit_script(epochs=1, exit_code=1, error=error)):
-        done = lightdist("fit", "--server", state_dir=state_dir, cwd=tmp_path)
-    assert done.returncode == 1
-    assert "lightdist fit: rank 1 failed: ValueError: boom\nTraceback ...\nValueError: boom\n" in done.stderr
+    assert main_metric(job["metrics"]) == "val_acc=0.875"  # type: ignore[arg-type]
+    assert main_metric({"train_loss": 0.25}) == "train_loss=0.25" and main_metric({}) == "-"
+    assert config_name(job["args"]) == "digits/pretrain-cpu"  # type: ignore[arg-type]
+    assert config_name(["--config=/elsewhere/mine.yaml"]) == "mine.yaml"
+    row = table([job]).splitlines()[1].split()
+    assert row == ["7", "-", "failed", "fit", "digits/pretrain-cpu", "12.0s", "val_acc=0.875"]
+    shown = detail(job)
+    assert "ran 12.0s" in shown and "waited 0.5s" in shown and "log_dir" in shown
+    assert "error     ValueError (rank 1): boom" in shown and shown.endswith("Traceback (most recent call last):\n...")
 
 
-def test_detach_prints_the_job_id_and_exits(fake_fit: FakeServer, state_dir: Path, tmp_path: Path) -> None:
-    done = lightdist("fit", "--server", fake_fit.url, "--detach", state_dir=state_dir, cwd=tmp_path)
-    assert done.returncode == 0 and done.stdout == "1\n"
-    assert "lightdist jobs 1 --follow" in done.stderr and fake_fit.jobs[1]["attach"] is False
+# --- no server -------------------------------------------------------------------------------------
 
 
-def test_no_server_is_one_line_and_exit_1(state_dir: Path, tmp_path: Path) -> None:
+def test_no_server_is_one_line_and_exit_1(tmp_path: Path) -> None:
+    state_dir = tmp_path / "state" / "lightdist"  # nothing runs from here
     done = lightdist("fit", "--config", "digits/pretrain-cpu", "--server", state_dir=state_dir, cwd=tmp_path)
     assert done.returncode == 1 and done.stderr.count("\n") == 1
     assert "no lightdist server is running" in done.stderr and "lightdist serve" in done.stderr
@@ -232,67 +187,172 @@ def test_no_server_is_one_line_and_exit_1(state_dir: Path, tmp_path: Path) -> No
     assert "http://127.0.0.1:9" in refused.stderr and "lightdist serve" in refused.stderr
 
 
-def test_ctrl_c_cancels_the_job_and_exits_130(fake_held: FakeServer, state_dir: Path, tmp_path: Path) -> None:
-    client = start_client("fit", "--server", state_dir=state_dir, cwd=tmp_path)
+# --- against a real `lightdist serve` ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """One real server for the module (a start costs seconds), in a state dir that bare ``--server``
+    finds through ``XDG_STATE_HOME``."""
+    running = start_server(tmp_path_factory.mktemp("served") / "state" / "lightdist")
+    owned = running.owned
+    OWNED_ELSEWHERE.append(owned)
     try:
-        read_until(client, r"lightdist: fit on", timeout=20)  # the job runs: events are arriving
-        client.send_signal(signal.SIGINT)
-        out = client.communicate(timeout=20)[0]
+        yield running
     finally:
-        client.kill()
-    assert client.returncode == 130, out
-    assert fake_held.cancels == [1]
-    assert "cancelling job 1" in out and out.rstrip().endswith("lightdist fit: interrupted")
+        OWNED_ELSEWHERE.remove(owned)
+        assert stop_server(running) == 0, running.output()
 
 
-def test_a_second_ctrl_c_stops_waiting_at_once(state_dir: Path, tmp_path: Path) -> None:
-    for server in fake(state_dir, [*fit_script()[:4], ("hold", {})], ignore_cancel=True):
-        client = start_client("fit", "--server", state_dir=state_dir, cwd=tmp_path)
-        try:
-            read_until(client, r"lightdist: fit on", timeout=20)
-            client.send_signal(signal.SIGINT)
-            read_until(client, r"cancelling job 1", timeout=10)
-            client.send_signal(signal.SIGINT)
-            started = time.monotonic()
-            out = client.communicate(timeout=10)[0]
-        finally:
-            client.kill()
-        assert client.returncode == 130 and time.monotonic() - started < 2, out
-        assert server.cancels == [1] and "job 1 is being cancelled" in out
+@pytest.fixture
+def background(served: RunningServer) -> Iterator[Callable[..., ClientProcess]]:
+    """``start(*args, cwd=DIR)``: a client in the background, on ``served``; every one is killed and
+    reaped when the test ends, whatever happened."""
+    started: list[ClientProcess] = []
+
+    def start(*args: str, cwd: Path) -> ClientProcess:
+        started.append(ClientProcess(*args, state_dir=served.state_dir, cwd=cwd))
+        return started[-1]
+
+    yield start
+    for client in started:
+        client.close()
 
 
-def test_a_server_that_dies_mid_job_is_one_line_within_2_s(state_dir: Path, tmp_path: Path) -> None:
-    for server in fake(state_dir, [*fit_script()[:4], ("hold", {})]):
-        client = start_client("fit", "--server", state_dir=state_dir, cwd=tmp_path)
-        try:
-            read_until(client, r"lightdist: fit on", timeout=20)
-            server.kill()
-            killed = time.monotonic()
-            out = client.communicate(timeout=10)[0]
-        finally:
-            client.kill()
-        assert client.returncode == 1 and time.monotonic() - killed < 2, out
-        last = out.rstrip().splitlines()[-1]
-        assert last.startswith("lightdist fit: error: ") and server.url in last, out
-
-
-def test_the_progress_bar_redraws_in_place_in_a_terminal(fake_fit: FakeServer, state_dir: Path, tmp_path: Path) -> None:
-    """tqdm in a pty: each epoch's bar is redrawn with carriage returns and ends on one full line."""
-    out = in_terminal(
-        ["fit", "--server", "--trainer.callbacks+=lightning.pytorch.callbacks.TQDMProgressBar"], state_dir, tmp_path
+def test_a_digits_fit_through_the_server_prints_as_a_local_run(served: RunningServer, tmp_path: Path) -> None:
+    done = lightdist(
+        "fit",
+        "--config",
+        "digits/pretrain-cpu",
+        "--server",
+        "--name",
+        "q",
+        *QUICK,
+        state_dir=served.state_dir,
+        cwd=tmp_path,
     )
+    assert done.returncode == 0, done.stdout + done.stderr + served.output()
+    assert "lightdist: fit on 2 rank(s), CPUAccelerator, PoolStrategy" in done.stdout
+    assert re.search(r"^lightdist: fit metrics: .*val_acc=", done.stdout, re.M), done.stdout
+    assert (
+        f"Final checkpoint: {tmp_path}/runs/digits/pretrain/checkpoints/last.ckpt" in done.stdout
+    )  # cwd: the client's
+    assert (tmp_path / "runs/digits/pretrain/checkpoints/last.ckpt").is_file()
+    job_id = job_id_in(done.stderr)
+    assert f"job {job_id} on {served.server.url}" in done.stderr
+    sent = served.client().job(job_id)
+    assert sent["command"] == "fit" and sent["name"] == "q" and sent["cwd"] == str(tmp_path)
+    assert sent["args"] == ["--config", str(CONFIGS / "digits/pretrain-cpu.yaml"), *QUICK]  # a name made a path
+
+
+def test_the_client_imports_neither_torch_nor_lightning(served: RunningServer, tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "lightdist.cli", *tiny()],
+        cwd=tmp_path,
+        env=client_env(served.state_dir),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    imported = {line.split("|")[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+    assert "lightdist.cli._remote" in imported and "lightdist._progress" in imported
+    heavy = sorted(m for m in imported if m.split(".")[0] in HEAVY_MODULES)
+    assert not heavy, f"the thin client imported {heavy}"
+
+
+def test_bad_input_is_one_line_exit_2_and_nothing_is_queued(served: RunningServer, tmp_path: Path) -> None:
+    before = len(served.client().jobs(limit=1000))
+    done = lightdist(
+        "fit",
+        "--config",
+        "digits/pretrain-cpu",
+        "--model.lr=fast",
+        "--server",
+        state_dir=served.state_dir,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr == (
+        "lightdist fit: error: model.lr: Expected a <class 'float'>. Got value: fast (see: lightdist fit --help)\n"
+    )
+    listed = json.loads(lightdist("jobs", "--json", state_dir=served.state_dir, cwd=tmp_path).stdout)
+    assert len(listed) == before
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_failed_rank_prints_its_traceback_and_exits_1(served: RunningServer, tmp_path: Path) -> None:
+    done = lightdist(*tiny("--model.fail_at_step=1"), state_dir=served.state_dir, cwd=fresh(tmp_path))
+    assert done.returncode == 1, done.stdout + done.stderr
+    raised = "RuntimeError: Tiny fails at step 1 on rank 1"
+    assert f"lightdist fit: rank 1 raised {raised}\nTraceback (most recent call last):\n" in done.stderr
+    assert done.stderr.endswith(f"\n{raised}\n"), done.stderr  # the rank's traceback, to its last line
+    assert served.client().job(job_id_in(done.stderr))["state"] == "failed"
+    # Rank 0 was left inside a collective: the pool replaces it, and the next job waits for that.
+    after = lightdist(*tiny(), state_dir=served.state_dir, cwd=fresh(tmp_path))
+    assert after.returncode == 0, after.stdout + after.stderr
+
+
+def test_ctrl_c_cancels_only_that_job_and_the_ranks_stay_warm(
+    served: RunningServer, background: Callable[..., ClientProcess], tmp_path: Path
+) -> None:
+    ranks = served.info()["rank_pids"]
+    long_fit = tiny("--model.step_sleep=0.2", "--trainer.max_epochs=50", "--name", "long")
+    client = background(*long_fit, cwd=fresh(tmp_path))
+    job_id = job_id_in(client.wait_for(r"job \d+ on", timeout=30))
+    first_step(served, job_id)
+    client.proc.send_signal(signal.SIGINT)
+    status, out = client.finish(timeout=30)
+    assert status == 130, out
+    assert f"cancelling job {job_id}" in out and out.rstrip().endswith("lightdist fit: interrupted"), out
+    assert served.client().job(job_id)["state"] == "cancelled"
+    kinds = kinds_of(served, job_id)
+    assert kinds.count("run_end") == kinds.count("finished") == 1, kinds  # cancelled once, ended once
+    assert served.info()["rank_pids"] == ranks  # the pool stayed warm: the same processes
+    after = lightdist(*tiny(), state_dir=served.state_dir, cwd=fresh(tmp_path))
+    assert after.returncode == 0, after.stdout + after.stderr
+    assert served.info()["rank_pids"] == ranks
+
+
+def test_a_second_ctrl_c_stops_waiting_at_once(
+    served: RunningServer, background: Callable[..., ClientProcess], tmp_path: Path
+) -> None:
+    """Step 1 sleeps 5 s, past the pool's 2 s grace for a cancelled call: the client stops waiting
+    at the second Ctrl-C, and the server then replaces the ranks that did not stop."""
+    slow = tiny("--model.step_sleep=5", "--model.sleep_from_step=1")
+    client = background(*slow, cwd=fresh(tmp_path))
+    job_id = job_id_in(client.wait_for(r"job \d+ on", timeout=30))
+    first_step(served, job_id)
+    client.proc.send_signal(signal.SIGINT)
+    client.wait_for(rf"cancelling job {job_id}", timeout=10)
+    client.proc.send_signal(signal.SIGINT)
+    started = time.monotonic()
+    status, out = client.finish(timeout=10)
+    assert status == 130 and time.monotonic() - started < 2, out
+    assert f"job {job_id} is being cancelled" in out, out  # it stopped waiting: the job had not ended
+    job = wait_for_state(served.client(), job_id, {"cancelled", "failed", "succeeded"}, timeout=30)
+    assert job["state"] == "failed", job
+    assert "did not stop within the grace period" in job["error"]["message"], job["error"]
+    after = lightdist(*tiny(), state_dir=served.state_dir, cwd=fresh(tmp_path))  # the pool is back
+    assert after.returncode == 0, after.stdout + after.stderr
+
+
+def test_the_progress_bar_redraws_in_place_in_a_terminal(served: RunningServer, tmp_path: Path) -> None:
+    """tqdm in a pty: each epoch's bar is redrawn with carriage returns and ends on one full line."""
+    bar = "--trainer.callbacks+=lightning.pytorch.callbacks.TQDMProgressBar"
+    out = in_terminal(["fit", *TINY, "--trainer.max_epochs=2", bar, "--server"], served.state_dir, tmp_path)
     assert "\r" in out
     final_lines = [line for line in out.split("\n") if "Epoch" in line]
     assert len(final_lines) == 2, out  # one line per epoch, the bar's redraws joined by \r
     for epoch, line in enumerate(final_lines):
         assert line.count(f"\rEpoch {epoch}") >= 2, line  # drawn, then redrawn over itself
-        assert "3/3" in line.split("\r")[-1], line
+        assert "4/4" in line.split("\r")[-1], line  # 64 samples / 8 per batch / 2 ranks
     assert "lightdist: fit metrics: " in out
 
 
-def test_the_rich_progress_bar_in_a_terminal(fake_fit: FakeServer, state_dir: Path, tmp_path: Path) -> None:
-    out = in_terminal(["fit", "--server"], state_dir, tmp_path)
-    assert "\x1b[" in out and "Epoch 0" in out and "Epoch 1" in out and "3/3" in out, out
+def test_the_rich_progress_bar_in_a_terminal(served: RunningServer, tmp_path: Path) -> None:
+    out = in_terminal(["fit", *TINY, "--trainer.max_epochs=2", "--server"], served.state_dir, tmp_path)
+    assert "\x1b[" in out and "Epoch 0" in out and "Epoch 1" in out and "4/4" in out, out
     assert "lightdist: fit metrics: " in out
 
 
@@ -331,148 +391,9 @@ def in_terminal(args: list[str], state_dir: Path, cwd: Path, timeout: float = 30
     return b"".join(chunks).decode(errors="replace").replace("\r\n", "\n")
 
 
-def test_jobs_lists_and_shows(fake_fit: FakeServer, state_dir: Path, tmp_path: Path) -> None:
-    assert lightdist("jobs", state_dir=state_dir, cwd=tmp_path).stdout == "no jobs\n"
-    lightdist(
-        "fit", "--config", "digits/pretrain-cpu", "--server", "--name", "quick", state_dir=state_dir, cwd=tmp_path
-    )
-    listed = lightdist("jobs", state_dir=state_dir, cwd=tmp_path)
-    assert listed.returncode == 0, listed.stderr
-    header, row = listed.stdout.splitlines()
-    assert header.split() == ["ID", "NAME", "STATE", "COMMAND", "CONFIG", "ELAPSED", "METRIC"]
-    assert row.split()[:5] == ["1", "quick", "succeeded", "fit", "digits/pretrain-cpu"]
-    shown = lightdist("jobs", "1", state_dir=state_dir, cwd=tmp_path)
-    assert shown.stdout.startswith("job 1 (quick): succeeded\n") and "--config " in shown.stdout
-    as_json = json.loads(lightdist("jobs", "1", "--json", state_dir=state_dir, cwd=tmp_path).stdout)
-    assert as_json["id"] == 1
-    missing = lightdist("jobs", "9", state_dir=state_dir, cwd=tmp_path)
-    assert missing.returncode == 1 and "no job 9" in missing.stderr
-
-
-def test_jobs_cancel_and_follow_a_detached_job(fake_held: FakeServer, state_dir: Path, tmp_path: Path) -> None:
-    detached = lightdist("fit", "--server", "--detach", state_dir=state_dir, cwd=tmp_path)
-    assert detached.returncode == 0 and detached.stdout == "1\n"
-    cancelled = lightdist("jobs", "1", "--cancel", state_dir=state_dir, cwd=tmp_path)
-    assert cancelled.returncode == 0 and cancelled.stdout.startswith("job 1: ") and fake_held.cancels == [1]
-    followed = lightdist("jobs", "1", "--follow", state_dir=state_dir, cwd=tmp_path)
-    assert followed.returncode == 130, followed.stderr  # the job's exit status, as its own client would
-    assert (
-        "lightdist: fit on 2 rank(s)" in followed.stdout and "lightdist jobs 1: job 1 was cancelled" in followed.stderr
-    )
-
-
-def test_job_views_from_the_api_fields() -> None:
-    job = {
-        "id": 7,
-        "name": None,
-        "kind": "cli",
-        "command": "fit",
-        "args": ["--config", str(CONFIGS / "digits/pretrain-cpu.yaml"), "--trainer.max_epochs=3"],
-        "cwd": "/home/me",
-        "state": "failed",
-        "position": None,
-        "attempt": 1,
-        "restarts": 0,
-        "created_at": 100.0,
-        "started_at": 100.5,
-        "finished_at": 112.5,
-        "metrics": {"train_loss": 0.25, "val_acc": 0.875, "val_loss": 0.5},
-        "artifacts": {"log_dir": "/home/me/runs/digits/pretrain/version_0"},
-        "error": {
-            "type": "ValueError",
-            "message": "boom",
-            "traceback": "Traceback (most recent call last):\n...",
-            "rank": 1,
-        },
-        "exit_code": 1,
-    }
-    assert main_metric(job["metrics"]) == "val_acc=0.875"  # type: ignore[arg-type]
-    assert main_metric({"train_loss": 0.25}) == "train_loss=0.25" and main_metric({}) == "-"
-    assert config_name(job["args"]) == "digits/pretrain-cpu"  # type: ignore[arg-type]
-    assert config_name(["--config=/elsewhere/mine.yaml"]) == "mine.yaml"
-    row = table([job]).splitlines()[1].split()
-    assert row == ["7", "-", "failed", "fit", "digits/pretrain-cpu", "12.0s", "val_acc=0.875"]
-    shown = detail(job)
-    assert "ran 12.0s" in shown and "waited 0.5s" in shown and "log_dir" in shown
-    assert "error     ValueError (rank 1): boom" in shown and shown.endswith("Traceback (most recent call last):\n...")
-
-
-# --- against a real `lightdist serve` ----------------------------------------------------------------
-
-QUICK = ["--trainer.max_epochs=1", "--trainer.enable_progress_bar=false"]
-
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    """One real server for the module (a start costs seconds), in a state dir that bare ``--server``
-    finds through ``XDG_STATE_HOME``."""
-    running = start_server(tmp_path_factory.mktemp("served") / "state" / "lightdist")
-    owned = running.owned
-    OWNED_ELSEWHERE.append(owned)
-    try:
-        yield running
-    finally:
-        OWNED_ELSEWHERE.remove(owned)
-        assert stop_server(running) == 0, running.output()
-
-
-def test_a_digits_fit_on_a_real_server(served: RunningServer, tmp_path: Path) -> None:
-    done = lightdist(
-        "fit", "--config", "digits/pretrain-cpu", "--server", *QUICK, state_dir=served.state_dir, cwd=tmp_path
-    )
-    assert done.returncode == 0, done.stdout + done.stderr + served.output()
-    assert "lightdist: fit on 2 rank(s), CPUAccelerator, PoolStrategy" in done.stdout
-    assert re.search(r"^lightdist: fit metrics: .*val_acc=", done.stdout, re.M), done.stdout
-    assert (
-        f"Final checkpoint: {tmp_path}/runs/digits/pretrain/checkpoints/last.ckpt" in done.stdout
-    )  # cwd: the client's
-    assert (tmp_path / "runs/digits/pretrain/checkpoints/last.ckpt").is_file()
-
-
-def test_bad_input_on_a_real_server_queues_nothing(served: RunningServer, tmp_path: Path) -> None:
-    before = len(served.client().jobs(limit=1000))
-    done = lightdist(
-        "fit",
-        "--config",
-        "digits/pretrain-cpu",
-        "--model.lr=fast",
-        "--server",
-        state_dir=served.state_dir,
-        cwd=tmp_path,
-    )
-    assert done.returncode == 2 and done.stdout == ""
-    assert done.stderr == (
-        "lightdist fit: error: model.lr: Expected a <class 'float'>. Got value: fast (see: lightdist fit --help)\n"
-    )
-    listed = json.loads(lightdist("jobs", "--json", state_dir=served.state_dir, cwd=tmp_path).stdout)
-    assert len(listed) == before
-    assert not (tmp_path / "runs").exists()
-
-
-def test_ctrl_c_cancels_only_that_job_and_the_ranks_stay_warm(served: RunningServer, tmp_path: Path) -> None:
-    client = served.client()
-    ranks = client.info()["rank_pids"]
-    long_fit = ["fit", "--config", "digits/pretrain-cpu", "--server", "--trainer.max_epochs=200", "--name", "long"]
-    proc = start_client(*long_fit, "--trainer.enable_progress_bar=false", state_dir=served.state_dir, cwd=tmp_path)
-    try:
-        job_id = int(re.search(r"job (\d+) on", read_until(proc, r"job \d+ on", timeout=30)).group(1))  # type: ignore[union-attr]
-        next(kind for _, kind, _ in client.events(job_id) if kind == "train_batch")  # it is training
-        proc.send_signal(signal.SIGINT)
-        out = proc.communicate(timeout=60)[0]
-    finally:
-        proc.kill()
-    assert proc.returncode == 130, out
-    assert out.rstrip().endswith("lightdist fit: interrupted"), out
-    assert client.job(job_id)["state"] == "cancelled"
-    assert client.info()["rank_pids"] == ranks  # the pool stayed warm: the same processes
-    after = lightdist(
-        "fit", "--config", "digits/pretrain-cpu", "--server", *QUICK, state_dir=served.state_dir, cwd=tmp_path
-    )
-    assert after.returncode == 0, after.stdout + after.stderr
-    assert client.info()["rank_pids"] == ranks
-
-
-def test_jobs_on_a_real_server(served: RunningServer, tmp_path: Path) -> None:
+def test_jobs_lists_and_shows(served: RunningServer, tmp_path: Path) -> None:
+    nothing = lightdist("jobs", "--state", "interrupted", state_dir=served.state_dir, cwd=tmp_path)
+    assert nothing.returncode == 0 and nothing.stdout == "no jobs\n", nothing.stderr
     done = lightdist(
         "fit",
         "--config",
@@ -485,11 +406,39 @@ def test_jobs_on_a_real_server(served: RunningServer, tmp_path: Path) -> None:
         cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr
-    job_id = served.client().jobs(limit=1)[0]["id"]
-    listed = lightdist("jobs", state_dir=served.state_dir, cwd=tmp_path).stdout.splitlines()
-    row = next(line.split() for line in listed if line.split()[0] == str(job_id))
-    assert row[1:5] == ["listed", "succeeded", "fit", "digits/pretrain-cpu"] and row[-1].startswith("val_acc="), listed
+    job_id = job_id_in(done.stderr)
+    listed = lightdist("jobs", state_dir=served.state_dir, cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    header, *rows = listed.stdout.splitlines()
+    assert header.split() == ["ID", "NAME", "STATE", "COMMAND", "CONFIG", "ELAPSED", "METRIC"]
+    row = next(line.split() for line in rows if line.split()[0] == str(job_id))
+    assert row[1:5] == ["listed", "succeeded", "fit", "digits/pretrain-cpu"] and row[-1].startswith("val_acc="), rows
     shown = lightdist("jobs", str(job_id), state_dir=served.state_dir, cwd=tmp_path)
     assert shown.returncode == 0 and shown.stdout.startswith(f"job {job_id} (listed): succeeded\n"), shown.stdout
+    assert f"--config {CONFIGS}/digits/pretrain-cpu.yaml" in shown.stdout
     assert f"last_checkpoint  {tmp_path}/runs/digits/pretrain/checkpoints/last.ckpt" in shown.stdout
     assert "metrics   train_acc=" in shown.stdout
+    as_json = json.loads(lightdist("jobs", str(job_id), "--json", state_dir=served.state_dir, cwd=tmp_path).stdout)
+    assert as_json["id"] == job_id and as_json["state"] == "succeeded"
+    missing = lightdist("jobs", "999999", state_dir=served.state_dir, cwd=tmp_path)
+    assert missing.returncode == 1 and "no job 999999" in missing.stderr
+
+
+def test_detach_then_jobs_cancel_and_follow(served: RunningServer, tmp_path: Path) -> None:
+    """``--detach`` prints the id and exits; ``lightdist jobs ID --cancel`` stops the job and
+    ``--follow`` replays it and exits with its status, as its own client would have."""
+    detached = lightdist(
+        *tiny("--model.step_sleep=0.2", "--trainer.max_epochs=50", "--detach"), state_dir=served.state_dir, cwd=tmp_path
+    )
+    assert detached.returncode == 0, detached.stderr
+    job_id = int(detached.stdout)
+    assert detached.stdout == f"{job_id}\n" and f"lightdist jobs {job_id} --follow" in detached.stderr
+    first_step(served, job_id)  # nobody follows it, and it runs: detached jobs are not cancelled
+    cancelled = lightdist("jobs", str(job_id), "--cancel", state_dir=served.state_dir, cwd=tmp_path)
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert cancelled.stdout == f"job {job_id}: running (stopping at the next batch)\n"
+    followed = lightdist("jobs", str(job_id), "--follow", state_dir=served.state_dir, cwd=tmp_path)
+    assert followed.returncode == 130, followed.stdout + followed.stderr  # the job's exit status
+    assert "lightdist: fit on 2 rank(s)" in followed.stdout
+    assert followed.stderr.rstrip().endswith(f"lightdist jobs {job_id}: job {job_id} was cancelled"), followed.stderr
+    assert served.client().job(job_id)["state"] == "cancelled"

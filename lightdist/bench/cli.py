@@ -178,7 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     load.add_argument("--clients", type=_positive, default=50, help="event-stream clients following one job")
     load.add_argument("--queued", type=_positive, default=100, help="jobs submitted behind it (then cancelled)")
-    load.add_argument("--steps", type=_positive, default=2000, help="training steps of the followed job (outlasts the queue)")
+    load.add_argument(
+        "--steps", type=_positive, default=2000, help="training steps of the followed job (outlasts the queue)"
+    )
     load.add_argument("--step-sleep", type=_seconds, default=0.02, help="seconds per step (the event rate)")
     load.set_defaults(func=_run_server_load)
     return parser

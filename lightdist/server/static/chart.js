@@ -97,7 +97,7 @@ export class LineChart {
     }
     ctx.textAlign = "center";
     ctx.textBaseline = "top";
-    for (const t of ticks(x0, x1, Math.max(2, Math.floor(plotW / 90)))) {
+    for (const t of ticks(x0, x1, Math.max(2, Math.floor(plotW / 90)), 1)) { // steps are whole numbers
       ctx.fillText(fmtNumber(t), px(t), HEIGHT - PAD.bottom + 6);
     }
     for (const s of all) {
@@ -140,8 +140,8 @@ function span(lo, hi) {
 }
 
 // Round tick values ("nice numbers": 1, 2, 5 times a power of ten) inside [lo, hi].
-function ticks(lo, hi, count) {
-  const raw = (hi - lo) / count;
+function ticks(lo, hi, count, smallest = 0) {
+  const raw = Math.max((hi - lo) / count, smallest);
   const magnitude = 10 ** Math.floor(Math.log10(raw));
   const scaled = raw / magnitude;
   const step = (scaled >= 5 ? 10 : scaled >= 2 ? 5 : scaled >= 1 ? 2 : 1) * magnitude;

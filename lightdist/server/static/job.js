@@ -57,7 +57,7 @@ function setState(next) {
 }
 
 function renderJob() {
-  const title = job.name || `${job.command} #${job.id}`;
+  const title = job.name || job.command;
   byId("job-title").textContent = `#${job.id} ${title}`;
   document.title = `${title} · lightdist`;
   setState(job.state);

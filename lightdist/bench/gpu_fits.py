@@ -113,6 +113,8 @@ def fit_once(
     after = _params(model)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     assert isinstance(trainer.strategy, PoolStrategy)
+    pool = trainer.strategy.pool()
+    assert isinstance(pool, DistributedRunner)  # a local pool (not a server's): its pids are ours to read
     return {
         "seconds": seconds,
         "global_step": trainer.global_step,
@@ -123,7 +125,7 @@ def fit_once(
         "param_sum_rank0": metrics.get("param_sum"),
         "on_cuda": metrics.get("on_cuda"),
         "out_bf16": metrics.get("out_bf16"),
-        "pids": trainer.strategy.pool().pids,
+        "pids": pool.pids,
         "driver_cuda_initialized": cuda_initialized(),
     }
 

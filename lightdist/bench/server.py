@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import statistics
 import subprocess
@@ -66,13 +67,15 @@ def _tree_pss_mib(roots: list[int]) -> float:
 
 
 def _run(args: list[str], cwd: Path, stamp: Path, server_pid: int | None = None) -> Run:
+    # XDG_STATE_HOME=cwd: a bare --server finds the bench's server (and its token) in cwd/lightdist.
     """``lightdist *args`` with the first-step stamp; time to it, total time, peak PSS (command's
     tree, plus the server's when there is one)."""
     stamp.unlink(missing_ok=True)
     extra = ["--trainer.callbacks+=lightdist.bench.server.FirstStep", f"--trainer.callbacks.path={stamp}"]
     started_wall, started = time.time(), time.perf_counter()
+    env = {**os.environ, "XDG_STATE_HOME": str(cwd)}
     proc = subprocess.Popen(
-        [LIGHTDIST, *args, *extra], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        [LIGHTDIST, *args, *extra], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     peak = 0.0
     done = threading.Event()
@@ -134,14 +137,14 @@ def _attach_seconds(state_dir: Path, repeats: int = 20) -> float:
 
 def run_server(args: argparse.Namespace) -> dict[str, Any]:
     scratch = Path(tempfile.mkdtemp(prefix="lightdist-bench-server-"))
-    state_dir = scratch / "state"
+    state_dir = scratch / "lightdist"  # the default state dir of commands run with XDG_STATE_HOME=scratch
     stamp = scratch / "first-step"
     epochs = [f"--trainer.max_epochs={args.epochs}"]
-    server, url = _start_server(state_dir, args.devices)
+    server, _ = _start_server(state_dir, args.devices)
     try:
         attach = _attach_seconds(state_dir)
         print(f"attach (connect + authenticate): {attach * 1000:.1f} ms", flush=True)
-        remote = ["fit", *_DIGITS, *epochs, "--server", url]
+        remote = ["fit", *_DIGITS, *epochs, "--server"]
         warm_up = _run(remote, scratch, stamp, server.pid)  # the first job imports the recipe in the ranks
         print(f"first job on a fresh server: {warm_up.to_first_step:.2f} s to the first step", flush=True)
         runs: dict[str, list[Run]] = {"server": [], "standalone": [], "ddp_spawn": []}

@@ -4,6 +4,8 @@
 
     lightdist fit --config configs/digits/pretrain-cpu.yaml        # LightningCLI, on the warm pool
     lightdist validate | test | predict --config ... --ckpt_path ...
+    lightdist fit --config ... --server [URL]                      # as a job on a lightdist server
+    lightdist jobs [ID]                                            # that server's jobs
     lightdist sweep --config X --grid model.lr=1e-3,1e-4            # every combination, one pool
     lightdist serve --devices 2                                    # a warm pool behind a job API
     lightdist recipes                                              # recipes and configs on disk
@@ -14,7 +16,8 @@
 ``fit / validate / test / predict`` are LightningCLI subcommands (``--config``, dotted overrides
 such as ``--trainer.max_epochs=3``, ``--print_config``) whose Trainer defaults to
 ``strategy="lightdist"``. Each subcommand module is imported only when it runs, so ``lightdist
-recipes`` answers without importing torch.
+recipes`` answers without importing torch; nor does a trainer command with ``--server`` (the thin
+client, ``_remote``) or ``lightdist jobs``.
 """
 
 from __future__ import annotations
@@ -24,10 +27,12 @@ import sys
 __all__ = ["main"]
 
 _USAGE = """\
-usage: lightdist {fit,validate,test,predict,sweep,serve,recipes,tensorboard,agent,worker,keys} ...
+usage: lightdist {fit,validate,test,predict,jobs,sweep,serve,recipes,tensorboard,agent,worker,keys} ...
 
   fit, validate, test, predict   run a LightningCLI config on a warm pool of ranks
-                                 (lightdist fit --config configs/digits/pretrain-cpu.yaml)
+                                 (lightdist fit --config configs/digits/pretrain-cpu.yaml);
+                                 with --server [URL]: as a job on a lightdist server
+  jobs                           list a server's jobs, or show, follow or cancel one
   sweep                          run every combination of --grid overrides on one pool
   serve                          keep a warm pool up and run jobs on it (docs/server.md)
   recipes                        list the recipes and configs found on disk
@@ -40,6 +45,7 @@ usage: lightdist {fit,validate,test,predict,sweep,serve,recipes,tensorboard,agen
 """
 
 TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
+_REMOTE_FLAGS = ("--server", "--name", "--detach", "--restarts")  # the thin client's (cli/_remote.py)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,6 +64,8 @@ def _main(args: list[str]) -> int:
         print(_USAGE, end="")
         return 0 if args else 2
     command, rest = args[0], args[1:]
+    if command in TRAINER_COMMANDS and any(arg.partition("=")[0] in _REMOTE_FLAGS for arg in rest):
+        return _remote(command, rest)
     if command in TRAINER_COMMANDS:
         problem = _ckpt_path_problem(rest)
         if problem is not None:
@@ -66,6 +74,10 @@ def _main(args: list[str]) -> int:
         from lightdist.cli._lightning import run_trainer_command
 
         return run_trainer_command(command, rest)
+    if command == "jobs":
+        from lightdist.cli._jobs import main as jobs_main
+
+        return jobs_main(rest)
     if command == "sweep":
         from lightdist.cli._sweep import main as sweep_main
 
@@ -94,6 +106,20 @@ def _main(args: list[str]) -> int:
         return serve_main(rest)
     print(f"lightdist: error: unknown command {command!r}\n\n{_USAGE}", end="", file=sys.stderr)
     return 2
+
+
+def _remote(command: str, args: list[str]) -> int:
+    """``lightdist COMMAND ... --server [URL]``: the job runs on the server; this process stays light."""
+    from lightdist.cli._remote import RemoteArgsError, run_remote, runs_here, split_remote_args
+
+    try:
+        options, rest = split_remote_args(args)
+    except RemoteArgsError as error:
+        print(f"lightdist {command}: error: {error} (see: lightdist {command} --help)", file=sys.stderr)
+        return 2
+    if runs_here(rest):  # --help, --print_config: the parser answers, here
+        return _main([command, *rest])
+    return run_remote(command, options, rest)
 
 
 def _ckpt_path_problem(args: list[str]) -> str | None:

@@ -2,9 +2,11 @@
 
 Rank side, :class:`EventStreamer` (a callback added to rank 0's copy of the Trainer) sends one plain
 dict per event through ``add_streaming_result``. Driver side, the launcher hands each event to the
-one progress bar the driver draws (:class:`DriverProgressBar`; the ranks' own bars are removed) and
-to an :class:`EventHub`: ``PoolStrategy(on_event=...)`` callbacks and ``async for`` consumers of
-``PoolStrategy.events()``, e.g. a service forwarding a fine-tuning job's loss as server-sent events.
+one progress bar the driver draws (:class:`DriverProgressBar`, defined in Lightning-free
+``lightdist._progress`` so that ``lightdist fit --server`` draws the same bar; the ranks' own bars are
+removed) and to an :class:`EventHub`: ``PoolStrategy(on_event=...)`` callbacks and ``async for``
+consumers of ``PoolStrategy.events()``, e.g. a service forwarding a fine-tuning job's loss as
+server-sent events.
 
 Events (every one has ``"event"``; ``step`` is ``trainer.global_step``):
 
@@ -24,13 +26,13 @@ from __future__ import annotations
 import asyncio
 import math
 import os
-import sys
 import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from lightning.pytorch.callbacks import Callback
 
+from lightdist._progress import DriverProgressBar  # re-exported: it moved to a Lightning-free module
 from lightdist.worker import DistributedWorker
 
 __all__ = ["DriverProgressBar", "EventHub", "EventStreamer"]
@@ -127,61 +129,6 @@ class EventStreamer(Callback):
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         self._report_checkpoints(trainer)
-
-
-class DriverProgressBar:
-    """The one progress bar of a pool fit, drawn by the driver from rank 0's events: tqdm, or rich
-    when the Trainer was given Lightning's ``RichProgressBar`` (as Lightning users expect)."""
-
-    def __init__(self, rich: bool = False) -> None:
-        self.rich = rich
-        self.bar: Any = None
-        self.task: Any = None
-
-    def __call__(self, event: Event) -> None:
-        kind = event["event"]
-        if kind == "epoch_start":
-            self.close()
-            self._open(f"Epoch {event['epoch']}", event["num_training_batches"])
-        elif self.bar is not None and kind in ("train_batch", "validation", "epoch_end"):
-            shown = {k: f"{v:.4g}" for k, v in event["metrics"].items() if k != "epoch"}
-            self._advance(1 if kind == "train_batch" else 0, shown)
-            if kind == "epoch_end":
-                self.close()
-
-    def _open(self, description: str, total: int | None) -> None:
-        if self.rich:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self.bar = Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                TextColumn("{task.fields[metrics]}"),
-            )
-            self.bar.start()
-            self.task = self.bar.add_task(description, total=total, metrics="")
-        else:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, desc=description, file=sys.stderr, dynamic_ncols=True, leave=True)
-
-    def _advance(self, steps: int, metrics: dict[str, str]) -> None:
-        if self.rich:
-            self.bar.update(self.task, advance=steps, metrics=" ".join(f"{k}={v}" for k, v in metrics.items()))
-        else:
-            if steps:
-                self.bar.update(steps)
-            self.bar.set_postfix(metrics, refresh=not steps)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            if self.rich:
-                self.bar.stop()
-            else:
-                self.bar.close()
-            self.bar = None
 
 
 class EventHub:

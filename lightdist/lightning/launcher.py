@@ -19,10 +19,10 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightdist import protocol
+from lightdist._progress import DriverProgressBar
 from lightdist.errors import PayloadError, WorkerDiedError
 from lightdist.lightning import _compat
 from lightdist.lightning.checkpoint_io import remove_stale_temp_files
-from lightdist.lightning.events import DriverProgressBar
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl

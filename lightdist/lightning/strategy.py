@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 import warnings
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -27,6 +27,9 @@ from lightdist.lightning.environment import PoolEnvironment
 from lightdist.lightning.events import EventHub
 from lightdist.lightning.launcher import _PoolLauncher
 from lightdist.runner import DistributedRunner
+
+if TYPE_CHECKING:
+    from lightdist.lightning._remote import RemoteRunner
 
 __all__ = ["PoolStrategy"]
 
@@ -44,10 +47,19 @@ class PoolStrategy(DDPStrategy):
         trainer = Trainer(strategy="lightdist", accelerator="cpu", devices=2, max_epochs=3)
         trainer.fit(model, datamodule=dm)      # first call starts the pool; later ones reuse it
 
+        # the warm pool of a `lightdist serve` process instead of one of this process's own
+        trainer = Trainer(strategy=PoolStrategy(server="http://127.0.0.1:8765"), accelerator="cpu", devices=2)
+
     Args:
         runner: an explicit pool (a started or unstarted ``DistributedRunner`` of
             :class:`~lightdist.lightning.TrainerWorker`); by default a process-wide pool per
             (world size, accelerator) is used.
+        server: run on a lightdist server's pool (see ``docs/server.md``): its URL
+            (``http://HOST:PORT``, ``?token=...`` allowed), or ``"auto"`` for the one running from
+            this host's default state directory. The calls queue behind the server's other jobs;
+            the results land in this Trainer and model as with a local pool. Nothing connects
+            until the Trainer is built (its layout is checked against the server's).
+        token: the server's token (default: the URL's ``?token=``, else this host's token file).
         on_event: called in the driver with each progress event of rank 0 while a call runs
             (see :mod:`lightdist.lightning.events`); :meth:`events` is the ``async for`` form.
         max_restarts: when a rank dies during ``fit``, resume the fit from its last checkpoint
@@ -61,9 +73,11 @@ class PoolStrategy(DDPStrategy):
 
     def __init__(
         self,
-        runner: DistributedRunner | None = None,
+        runner: DistributedRunner | RemoteRunner | None = None,
         on_event: Callable[[dict[str, Any]], None] | None = None,
         max_restarts: int = 0,
+        server: str | None = None,
+        token: str | None = None,
         **kwargs: Any,
     ) -> None:
         if isinstance(max_restarts, bool) or not isinstance(max_restarts, int) or max_restarts < 0:
@@ -77,14 +91,22 @@ class PoolStrategy(DDPStrategy):
                     "DistributedRunner(timeout=..., backend=...) for an explicit pool instead)",
                     stacklevel=2,
                 )
-        if runner is not None and not issubclass(runner.worker_cls, TrainerWorker):
+        if server is not None:
+            if runner is not None:
+                raise ValueError("PoolStrategy takes runner= or server=, not both")
+            from lightdist.lightning._remote import RemoteRunner
+
+            runner = RemoteRunner(server, token=token)  # connects on first use, not here
+        elif token is not None:
+            raise ValueError("PoolStrategy(token=...) goes with server=URL")
+        if isinstance(runner, DistributedRunner) and not issubclass(runner.worker_cls, TrainerWorker):
             raise TypeError(
                 f"PoolStrategy(runner=...) needs a pool of lightdist.lightning.TrainerWorker, not "
                 f"{runner.worker_cls.__qualname__}"
             )
         kwargs.setdefault("cluster_environment", PoolEnvironment())
         super().__init__(**kwargs)
-        self._runner = runner
+        self._runner: DistributedRunner | RemoteRunner | None = runner
         self.hub = EventHub()
         if on_event is not None:
             self.hub.listeners.append(on_event)
@@ -117,23 +139,48 @@ class PoolStrategy(DDPStrategy):
 
     def _check_layout(self) -> None:
         world = self.num_nodes * self.num_processes
-        if self.num_nodes != 1 and (self._runner is None or self._runner.nodes != self.num_nodes):
+        if self._runner is not None and not isinstance(self._runner, DistributedRunner):
+            self._check_server_layout(self._runner, world)
+        else:
+            self._check_pool_layout(self._runner, world)
+        if isinstance(self.cluster_environment, PoolEnvironment):
+            self.cluster_environment._expected_world_size = world
+
+    def _check_pool_layout(self, runner: DistributedRunner | None, world: int) -> None:
+        if self.num_nodes != 1 and (runner is None or runner.nodes != self.num_nodes):
             raise ValueError(
                 f"num_nodes={self.num_nodes} needs a pool attached across that many hosts: "
                 f"PoolStrategy(runner=DistributedRunner(TrainerWorker, world_size={world}, "
                 f"nodes={self.num_nodes}, listen='tcp://ADDR:PORT', key_file=...)) and one "
                 "'lightdist agent' per host (see docs/multinode.md)"
             )
-        if self._runner is not None and self._runner.world_size != world:
+        if runner is not None and runner.world_size != world:
             raise ValueError(
                 f"the Trainer asks for {world} devices but the pool passed as runner= has "
-                f"{self._runner.world_size} ranks; use devices={self._runner.world_size}"
+                f"{runner.world_size} ranks; use devices={runner.world_size}"
             )
-        if isinstance(self.cluster_environment, PoolEnvironment):
-            self.cluster_environment._expected_world_size = world
 
-    def pool(self) -> DistributedRunner:
-        """The started pool this strategy runs on (starts the shared one on first use)."""
+    def _check_server_layout(self, server: RemoteRunner, world: int) -> None:
+        # The server's pool is what it is: say which Trainer arguments run on it.
+        accelerator = self._device_type()
+        if server.accelerator != accelerator:
+            raise ValueError(
+                f"the server at {server.url} runs its ranks on {server.accelerator}, but the Trainer asks for "
+                f"{accelerator}; use accelerator={server.accelerator!r}"
+            )
+        if server.nodes != self.num_nodes or server.world_size != world:
+            per_node = server.world_size // max(server.nodes, 1)
+            nodes = f", num_nodes={server.nodes}" if server.nodes != 1 else ""
+            raise ValueError(
+                f"the Trainer asks for {world} devices but the server at {server.url} runs "
+                f"{server.world_size} ranks; use devices={per_node}{nodes}"
+            )
+
+    def pool(self) -> DistributedRunner | RemoteRunner:
+        """The started pool this strategy runs on (starts the shared one on first use), or the
+        server's (``server=``), which the server keeps started."""
+        if self._runner is not None and not isinstance(self._runner, DistributedRunner):
+            return self._runner
         if self._runner is None:
             accelerator = "cuda" if self._device_type() == "cuda" else "cpu"
             key = (self.num_processes, accelerator)

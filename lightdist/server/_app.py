@@ -89,16 +89,16 @@ def build_app(
         body = await _json_body(request)
         command, args, cwd, name, restarts, attach = _job_request(body)
 
-        def validate() -> None:
+        def validate() -> Any:
             from lightdist.server._cli_job import validate_cli_job
 
             # The client sends its config paths absolute; its own modules (--model mymod.Net) are
             # found as the job will find them, from its directory.
             with validation_lock, _importable_from(cwd):
-                validate_cli_job(command, args, executor.layout)
+                return validate_cli_job(command, args, executor.layout)
 
         try:
-            await run_in_threadpool(validate)
+            prepared = await run_in_threadpool(validate)
         except ConfigError as error:
             raise HTTPException(400, str(error)) from None
         job = await run_in_threadpool(
@@ -110,6 +110,7 @@ def build_app(
             name=name,
             restarts=restarts,
             attach=attach,
+            prepared=prepared,
         )
         return JSONResponse(job, status_code=201)
 

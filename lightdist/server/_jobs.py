@@ -30,6 +30,8 @@ ATTACH_GRACE_S = 3.0
 # Results of Python-client calls wait this long for their client to fetch them.
 RESULT_TTL_S = 600.0
 _SHUTDOWN = "the server is shutting down"
+# Queued command lines that keep their parse from submission; the rest are parsed when they run.
+MAX_PREPARED = 4
 
 
 class JobNotFound(KeyError):
@@ -50,6 +52,7 @@ class _Live:
     alone_since: float | None = None
     cancel: str | None = None  # why cancellation was asked for, once it was
     blob: bytes | None = None  # a Python-client call's pickled Trainer call, until it runs
+    prepared: Any = None  # a command line's parse from its validation (see _cli_job.Prepared)
     # The running job's last step and metrics, for job lists (the dashboard's progress column)
     # without reading its events back: replaced, never appended to.
     progress: dict[str, Any] | None = None
@@ -138,12 +141,21 @@ class Executor:
         restarts: int = 0,
         attach: bool = False,
         blob: bytes | None = None,
+        prepared: Any = None,
     ) -> dict[str, Any]:
         with self._lock:
             if self._stopping:
                 raise JobConflict("the server is shutting down")
             job = self.store.add_job(name=name, kind=kind, command=command, args=args, cwd=cwd, restarts=restarts)
-            live = _Live(job["id"], attached=attach, blob=blob, alone_since=time.monotonic() if attach else None)
+            if sum(live.prepared is not None for live in self._live.values()) >= MAX_PREPARED:
+                prepared = None  # a parse holds a parser (MBs): a long queue parses again when its turn comes
+            live = _Live(
+                job["id"],
+                attached=attach,
+                blob=blob,
+                prepared=prepared,
+                alone_since=time.monotonic() if attach else None,
+            )
             self._live[job["id"]] = live
             self._queue.append(job["id"])
             position = len(self._queue)
@@ -257,7 +269,7 @@ class Executor:
                 if job["kind"] == "call":
                     outcome = self._run_call(live, on_raw)
                 else:
-                    outcome = self._run_cli(job, on_raw)
+                    outcome = self._run_cli(job, on_raw, live)
         except BaseException as exc:  # noqa: BLE001 - a bug in the server's own code fails the job, not the server
             from lightdist.server._cli_job import JobOutcome, _error_dict
 
@@ -273,7 +285,7 @@ class Executor:
             state = "cancelled"  # cancelled after its last step: the work is done but it was not wanted
         self._finish(job_id, state, outcome.exit_code, outcome.error, outcome.metrics, outcome.artifacts)
 
-    def _run_cli(self, job: dict[str, Any], on_raw: Callable[[dict[str, Any]], None]) -> Any:
+    def _run_cli(self, job: dict[str, Any], on_raw: Callable[[dict[str, Any]], None], live: _Live) -> Any:
         from lightdist.server._cli_job import run_cli_job
 
         def on_trainer(trainer: Any) -> None:
@@ -286,11 +298,12 @@ class Executor:
             lambda kind, fields: self.event(job["id"], kind, fields),
             on_trainer,
             resumed=job["attempt"] > 0,  # attempts before this one (read before it started)
+            prepared=live.prepared,
         )
 
     def _run_call(self, live: _Live, on_raw: Callable[[dict[str, Any]], None]) -> Any:
-        from lightdist.lightning._remote import execute_call
-        from lightdist.server._cli_job import JobOutcome, _error_dict
+        from lightdist.lightning._remote import error_record, execute_call
+        from lightdist.server._cli_job import JobOutcome
 
         blob, live.blob = live.blob, None
         outcome = JobOutcome()
@@ -298,7 +311,8 @@ class Executor:
             result, interrupted = execute_call(blob or b"", self.pool.runner, on_raw)
         except Exception as exc:  # noqa: BLE001 - the client re-raises it from the job's error
             outcome.exit_code = 1
-            outcome.error = _error_dict(exc, None)
+            # What the client needs to raise the same WorkerError / WorkerDiedError a local pool would.
+            outcome.error = error_record(exc)
             return outcome
         if interrupted:
             outcome.exit_code = 130

@@ -81,6 +81,12 @@ def _run_server(args: argparse.Namespace) -> dict[str, Any]:
     return run_server(args)
 
 
+def _run_server_load(args: argparse.Namespace) -> dict[str, Any]:
+    from lightdist.bench.server_load import run_server_load  # starts a lightdist serve: only for this subcommand
+
+    return run_server_load(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     description = "lightdist benchmarks: each number next to a baseline measured in the same run"
     parser = argparse.ArgumentParser(prog="python -m lightdist.bench", description=description)
@@ -166,6 +172,17 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--epochs", type=_positive, default=2, help="max_epochs of each digits fit")
     server.add_argument("--devices", type=_positive, default=2, help="ranks of the server and of every command")
     server.set_defaults(func=_run_server)
+    # Temporary home of the load part of `server` (issue 14): to be folded into `server --clients N`.
+    load = commands.add_parser(
+        "server-load", parents=[common], help="lightdist serve: N event-stream clients on one job, a queue of jobs"
+    )
+    load.add_argument("--clients", type=_positive, default=50, help="event-stream clients following one job")
+    load.add_argument("--queued", type=_positive, default=100, help="jobs submitted behind it (then cancelled)")
+    load.add_argument(
+        "--steps", type=_positive, default=2000, help="training steps of the followed job (outlasts the queue)"
+    )
+    load.add_argument("--step-sleep", type=_seconds, default=0.02, help="seconds per step (the event rate)")
+    load.set_defaults(func=_run_server_load)
     return parser
 
 

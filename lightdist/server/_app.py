@@ -11,10 +11,9 @@ import asyncio
 import contextlib
 import json
 import os
-import secrets
 import sys
 import threading
-import urllib.parse
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -24,9 +23,11 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp
 
 from lightdist.errors import ConfigError
+from lightdist.server._auth import TokenGate
+from lightdist.server._dashboard import dashboard_routes
 from lightdist.server._jobs import Executor, JobConflict, JobNotFound
 from lightdist.server._openapi import openapi_document
 from lightdist.server._store import JOB_STATES
@@ -69,34 +70,6 @@ class Notifier:
             return True
         except asyncio.TimeoutError:
             return False
-
-
-class TokenGate:
-    """ASGI middleware: 401 for any request without the server's token (``Authorization: Bearer``,
-    or ``?token=`` for links), compared in constant time."""
-
-    def __init__(self, app: ASGIApp, token: str) -> None:
-        self.app = app
-        self._expected = token.encode()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and not self._allowed(scope):
-            response = JSONResponse(
-                {"error": "unauthorized", "message": "this server needs its token (Authorization: Bearer TOKEN)"},
-                status_code=401,
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-            await response(scope, receive, send)
-            return
-        await self.app(scope, receive, send)
-
-    def _allowed(self, scope: Scope) -> bool:
-        for name, value in scope["headers"]:
-            if name == b"authorization" and value.startswith(b"Bearer "):
-                return secrets.compare_digest(value[7:].strip(), self._expected)
-        query = urllib.parse.parse_qs(scope.get("query_string", b"").decode(errors="replace"))
-        given = query.get("token", [""])[0].encode()
-        return bool(given) and secrets.compare_digest(given, self._expected)
 
 
 def build_app(
@@ -167,7 +140,8 @@ def build_app(
         if state is not None and state not in JOB_STATES:
             raise HTTPException(400, f"state must be one of {', '.join(JOB_STATES)}, not {state!r}")
         limit = _int(request.query_params.get("limit", "50"), "limit", 1, 1000)
-        return JSONResponse({"jobs": await run_in_threadpool(executor.jobs, state, limit)})
+        jobs = await run_in_threadpool(executor.jobs, state, limit)
+        return JSONResponse({"jobs": jobs, "now": time.time()})  # the server's clock, for elapsed times
 
     async def show_job(request: Request) -> JSONResponse:
         return JSONResponse(await run_in_threadpool(_job_or_404, executor, request))
@@ -213,6 +187,7 @@ def build_app(
         Route("/v1/jobs/{job_id:int}/events", job_events, methods=["GET"]),
         Route("/v1/jobs/{job_id:int}/result", job_result, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
+        *dashboard_routes(executor),
     ]
     app = Starlette(
         routes=routes,

@@ -53,6 +53,9 @@ class _Live:
     cancel: str | None = None  # why cancellation was asked for, once it was
     blob: bytes | None = None  # a Python-client call's pickled Trainer call, until it runs
     prepared: Any = None  # a command line's parse from its validation (see _cli_job.Prepared)
+    # The running job's last step and metrics, for job lists (the dashboard's progress column)
+    # without reading its events back: replaced, never appended to.
+    progress: dict[str, Any] | None = None
 
 
 class Executor:
@@ -205,7 +208,9 @@ class Executor:
     def describe(self, job: dict[str, Any]) -> dict[str, Any]:
         with self._lock:
             position = self._queue.index(job["id"]) + 1 if job["id"] in self._queue else None
-        return {**job, "position": position}
+            live = self._live.get(job["id"])
+            progress = live.progress if live is not None else None
+        return {**job, "position": position, "progress": progress}
 
     def status(self) -> tuple[int, int | None]:
         with self._lock:
@@ -255,6 +260,8 @@ class Executor:
             total = steps.see(raw)
             if kind == "train_batch":
                 fields["total_steps"] = total
+            if kind in ("train_batch", "validation"):
+                live.progress = _progress(live.progress, fields)
             self.event(job_id, kind, fields)
 
         try:
@@ -395,6 +402,18 @@ def _resume_args(command: str, args: list[str]) -> list[str]:
         elif not arg.startswith("--ckpt_path="):
             kept.append(arg)
     return [*kept, "--ckpt_path=last"]
+
+
+def _progress(previous: dict[str, Any] | None, fields: dict[str, Any]) -> dict[str, Any]:
+    """A job's progress after a ``train_batch`` or ``validation`` event: step, total, epoch, and
+    the latest value of every metric seen so far (validation metrics stay until the next one)."""
+    before = previous or {}
+    return {
+        "step": fields.get("step", before.get("step")),
+        "total_steps": fields.get("total_steps", before.get("total_steps")),
+        "epoch": fields.get("epoch", before.get("epoch")),
+        "metrics": {**before.get("metrics", {}), **fields.get("metrics", {})},
+    }
 
 
 def _interrupted_error() -> dict[str, Any]:

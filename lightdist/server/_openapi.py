@@ -70,6 +70,10 @@ _SCHEMAS: dict[str, Any] = {
                 },
             },
             "exit_code": {"type": ["integer", "null"], "description": "as a local lightdist command: 0, 1, 2, 130"},
+            "progress": {
+                "type": ["object", "null"],
+                "description": "while running: step, total_steps, epoch, latest metrics",
+            },
         },
     },
 }
@@ -140,6 +144,25 @@ def openapi_document() -> dict[str, Any]:
                         {"name": "attach", "in": "query", "schema": {"enum": ["0", "1"]}},
                     ],
                     "responses": {"200": {"description": "events", "content": {"text/event-stream": {}}}, **_ERRORS},
+                }
+            },
+            "/v1/configs": {
+                "get": {
+                    "summary": "the shipped configs (lightdist recipes): name, command, description",
+                    "responses": {"200": _json({"type": "object"}, "configs")},
+                }
+            },
+            "/v1/jobs/{job_id}/artifacts/{name}": {
+                "get": {
+                    "summary": "download a file artifact: last_checkpoint, best_checkpoint or predictions_file",
+                    "parameters": [
+                        _JOB_ID,
+                        {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}},
+                    ],
+                    "responses": {
+                        "200": {"description": "the file", "content": {"application/octet-stream": {}}},
+                        **_ERRORS,
+                    },
                 }
             },
             "/v1/jobs/{job_id}/result": {

@@ -33,6 +33,7 @@ DEFAULT_PORT = 8765
 _LOCK_FILE = "server.lock"
 _LOG_FILE = "server.log"
 _DB_FILE = "jobs.db"
+_RUNS_DIR = "runs"  # the dashboard's default working directory for the jobs it submits
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -52,6 +53,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--max-call-bytes", type=int, default=16 << 30, help="largest Python-client call accepted (default 16 GiB)"
+    )
+    parser.add_argument(
+        "--tensorboard-url",
+        default=None,
+        metavar="URL",
+        help="a TensorBoard serving this server's runs (lightdist tensorboard): the dashboard links to it",
     )
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--background", action="store_true", help="start in the background, print its URL and return")
@@ -123,6 +130,8 @@ def _run(args: argparse.Namespace, state_dir: Path, token: str, sock: socket.soc
     executor = Executor(store, pool, layout, notifier.notify, ready)
     executor.recover()
     started_at = time.time()
+    runs_dir = state_dir / _RUNS_DIR
+    runs_dir.mkdir(exist_ok=True)
 
     def info() -> dict[str, Any]:
         queued, running = executor.status()
@@ -138,6 +147,8 @@ def _run(args: argparse.Namespace, state_dir: Path, token: str, sock: socket.soc
             "running": running,
             "rank_pids": pool.rank_pids(),
             "state_dir": str(state_dir),
+            "runs_dir": str(runs_dir),
+            "tensorboard_url": args.tensorboard_url,
             "started_at": started_at,
         }
 

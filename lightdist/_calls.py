@@ -65,6 +65,7 @@ class PendingCall:
     reply: tuple[Any, dict[str, Any], tuple[Any, ...], bytes, dict[int, Any]] | None = None  # rank 0's RESULT
     failed: bool = False  # a terminal error was already delivered
     cancelled: bool = False
+    patient: bool = False  # interrupted without a deadline: the grace starts only once a rank has left
     failed_at: float | None = None  # when it failed or was cancelled: the grace period starts
     rebuild: bool = False  # an error came from inside torch.distributed: rebuild the group after
     held: tuple[float, BaseException] | None = None  # a collective's error, held until this time

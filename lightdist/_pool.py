@@ -376,13 +376,26 @@ class Pool:
                 call.finished.set()
         return call
 
-    def interrupt(self, call: PendingCall) -> None:
+    def interrupt(self, call: PendingCall, patient: bool = False) -> None:
         """Ask the ranks to stop ``call`` (they see ``cancelled``) but still deliver its reply:
         cooperative code returns what it has (an interrupted fit returns its state so far). Ranks
-        still in the call after the grace period are replaced and the caller gets TimeoutError."""
+        still in the call after the grace period are replaced and the caller gets TimeoutError.
+
+        ``patient``: nobody is replaced for being slow (a training step may take minutes); the
+        grace period starts only once some rank has left the call, as for :meth:`cancel`."""
         with self._lock:
-            if call is self.current and not call.finished.is_set():
+            if call is not self.current or call.finished.is_set():
+                return
+            if not patient:
                 self._stop_running(call)
+                return
+            call.patient = True
+            live = call.pending - self.recovery.dead
+            if live:
+                self._send_to(Kind.CANCEL, call.id, [], live)
+            if len(call.pending) < self.world_size and call.failed_at is None:
+                call.failed_at = time.monotonic()  # some rank already left the call
+                self._io_waker.wake()
 
     def cancel(self, call: PendingCall) -> None:
         """The caller gave up on ``call`` (timeout, task cancelled, Ctrl-C, stream closed).
@@ -676,7 +689,7 @@ class Pool:
                 else:
                     digests = payload[2] if bulk else b""
                     call.reply = (payload[1], manifest, bulk, digests, ready)
-        if call.cancelled and call.failed_at is None and call.pending:
+        if (call.cancelled or call.patient) and call.failed_at is None and call.pending:
             # A rank left the cancelled call: the others can no longer meet it in a collective.
             call.failed_at = time.monotonic()  # their grace period starts (see _grace_timer)
             self._io_waker.wake()

@@ -445,18 +445,20 @@ class DistributedRunner:
             except KeyboardInterrupt:  # while unpickling the result: it is still here, try again
                 interrupted = True
 
-    def interrupt(self) -> bool:
+    def interrupt(self, force: bool = False) -> bool:
         """Ask the call running now to stop, as Ctrl-C in its caller would; safe from any thread.
 
         The ranks see ``cancelled`` and the caller still gets the call's reply (an interrupted
-        Lightning fit returns its state so far); ranks still inside after ``grace_period`` are
-        replaced. Returns whether a call was running. A server cancels a job this way while the
-        job's own thread waits in :meth:`invoke_interruptible`."""
+        Lightning fit returns its state so far). Nobody is replaced for being slow: a rank gets
+        ``grace_period`` only once another rank has left the call (it would wait for it in a
+        collective forever). ``force``: replace ranks still inside ``grace_period`` from now, as
+        a second request to stop deserves. Returns whether a call was running. A server cancels a
+        job this way while the job's own thread waits in :meth:`invoke_interruptible`."""
         pool = self._pool
         call = pool.current if pool is not None else None
         if pool is None or call is None:
             return False
-        pool.interrupt(call)
+        pool.interrupt(call, patient=not force)
         return True
 
     async def stream(

@@ -225,6 +225,34 @@ def test_cancel_stops_a_running_job_and_the_ranks_stay_warm(server: RunningServe
     assert server.info()["rank_pids"] == ranks
 
 
+def test_a_slow_step_is_never_cut_short_but_a_second_cancel_replaces_its_ranks(
+    server: RunningServer, tmp_path: Path
+) -> None:
+    client = server.client()
+    ranks = server.info()["rank_pids"]
+    slow = _tiny(client, tmp_path, "--model.step_sleep=4", "--model.sleep_from_step=1")
+    for _, kind, _ in client.events(slow["id"]):
+        if kind == "train_batch":
+            break
+    client.cancel(slow["id"])  # lands inside the 4 s step: the ranks finish it, then stop together
+    assert wait_for_state(client, slow["id"], {"cancelled", "failed", "succeeded"}, 30)["state"] == "cancelled"
+    assert server.info()["rank_pids"] == ranks
+    stuck = _tiny(client, tmp_path, "--model.step_sleep=30", "--model.sleep_from_step=1")
+    for _, kind, _ in client.events(stuck["id"]):
+        if kind == "train_batch":
+            break
+    client.cancel(stuck["id"])
+    started = time.monotonic()
+    client.cancel(stuck["id"])  # again: whoever is still inside a step after the grace period is replaced
+    job = wait_for_state(client, stuck["id"], {"cancelled", "failed", "succeeded"}, 30)
+    assert job["state"] == "cancelled" and job["exit_code"] == 130, job
+    assert time.monotonic() - started < 15
+    assert "grace period" in job["error"]["message"], job["error"]
+    after = _tiny(client, tmp_path)
+    assert wait_for_state(client, after["id"], {"succeeded", "failed"}, 90)["state"] == "succeeded"
+    assert server.info()["rank_pids"] != ranks
+
+
 _ATTACHED_CLIENT = """
 import sys
 from lightdist.server._client import Client, find_server

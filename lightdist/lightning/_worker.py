@@ -98,7 +98,9 @@ class _StopWhenCancelled(Callback):
             )
             dist.all_reduce(per_batch, op=dist.ReduceOp.MAX)
             self.interval = max(1, min(1000, int(self.CHECK_EVERY_S / max(per_batch.item(), 1e-6))))
-        if self.batches >= self.CALIBRATION_BATCHES and self.batches % self.interval == 0:
+        # Every batch until calibrated (a slow model's first batches may take minutes each), then
+        # every `interval`; all ranks count the same batches, so they all-reduce at the same ones.
+        if self.batches <= self.CALIBRATION_BATCHES or self.batches % self.interval == 0:
             flag = torch.tensor([1 if self.worker.cancelled else 0], device=trainer.strategy.root_device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             if flag.item():

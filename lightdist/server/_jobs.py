@@ -124,7 +124,7 @@ class Executor:
                 self._live[running].cancel = _SHUTDOWN
             self._lock.notify_all()
         if running is not None:
-            self.pool.interrupt()
+            self.pool.interrupt(force=True)  # stopping: ranks still in a step after the grace are replaced
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
@@ -169,7 +169,8 @@ class Executor:
             if live is None:
                 job = self.job(job_id)  # raises JobNotFound
                 raise JobConflict(f"job {job_id} already finished ({job['state']})")
-            if live.cancel is None:
+            again = live.cancel is not None
+            if not again:
                 live.cancel = reason
             queued = job_id in self._queue
             if queued:
@@ -177,7 +178,10 @@ class Executor:
         if queued:
             self._finish(job_id, "cancelled", exit_code=130, error=None)
         else:
-            self.pool.interrupt()  # no call in flight yet: the job's first event asks again
+            # The first cancel waits for the ranks to reach a batch they agree on, however long a
+            # step takes; a second one replaces ranks still inside after the grace period.
+            # No call in flight yet: the job's first event asks again.
+            self.pool.interrupt(force=again)
         return self.job(job_id)
 
     def attach(self, job_id: int) -> None:
@@ -280,10 +284,12 @@ class Executor:
             self.store.update(job_id, metrics=outcome.metrics, artifacts=outcome.artifacts)
             self._interrupted(job_id)
             return
-        state = outcome.state
-        if live.cancel is not None and state == "succeeded":
-            state = "cancelled"  # cancelled after its last step: the work is done but it was not wanted
-        self._finish(job_id, state, outcome.exit_code, outcome.error, outcome.metrics, outcome.artifacts)
+        state, exit_code = outcome.state, outcome.exit_code
+        if live.cancel is not None:
+            # Asked to stop, and stopped: after its last step, at a batch, or with its ranks replaced
+            # after a second cancel (the error, if any, stays on the job).
+            state, exit_code = "cancelled", 130
+        self._finish(job_id, state, exit_code, outcome.error, outcome.metrics, outcome.artifacts)
 
     def _run_cli(self, job: dict[str, Any], on_raw: Callable[[dict[str, Any]], None], live: _Live) -> Any:
         from lightdist.server._cli_job import run_cli_job

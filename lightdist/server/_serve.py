@@ -221,8 +221,8 @@ class _PoolStarter:
         self.state = "ready"
         return True
 
-    def interrupt(self) -> bool:
-        return bool(self.runner is not None and self.runner.interrupt())
+    def interrupt(self, force: bool = False) -> bool:
+        return bool(self.runner is not None and self.runner.interrupt(force=force))
 
     def rank_pids(self) -> dict[int, int]:
         return dict(self.runner.pids) if self.runner is not None and self.runner.is_alive() else {}

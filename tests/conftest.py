@@ -160,6 +160,24 @@ def shared_lightning_pool(strategy_module: Any, worker_cls: type[DistributedWork
         strategy_module._pools.clear()
 
 
+@pytest.fixture(scope="session")
+def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """One real ``lightdist serve`` (2 CPU ranks) for every server test module: a start costs
+    10-15 s. Its state dir is STATE/lightdist, so a client with XDG_STATE_HOME=STATE finds it with a
+    bare ``--server``. Tests must not assume an empty server or particular rank pids from before
+    they ran (read them at the start)."""
+    from tests.server_helpers import start_server, stop_server
+
+    running = start_server(tmp_path_factory.mktemp("shared-server") / "state" / "lightdist")
+    owned = running.owned
+    OWNED_ELSEWHERE.append(owned)
+    try:
+        yield running
+    finally:
+        OWNED_ELSEWHERE.remove(owned)
+        assert stop_server(running) == 0, running.output()
+
+
 @pytest.fixture(scope="module")
 def echo_pool() -> Iterator[DistributedRunner]:
     """A 2-rank pool shared by a module's tests (start costs seconds; calls cost microseconds)."""

@@ -12,11 +12,11 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,22 +25,16 @@ import pytest
 from lightdist.server._client import BadInput, Client, ServerGone
 from lightdist.server._jobs import ATTACH_GRACE_S
 from tests.cli_helpers import MARK, ROOT, assert_nothing_left
-from tests.conftest import OWNED_ELSEWHERE, pid_alive, wait_until
+from tests.conftest import pid_alive, wait_until
 from tests.server_helpers import TINY, ClientProcess, RunningServer, start_server, stop_server, wait_for_state
 
 pytestmark = pytest.mark.timeout(240)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    running = start_server(tmp_path_factory.mktemp("server"))
-    owned = running.owned
-    OWNED_ELSEWHERE.append(owned)
-    try:
-        yield running
-    finally:
-        OWNED_ELSEWHERE.remove(owned)
-        assert stop_server(running) == 0, running.output()
+@pytest.fixture
+def server(shared_server: RunningServer) -> RunningServer:
+    """The session's server (tests/conftest.py)."""
+    return shared_server
 
 
 def _raw(
@@ -66,9 +60,8 @@ def _auth(running: RunningServer, **more: str) -> dict[str, str]:
 
 def _tiny(client: Client, cwd: Path, *more: str, **kwargs: Any) -> dict[str, Any]:
     """A tiny fit in a fresh directory under ``cwd`` (Lightning refuses to overwrite a run's config.yaml)."""
-    directory = cwd / f"run{len(list(cwd.glob('run*')))}"
-    directory.mkdir()
-    return client.submit("fit", [*TINY, *more], cwd=str(directory), **kwargs)
+    directory = tempfile.mkdtemp(prefix="run", dir=cwd)  # unique also when two threads submit at once
+    return client.submit("fit", [*TINY, *more], cwd=directory, **kwargs)
 
 
 # --- security and hostile input ----------------------------------------------------------------

@@ -37,14 +37,11 @@ import pytest
 from lightdist.cli._jobs import config_name, detail, main_metric, table
 from lightdist.cli._remote import RemoteArgsError, RemoteOptions, progress_bar_kind, split_remote_args
 from tests.cli_helpers import CONFIGS
-from tests.conftest import OWNED_ELSEWHERE
 from tests.server_helpers import (
     TINY,
     ClientProcess,
     RunningServer,
     client_env,
-    start_server,
-    stop_server,
     wait_for_state,
 )
 
@@ -190,18 +187,11 @@ def test_no_server_is_one_line_and_exit_1(tmp_path: Path) -> None:
 # --- against a real `lightdist serve` ----------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    """One real server for the module (a start costs seconds), in a state dir that bare ``--server``
-    finds through ``XDG_STATE_HOME``."""
-    running = start_server(tmp_path_factory.mktemp("served") / "state" / "lightdist")
-    owned = running.owned
-    OWNED_ELSEWHERE.append(owned)
-    try:
-        yield running
-    finally:
-        OWNED_ELSEWHERE.remove(owned)
-        assert stop_server(running) == 0, running.output()
+@pytest.fixture
+def served(shared_server: RunningServer) -> RunningServer:
+    """The session's server (tests/conftest.py), whose state dir a bare ``--server`` finds through
+    ``XDG_STATE_HOME``."""
+    return shared_server
 
 
 @pytest.fixture

@@ -76,15 +76,14 @@ def _run_models(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run_server(args: argparse.Namespace) -> dict[str, Any]:
-    from lightdist.bench.server import run_server  # starts a lightdist serve: only for this subcommand
+    # Each starts its own lightdist serve: imported only for this subcommand.
+    if args.clients:
+        from lightdist.bench.server_load import run_server_load
+
+        return run_server_load(args)
+    from lightdist.bench.server import run_server
 
     return run_server(args)
-
-
-def _run_server_load(args: argparse.Namespace) -> dict[str, Any]:
-    from lightdist.bench.server_load import run_server_load  # starts a lightdist serve: only for this subcommand
-
-    return run_server_load(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -166,23 +165,25 @@ def build_parser() -> argparse.ArgumentParser:
     payload.add_argument("--calls", type=_positive, default=3, help="timed calls per contender (median)")
     payload.set_defaults(func=_run_payload)
     server = commands.add_parser(
-        "server", parents=[common], help="lightdist serve: attach, Enter to first step, four configs back to back"
+        "server",
+        parents=[common],
+        help="lightdist serve: attach, Enter to first step, four configs back to back; with --clients N: "
+        "N event-stream clients on one job and a queue of jobs",
     )
     server.add_argument("--repeats", type=_positive, default=3, help="runs per contender (median is reported)")
     server.add_argument("--epochs", type=_positive, default=2, help="max_epochs of each digits fit")
     server.add_argument("--devices", type=_positive, default=2, help="ranks of the server and of every command")
+    server.add_argument(
+        "--clients", type=int, default=0, help="load instead: this many event-stream clients following one job"
+    )
+    server.add_argument("--queued", type=_positive, default=100, help="with --clients: jobs submitted behind it")
+    server.add_argument(
+        "--steps", type=_positive, default=2000, help="with --clients: training steps of the followed job"
+    )
+    server.add_argument(
+        "--step-sleep", type=_seconds, default=0.02, help="with --clients: seconds per step (the event rate)"
+    )
     server.set_defaults(func=_run_server)
-    # Temporary home of the load part of `server` (issue 14): to be folded into `server --clients N`.
-    load = commands.add_parser(
-        "server-load", parents=[common], help="lightdist serve: N event-stream clients on one job, a queue of jobs"
-    )
-    load.add_argument("--clients", type=_positive, default=50, help="event-stream clients following one job")
-    load.add_argument("--queued", type=_positive, default=100, help="jobs submitted behind it (then cancelled)")
-    load.add_argument(
-        "--steps", type=_positive, default=2000, help="training steps of the followed job (outlasts the queue)"
-    )
-    load.add_argument("--step-sleep", type=_seconds, default=0.02, help="seconds per step (the event rate)")
-    load.set_defaults(func=_run_server_load)
     return parser
 
 

@@ -1,4 +1,4 @@
-"""``python -m lightdist.bench server-load --clients 50``: many event-stream clients and a long queue.
+"""``python -m lightdist.bench server --clients 50``: many event-stream clients and a long queue.
 
 One job steps at a steady rate (:class:`Ticker`, ``--steps`` steps of ``--step-sleep`` s) while
 ``--clients`` clients follow its event stream, each on its own connection (as that many dashboards

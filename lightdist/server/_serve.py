@@ -92,6 +92,10 @@ def _say(message: str) -> None:
 # --- foreground --------------------------------------------------------------------------------------
 def _serve(args: argparse.Namespace, state_dir: Path) -> int:
     state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        os.chmod(state_dir, 0o700)  # also when it existed: jobs.db holds command lines and tracebacks
+    except PermissionError:
+        return _fail(f"{state_dir} belongs to another user; pass a --state-dir of your own")
     lock = _lock(state_dir)
     if lock is None:
         return _fail(

@@ -19,6 +19,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightdist import DistributedRunner
+from lightdist.cli import main as cli_main
 from lightdist.cli._checkpoint import check_ckpt_path
 from lightdist.errors import ConfigError
 from lightdist.lightning import TrainerWorker
@@ -224,24 +225,28 @@ def test_a_bad_ckpt_path_is_one_line_and_exit_2_before_any_worker(tmp_path: Path
     assert not (tmp_path / "runs").exists(), "no log folder is written"
 
 
-def test_a_bad_ckpt_path_from_a_config_file_is_caught_too(tmp_path: Path) -> None:
+@pytest.fixture
+def in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """For the console script's ``main`` called in this process (a subprocess costs ~10 s of imports;
+    the tests above run the real script): in ``tmp_path``, with the variables that seed_everything
+    sets put back afterwards."""
+    for name in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS"):
+        monkeypatch.setenv(name, "placeholder")
+        monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    return monkeypatch
+
+
+def test_a_bad_ckpt_path_from_a_config_file_is_caught_too(
+    tmp_path: Path, in_process: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     truncated(tmp_path)
     config = tmp_path / "resume.yaml"
     config.write_text("ckpt_path: truncated.ckpt\n")
-    proc = run_cli(
-        "fit",
-        "--config",
-        CONFIGS / "digits/pretrain-cpu.yaml",
-        "--config",
-        config,
-        cwd=tmp_path,
-        env=ENV,
-        timeout=90,
-        check=False,
-    )
-    assert proc.returncode == 2, proc.stderr
-    assert "lightdist fit: error: ckpt_path: 'truncated.ckpt' is truncated" in proc.stderr.splitlines()[-1]
-    assert "Traceback" not in proc.stderr
+    assert cli_main(["fit", "--config", str(CONFIGS / "digits/pretrain-cpu.yaml"), "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "lightdist fit: error: ckpt_path: 'truncated.ckpt' is truncated" in err.splitlines()[-1]
+    assert "Traceback" not in err
     assert not (tmp_path / "runs").exists()
 
 
@@ -253,22 +258,16 @@ def test_lightnings_special_ckpt_path_values_and_good_files_pass(tmp_path: Path)
         check_ckpt_path(str(tmp_path))
 
 
-def test_a_model_that_cannot_use_the_data_stops_in_the_driver(tmp_path: Path) -> None:
-    proc = run_cli(
-        "fit",
-        "--config",
-        CONFIGS / "digits/pretrain-cpu.yaml",
-        "--data",
-        "recipes.text_classification.TextDataModule",
-        cwd=tmp_path,
-        env=ENV,
-        timeout=90,
-        check=False,
-    )
-    assert proc.returncode == 2, proc.stderr
-    last = proc.stderr.splitlines()[-1]
+def test_a_model_that_cannot_use_the_data_stops_in_the_driver(
+    tmp_path: Path, in_process: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # In this process, a pool started by mistake would also fail the autouse leak check.
+    args = ["fit", "--config", str(CONFIGS / "digits/pretrain-cpu.yaml"), "--data"]
+    assert cli_main([*args, "recipes.text_classification.TextDataModule"]) == 2
+    out, err = capsys.readouterr()
+    last = err.splitlines()[-1]
     assert last.startswith("lightdist fit: error: data: recipes.text_classification.TextDataModule has no digit")
-    assert "Traceback" not in proc.stderr and "lightdist: fit on" not in proc.stdout
+    assert "Traceback" not in err and "lightdist: fit on" not in out
     assert not list(tmp_path.glob("runs/**/version_*"))
 
 

@@ -23,6 +23,7 @@ import torch  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
 from lightdist import ConfigError  # noqa: E402
+from lightdist.cli import main as cli_main  # noqa: E402
 from recipes._text_data import LABELS, labelled_examples  # noqa: E402
 from recipes.text_classification import TextClassifier, TextDataModule  # noqa: E402
 from recipes.tiny_models import make_tiny_encoder  # noqa: E402
@@ -159,11 +160,25 @@ def test_minilm_beats_chance_in_a_few_steps(tmp_path: Path) -> None:
         ("--model.init_args.model_dir=no-such-model", "model.model_dir"),
     ],
 )
-def test_bad_input_exits_2_naming_the_key(tiny_run: TinyRun, tmp_path: Path, override: str, key: str) -> None:
-    args = ["--model.init_args.model_dir", tiny_run.model_dir] if key != "model.model_dir" else []
-    proc = run_cli("fit", "--config", CONFIG, *args, override, cwd=tmp_path, check=False)
-    assert proc.returncode == 2, proc.stderr
-    last = proc.stderr.strip().splitlines()[-1]
+def test_bad_input_exits_2_naming_the_key(
+    tiny_run: TinyRun,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    override: str,
+    key: str,
+) -> None:
+    # The console script's own entry point, in-process: both settings are refused where model and
+    # data are built in the driver, before any worker starts (a subprocess per case costs ~10 s of
+    # imports; tests/test_cli.py runs the real script for the exit-2 path).
+    for name in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS"):  # seed_everything sets these: put them back
+        monkeypatch.setenv(name, "placeholder")
+        monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    args = ["--model.init_args.model_dir", str(tiny_run.model_dir)] if key != "model.model_dir" else []
+    assert cli_main(["fit", "--config", str(CONFIG), *args, override]) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
     assert f"error: {key}: " in last, last
     assert not (tmp_path / "runs").exists()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -262,6 +263,26 @@ def test_predict_returns_every_rank_in_dataset_order() -> None:
     expected = single.predict(model, loader(n=21))  # 21 samples: the shards are padded
     got = trainer().predict(model, loader(n=21))
     assert [b.shape for b in got] == [b.shape for b in expected] == [(8, 1), (8, 1), (5, 1)]
+    assert torch.allclose(torch.cat(got), torch.cat(expected))
+
+
+class SlowPredictions(Regressor):
+    def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        time.sleep(0.3)  # over the cancel check's 0.25 s: it would run at every batch
+        return self.layer(batch[0])
+
+
+def test_predict_with_more_batches_on_one_rank_does_not_hang() -> None:
+    """predict shards without padding: 13 samples one per batch are 7 batches on rank 0 and 6 on
+    rank 1, more than the 5 batches the cancel check calibrates over. A collective per batch there
+    would leave rank 0 waiting for rank 1 forever (it did: the text recipe's predict hung in CI)."""
+    model = SlowPredictions()
+    single = L.Trainer(
+        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    expected = single.predict(model, DataLoader(dataset(13), batch_size=1))
+    got = trainer().predict(model, DataLoader(dataset(13), batch_size=1))
+    assert len(got) == len(expected) == 13
     assert torch.allclose(torch.cat(got), torch.cat(expected))
 
 

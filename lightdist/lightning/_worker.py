@@ -116,7 +116,12 @@ class _StopWhenCancelled(Callback):
         self._on_batch_end(trainer)
 
     def on_predict_batch_end(self, trainer: Any, *args: Any) -> None:
-        self._on_batch_end(trainer)
+        # Not a collective check: predict shards without padding (UnrepeatedDistributedSampler), so
+        # ranks may run different numbers of batches and an all-reduce would wait for a rank that
+        # has finished. Predict steps meet in no collective, so each rank can stop on its own; the
+        # ranks meet again in the gather of predictions after the loop.
+        if self.worker.cancelled:
+            raise CancelledByCaller("the caller cancelled this call")
 
 
 def _apply_env(env: dict[str, str | None]) -> None:
@@ -143,8 +148,10 @@ def _apply_flags(flags: dict[str, Any]) -> None:
 def _collect(trainer: Any, results: Any, rank: int, tracker: _ModelTracker) -> dict[str, Any] | None:
     module = trainer.lightning_module
     created = tracker.finish(module)  # on every rank: metrics inside the module may sync
-    if trainer.state.fn == TrainerFn.PREDICTING and results is not None:
+    if trainer.state.fn == TrainerFn.PREDICTING and _all_finished(trainer, results is not None):
         results = _gather_predictions(trainer, results, rank)  # a collective: every rank
+    elif trainer.state.fn == TrainerFn.PREDICTING:
+        results = None  # some rank stopped early (cancelled): nothing to gather on any rank
     if rank != 0:
         return None
     out: dict[str, Any] = {
@@ -244,6 +251,17 @@ def _to_cpu(value: Any) -> Any:
     from lightning.fabric.utilities.apply_func import move_data_to_device
 
     return move_data_to_device(value, torch.device("cpu"))
+
+
+def _all_finished(trainer: Any, finished: bool) -> bool:
+    """Whether every rank's predict loop ran to its end. A cancel stops each rank on its own in
+    predict (see _StopWhenCancelled), so they must agree before the gather, or a rank that finished
+    would wait in it for one that stopped."""
+    import torch.distributed as dist
+
+    flag = torch.tensor([0 if finished else 1], device=trainer.strategy.root_device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return not flag.item()
 
 
 def _gather_predictions(trainer: Any, results: Any, rank: int) -> Any:

@@ -438,7 +438,9 @@ def test_frozen_weights_exist_once_on_the_host() -> None:
     model = Stack(width=512, frozen=True)
     fit(model)
     name, rss, pss = _mapping_of(model.layers[0].weight)
-    assert "memfd:lightdist-call" in name and rss >= 1024  # 512 x 512 float32 = 1 MiB
+    # 512 x 512 float32 = 1 MiB mapped; a few pages may be out of memory (seen: 1012 KiB resident on
+    # a machine running proactive reclaim), so resident means "nearly all of it".
+    assert "memfd:lightdist-call" in name and rss >= 900
     assert pss <= rss / 2.5  # the driver and both ranks map the same pages (PSS splits them three ways)
 
 

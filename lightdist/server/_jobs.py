@@ -77,7 +77,7 @@ class Executor:
         self._lock = threading.Condition()
         self._queue: deque[int] = deque()
         self._live: dict[int, _Live] = {}
-        self._results: dict[int, tuple[float, bytes]] = {}
+        self._call_results: dict[int, tuple[float, bytes]] = {}
         self._running: int | None = None
         self._stopping = False
         self._threads: list[threading.Thread] = []
@@ -222,7 +222,7 @@ class Executor:
 
     def take_result(self, job_id: int) -> bytes | None:
         with self._lock:
-            entry = self._results.pop(job_id, None)
+            entry = self._call_results.pop(job_id, None)
         return None if entry is None else entry[1]
 
     def event(self, job_id: int, kind: str, fields: dict[str, Any]) -> None:
@@ -323,7 +323,7 @@ class Executor:
         if interrupted:
             outcome.exit_code = 130
         with self._lock:
-            self._results[live.id] = (time.monotonic(), result)
+            self._call_results[live.id] = (time.monotonic(), result)
         return outcome
 
     def _finish(
@@ -357,9 +357,9 @@ class Executor:
                     and live.alone_since is not None
                     and now - live.alone_since > ATTACH_GRACE_S
                 ]
-                expired = [k for k, (at, _) in self._results.items() if now - at > RESULT_TTL_S]
+                expired = [k for k, (at, _) in self._call_results.items() if now - at > RESULT_TTL_S]
                 for key in expired:
-                    del self._results[key]
+                    del self._call_results[key]
             for job_id in orphans:
                 with contextlib.suppress(JobConflict, JobNotFound):
                     self.cancel(job_id, reason="its client went away")

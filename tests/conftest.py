@@ -179,8 +179,8 @@ def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """One real ``lightdist serve`` (2 CPU ranks) per server test module (a start costs 10-15 s).
     Not per session: a server alive after its modules would be a child of this process during every
     later test, and tests that compare this process's descendants would count it. Its state dir
-    is STATE/lightdist, so a client with XDG_STATE_HOME=STATE finds it with a bare ``--server``. Tests must not assume an empty server or particular rank pids from before
-    they ran (read them at the start)."""
+    is STATE/lightdist, so a client with XDG_STATE_HOME=STATE finds it with a bare ``--server``.
+    Tests must not assume an empty server or rank pids from before they ran (read them at the start)."""
     from tests.server_helpers import start_server, stop_server
 
     running = start_server(tmp_path_factory.mktemp("shared-server") / "state" / "lightdist")

@@ -13,7 +13,6 @@ CPU) and a signed ZMQ command channel, then run any number of calls on them::
         print(runner.invoke_sync({"text": "hello"}))
 """
 
-import sys
 from typing import TYPE_CHECKING
 
 from lightdist.errors import ConfigError, PoolClosedError, TextEventError, WorkerDiedError, WorkerError
@@ -56,7 +55,8 @@ def __getattr__(name: str) -> object:
     return getattr(importlib.import_module(module), name)
 
 
-if "lightning" in sys.modules:  # register Trainer(strategy="lightdist") if Lightning is in use already
-    import lightdist.lightning  # noqa: F401,E402
-if "pytorch_lightning" in sys.modules:  # the standalone package's Trainer has its own registry
-    import lightdist.pytorch_lightning  # noqa: F401,E402
+# `Trainer(strategy="lightdist")` works whichever of lightdist and Lightning is imported first, and
+# importing lightdist never imports Lightning.
+from lightdist._register import register_with_lightning  # noqa: E402
+
+register_with_lightning()

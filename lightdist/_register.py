@@ -60,7 +60,7 @@ class _LightningWatcher(importlib.abc.MetaPathFinder):
         spec = _find_elsewhere(self, fullname, path, target)
         if spec is None or spec.loader is None:
             return spec  # not installed: the import fails exactly as it would without us
-        spec.loader = _RegisterAfterLoad(spec.loader, layer)  # type: ignore[arg-type]
+        spec.loader = _RegisterAfterLoad(spec.loader, layer)
         return spec
 
 

@@ -117,6 +117,17 @@ def test_print_config_and_overrides_through_the_console_scripts_main(
     assert not (tmp_path / "runs").exists()
 
 
+def test_the_console_script_finds_a_model_module_in_the_working_directory(tmp_path: Path) -> None:
+    # `python -m lightdist.cli` has the working directory on sys.path; the console script has its
+    # bin directory there instead, so `--model mymod.Reg` failed with "No module named 'mymod'".
+    (tmp_path / "mymod.py").write_text(
+        "import lightning as L\n\n\nclass Reg(L.LightningModule):\n"
+        "    def __init__(self, width: int = 4) -> None:\n        super().__init__()\n"
+    )
+    out = run_cli("fit", "--model", "mymod.Reg", "--model.width=3", "--print_config", cwd=tmp_path).stdout
+    assert yaml.safe_load(out)["model"] == {"class_path": "mymod.Reg", "init_args": {"width": 3}}
+
+
 def test_quickstart_pretrain_then_finetune(quickstart: tuple[Path, str, str]) -> None:
     cwd, pretrain_out, finetune_out = quickstart
     for stage, out in (("pretrain", pretrain_out), ("finetune", finetune_out)):

@@ -22,6 +22,7 @@ client, ``_remote``) or ``lightdist jobs``.
 
 from __future__ import annotations
 
+import os
 import sys
 
 __all__ = ["main"]
@@ -53,8 +54,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _main(list(sys.argv[1:] if argv is None else argv))
     except BrokenPipeError:  # `lightdist recipes | head`: the reader left, which is not an error
-        import os
-
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 141
 
@@ -66,6 +65,8 @@ def _main(args: list[str]) -> int:
     command, rest = args[0], args[1:]
     if command in TRAINER_COMMANDS and any(arg.partition("=")[0] in _REMOTE_FLAGS for arg in rest):
         return _remote(command, rest)
+    if command in (*TRAINER_COMMANDS, "sweep"):
+        _import_from_cwd()
     if command in TRAINER_COMMANDS:
         problem = _ckpt_path_problem(rest)
         if problem is not None:
@@ -106,6 +107,18 @@ def _main(args: list[str]) -> int:
         return serve_main(rest)
     print(f"lightdist: error: unknown command {command!r}\n\n{_USAGE}", end="", file=sys.stderr)
     return 2
+
+
+def _import_from_cwd() -> None:
+    """Let ``--model mymod.Reg`` find ``./mymod.py``, as ``python -m lightdist.cli`` does.
+
+    ``python -m`` puts the working directory first on ``sys.path``; the console script puts its own
+    ``bin`` directory there instead. The ranks get the driver's ``sys.path`` with every call, so they
+    find the module too.
+    """
+    cwd = os.getcwd()
+    if not any(os.path.abspath(entry or ".") == cwd for entry in sys.path):
+        sys.path.insert(0, cwd)
 
 
 def _remote(command: str, args: list[str]) -> int:

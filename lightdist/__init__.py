@@ -31,6 +31,7 @@ __all__ = [
     "TextEventError",
     "WorkerDiedError",
     "WorkerError",
+    "shutdown",
 ]
 
 __version__ = "0.1.0"
@@ -44,6 +45,31 @@ _LAZY = {
     "DistributedWorker": "lightdist.worker",
     "PoolStrategy": "lightdist.lightning",
 }
+
+
+def shutdown(timeout: float = 10) -> int:
+    """Stop the shared pools that ``Trainer(strategy="lightdist")`` started in this process.
+
+    Their ranks exit now (each gets ``timeout`` seconds to finish ``teardown``) instead of at
+    interpreter exit; the next Trainer call starts a fresh pool. Pools you made yourself
+    (``DistributedRunner``, ``PoolStrategy(runner=...)``) and a server's pool are not touched.
+    Returns how many pools were stopped.
+
+    Example::
+
+        trainer.fit(model)     # starts the shared pool of devices=2
+        lightdist.shutdown()   # frees its ranks (and their memory) now
+    """
+    import sys
+
+    stopped = 0
+    # Only the Lightning layers already imported can have pools; importing one here would cost
+    # seconds to find nothing.
+    for layer in ("lightdist.lightning._shared", "lightdist.pytorch_lightning._shared"):
+        module = sys.modules.get(layer)
+        if module is not None:
+            stopped += module.shutdown(timeout)
+    return stopped
 
 
 def __getattr__(name: str) -> object:

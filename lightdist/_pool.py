@@ -580,6 +580,14 @@ class Pool:
     def is_alive(self) -> bool:
         return self.state.serving
 
+    def idle_seconds(self) -> float | None:
+        """Seconds since the last call (or start) ended; None while a call runs or waits, or while
+        the pool starts or recovers."""
+        with self._lock:
+            if self.state is not PoolState.READY or self.current is not None or self._queue:
+                return None
+            return time.monotonic() - self._last_activity
+
     def _dispatch(self) -> None:
         while self.current is None and self._queue and self.state is PoolState.READY:
             call = self._queue.popleft()

@@ -13,6 +13,7 @@ import asyncio
 import atexit
 import contextlib
 import copy
+import math
 import os
 import threading
 import warnings
@@ -189,6 +190,15 @@ class DistributedRunner:
     def is_alive(self) -> bool:
         """True while the pool is started and serving (also while it recovers from a lost rank)."""
         return self._pool is not None and self._pool.is_alive()
+
+    def idle_seconds(self) -> float | None:
+        """Seconds this pool has run nothing (keepalives count as calls); None while a call runs or
+        is queued, or while the pool starts or recovers; ``inf`` when it is not started, stopped or
+        broken (nothing of it is in use)."""
+        pool = self._pool
+        if pool is None or pool.state.over:
+            return math.inf
+        return pool.idle_seconds()
 
     def transfer_stats(self) -> dict[str, int]:
         """Counters of what crossed between this driver and its ranks since ``start()``: ``calls``,

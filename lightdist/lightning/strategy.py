@@ -8,7 +8,6 @@ and whose cluster environment answers from the pool's layout. Registered as
 
 from __future__ import annotations
 
-import threading
 import warnings
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
@@ -20,7 +19,7 @@ from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.strategies import DDPStrategy
 from typing_extensions import override
 
-from lightdist.lightning import _compat
+from lightdist.lightning import _compat, _shared
 from lightdist.lightning._worker import TrainerWorker
 from lightdist.lightning.checkpoint_io import AtomicCheckpointIO
 from lightdist.lightning.environment import PoolEnvironment
@@ -33,10 +32,9 @@ if TYPE_CHECKING:
 
 __all__ = ["PoolStrategy"]
 
-# One pool per layout, shared by every Trainer that asks for it; started on first use and stopped
-# at interpreter exit (DistributedRunner registers that).
-_pools: dict[tuple[int, str], DistributedRunner] = {}
-_pools_lock = threading.Lock()
+# One pool per layout, shared by every Trainer that asks for it (see _shared: how they end).
+_pools = _shared.pools
+_pools_lock = _shared.lock
 
 
 class PoolStrategy(DDPStrategy):
@@ -62,6 +60,10 @@ class PoolStrategy(DDPStrategy):
         token: the server's token (default: the URL's ``?token=``, else this host's token file).
         on_event: called in the driver with each progress event of rank 0 while a call runs
             (see :mod:`lightdist.lightning.events`); :meth:`events` is the ``async for`` form.
+        idle_timeout: stop the shared pool this strategy uses after this many seconds without a
+            call (the next call starts it again); None (default) keeps it until
+            ``lightdist.shutdown()`` or interpreter exit. Only for the shared pool: an explicit
+            ``runner=`` is yours to stop.
         max_restarts: when a rank dies during ``fit``, resume the fit from its last checkpoint
             (``ckpt_path="last"``: checkpoint with ``ModelCheckpoint(save_last=True)``) on the
             recovered pool, up to this many times; 0 raises ``WorkerDiedError`` at once.
@@ -78,8 +80,18 @@ class PoolStrategy(DDPStrategy):
         max_restarts: int = 0,
         server: str | None = None,
         token: str | None = None,
+        idle_timeout: float | None = None,
         **kwargs: Any,
     ) -> None:
+        if idle_timeout is not None and (
+            isinstance(idle_timeout, bool) or not isinstance(idle_timeout, (int, float)) or idle_timeout <= 0
+        ):
+            raise ValueError(f"idle_timeout must be a number of seconds > 0 or None, got {idle_timeout!r}")
+        if idle_timeout is not None and (runner is not None or server is not None):
+            raise ValueError(
+                "PoolStrategy(idle_timeout=...) applies to the shared pool; stop an explicit runner yourself"
+            )
+        self.idle_timeout = idle_timeout
         if isinstance(max_restarts, bool) or not isinstance(max_restarts, int) or max_restarts < 0:
             raise ValueError(f"max_restarts must be an int >= 0, got {max_restarts!r}")
         self.max_restarts = max_restarts
@@ -184,17 +196,21 @@ class PoolStrategy(DDPStrategy):
         if self._runner is None:
             accelerator = "cuda" if self._device_type() == "cuda" else "cpu"
             key = (self.num_processes, accelerator)
-            with _pools_lock:
-                runner = _pools.get(key)
-                if runner is None:
-                    # The ranks preload the Lightning package this strategy belongs to (lightning or
-                    # pytorch_lightning, see lightdist.pytorch_lightning), so a fit pays no import.
-                    package = DDPStrategy.__module__.split(".")[0]
-                    runner = DistributedRunner(
-                        TrainerWorker, world_size=key[0], accelerator=accelerator, preload=(package,)
-                    )
-                    _pools[key] = runner
-            self._runner = runner
+            # The ranks preload the Lightning package this strategy belongs to (lightning or
+            # pytorch_lightning, see lightdist.pytorch_lightning), so a fit pays no import.
+            package = DDPStrategy.__module__.split(".")[0]
+            runner = _shared.lease(
+                key,
+                lambda: DistributedRunner(
+                    TrainerWorker, world_size=key[0], accelerator=accelerator, preload=(package,)
+                ),
+                self.idle_timeout,
+            )
+            # Leased on every call, never kept: lightdist.shutdown() or an idle stop may replace the
+            # shared pool between two calls of this strategy.
+            if not runner.is_alive():
+                runner.start_sync()
+            return runner
         if not self._runner.is_alive():
             self._runner.start_sync()
         return self._runner

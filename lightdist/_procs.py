@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from lightdist._messages import RankBoot, driver_sys_path
+from lightdist._progress import write_around_bars
 
 __all__ = ["RankExit", "RankHost", "TemplateProcess"]
 
@@ -222,8 +223,6 @@ class TemplateProcess:
 
 
 def _write_text(out: Any, text: str) -> None:
-    try:
-        out.write(text)
-        out.flush()
-    except (OSError, ValueError):
-        pass  # a closed driver stream must not stop us draining the pipe
+    # Around a progress bar the driver draws, so that no line is glued to the bar's; a closed
+    # driver stream is ignored: it must not stop us draining the pipe.
+    write_around_bars(out, text)

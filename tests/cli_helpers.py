@@ -15,6 +15,8 @@ import time
 import uuid
 from pathlib import Path
 
+from tests.terminal import run_in_terminal
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 LIGHTDIST = Path(sys.executable).parent / "lightdist"  # the console script pip installed
@@ -62,13 +64,20 @@ def run_cli(
     timeout: float = 100.0,
     env: dict[str, str] | None = None,
     check: bool = True,
+    terminal: bool = False,
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``lightdist *args`` in ``cwd``; assert exit 0 when ``check``; assert nothing is left running."""
+    """Run ``lightdist *args`` in ``cwd``; assert exit 0 when ``check``; assert nothing is left running.
+
+    ``terminal``: in a pty (``tests.terminal``), as in a shell: ``stdout`` is everything drawn on it
+    (stderr included, escape sequences and all; read it with ``tests.terminal.Screen``)."""
     mark = uuid.uuid4().hex
     full_env = {**os.environ, **(env or {}), MARK: mark, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(
-        [str(LIGHTDIST), *map(str, args)], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
-    )
+    argv = [str(LIGHTDIST), *map(str, args)]
+    if terminal:
+        status, drawn = run_in_terminal(argv, cwd=cwd, env=full_env, timeout=timeout)
+        proc = subprocess.CompletedProcess(argv, status, drawn, "")
+    else:
+        proc = subprocess.run(argv, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
     assert_nothing_left(mark, f"lightdist {' '.join(map(str, args))}")
     if check:
         assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"

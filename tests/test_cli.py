@@ -29,6 +29,7 @@ from lightdist.cli._sweep import split_values
 from recipes.digits import DigitsDataModule
 from tests.cli_helpers import CONFIGS, ROOT, assert_nothing_left, run_cli, start_cli
 from tests.conftest import wait_until
+from tests.terminal import Screen
 
 # The README states this held-out accuracy for the quickstart; measured 0.96-0.98 (docs/recipes.md).
 QUICKSTART_TEST_ACC = 0.9
@@ -233,7 +234,8 @@ def test_ctrl_c_stops_the_fit_and_every_process(tmp_path: Path) -> None:
 
 def test_sweep_runs_every_combination_on_one_pool(tmp_path: Path) -> None:
     sweep_dir = tmp_path / "sweep"
-    out = run_cli(
+    with_bar = [arg for arg in TINY if not arg.startswith("--trainer.enable_progress_bar")]
+    drawn = run_cli(
         "sweep",
         "--config",
         "digits/pretrain-cpu",
@@ -243,9 +245,17 @@ def test_sweep_runs_every_combination_on_one_pool(tmp_path: Path) -> None:
         "data.batch_size=16,32",
         "--sweep_dir",
         sweep_dir,
-        *TINY,
+        *with_bar,
         cwd=tmp_path,
+        terminal=True,  # what a user's terminal shows: Lightning's bar between the sweep's lines
     ).stdout
+    lines = Screen.of(drawn)
+    out = "\n".join(lines)
+    # one bar per combination, each finished before the combination's line: nothing glued, nothing doubled
+    bars = [line for line in lines if re.match(r"Epoch 0/0 +━+ 2/2 ", line)]
+    done = [line for line in lines if re.match(r"\[\d/4\] ", line)]
+    assert len(bars) == 4 and len(done) == 4 and not any("━" in line for line in done), out
+    assert [lines.index(line) for line in done] == sorted(lines.index(line) for line in done), out
     rows = [json.loads(line) for line in (sweep_dir / "results.jsonl").read_text().splitlines()]
     assert [row["overrides"] for row in rows] == [
         {"model.lr": lr, "data.batch_size": bs} for lr in ("1e-3", "3e-3") for bs in ("16", "32")

@@ -13,6 +13,7 @@ import httpx
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
@@ -78,16 +79,79 @@ def test_the_driver_draws_the_only_progress_bar(capsys: pytest.CaptureFixture[st
 
     t = fit_trainer(PoolStrategy(), max_epochs=1, enable_progress_bar=True, callbacks=[TQDMProgressBar()])
     t.fit(Regressor(), loader())
-    err = ""
+    drawn = ""
 
     def settled() -> bool:  # rank output arrives asynchronously: give it time to show up if any
-        nonlocal err
-        err += capsys.readouterr().err
+        nonlocal drawn
+        out = capsys.readouterr()
+        drawn += out.out + out.err
         return False
 
     wait_until(settled, 1.0)
-    assert "Epoch 0" in err and "4/4" in err, err
-    assert "[rank 0] Epoch" not in err and "[rank 1] Epoch" not in err, err
+    assert "Epoch 0: 100%" in drawn and "4/4" in drawn, drawn  # Lightning's tqdm bar, on stdout as in-process
+    assert "[rank 0] Epoch" not in drawn and "[rank 1] Epoch" not in drawn, drawn
+
+
+class HookRecorder(ProgressBar):
+    """A progress bar that records which of its hooks run, and the Trainer as it sees it then."""
+
+    HOOKS = (
+        "setup on_fit_start on_sanity_check_start on_sanity_check_end on_train_start on_train_epoch_start "
+        "on_train_batch_start on_train_batch_end on_train_epoch_end on_train_end on_validation_start "
+        "on_validation_epoch_start on_validation_batch_start on_validation_batch_end on_validation_epoch_end "
+        "on_validation_end teardown"
+    ).split()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[Any, ...]] = []
+
+    def __getattribute__(self, name: str) -> Any:
+        if name in HookRecorder.HOOKS:
+
+            def record(trainer: Any, pl_module: Any, *args: Any, **kwargs: Any) -> None:
+                # global_step at a batch's start is not known in the driver (the step ran already);
+                # progress_bar_metrics are brought up to date where Lightning's bars read them
+                step = None if name.endswith("_batch_start") else trainer.global_step
+                read = name in ("on_train_batch_end", "on_train_epoch_end", "on_validation_end")
+                metrics = sorted(trainer.progress_bar_metrics) if read else None
+                fields = (trainer.current_epoch, step, trainer.state.fn, trainer.sanity_checking, trainer.training)
+                totals = (trainer.num_training_batches, trainer.num_val_batches, trainer.num_sanity_val_batches)
+                self.seen.append((name, len(args), sorted(kwargs.items()), *fields, *totals, metrics))
+                if name == "setup":
+                    ProgressBar.setup(self, trainer, pl_module, **kwargs)
+
+            return record
+        return super().__getattribute__(name)
+
+    def disable(self) -> None:
+        pass
+
+
+def test_the_driver_runs_the_bars_hooks_as_lightning_does_in_process() -> None:
+    # The same fit in-process (one rank, half the data: the same 4 batches per epoch) and on the
+    # pool: the bar's hooks run in the same order and see the same Trainer fields.
+    seen = {}
+    for strategy, samples in (("auto", 32), (PoolStrategy(), 64)):
+        bar = HookRecorder()
+        devices = 1 if strategy == "auto" else 2
+        options = {"enable_progress_bar": True, "callbacks": [bar], "devices": devices, "num_sanity_val_steps": 2}
+        fit_trainer(strategy, max_epochs=2, **options).fit(Regressor(), loader(samples), loader(samples))
+        seen[devices] = bar.seen
+    assert [hook[0] for hook in seen[2]].count("on_validation_batch_end") == 2 + 2 * 4
+    assert seen[2] == seen[1]
+
+
+class Broken(TQDMProgressBar):
+    def on_train_batch_end(self, *args: Any) -> None:
+        raise ValueError("a bug in a custom bar")
+
+
+def test_a_bar_that_raises_is_reported_once_and_the_fit_goes_on() -> None:
+    t = fit_trainer(PoolStrategy(), enable_progress_bar=True, callbacks=[Broken()])
+    with pytest.warns(UserWarning, match=r"Broken.on_train_batch_end raised ValueError: a bug in a custom bar") as w:
+        t.fit(Regressor(), loader())
+    assert t.global_step == 8 and len([x for x in w if "Broken" in str(x.message)]) == 1
 
 
 def test_a_service_forwards_a_running_fit_as_server_sent_events() -> None:
@@ -131,5 +195,5 @@ def test_a_rich_progress_bar_is_drawn_with_rich_in_the_driver(capsys: pytest.Cap
     t.fit(Regressor(), loader())
     out = capsys.readouterr()
     drawn = out.out + out.err
-    assert "Epoch 0" in drawn and "4/4" in drawn and "train_loss=" in drawn, drawn
+    assert "Epoch 0/0" in drawn and "4/4" in drawn and "train_loss: " in drawn, drawn  # Lightning's own rich bar
     assert "[rank 0] Epoch" not in drawn and "[rank 1] Epoch" not in drawn  # no bar drawn in a rank

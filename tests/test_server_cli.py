@@ -17,17 +17,11 @@ and Lightning refuses to overwrite a run's config.yaml.
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
-import pty
 import re
-import select
 import signal
-import struct
 import subprocess
 import sys
-import termios
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -44,6 +38,7 @@ from tests.server_helpers import (
     client_env,
     wait_for_state,
 )
+from tests.terminal import Screen, run_in_terminal
 
 HEAVY_MODULES = ("torch", "lightning", "pytorch_lightning", "jsonargparse", "numpy")
 QUIET = ["--trainer.enable_progress_bar=false"]
@@ -330,57 +325,39 @@ def test_a_second_ctrl_c_stops_waiting_at_once(
 
 
 def test_the_progress_bar_redraws_in_place_in_a_terminal(served: RunningServer, tmp_path: Path) -> None:
-    """tqdm in a pty: each epoch's bar is redrawn with carriage returns and ends on one full line."""
+    """tqdm in a pty, as Lightning's TQDMProgressBar draws it: one training bar redrawn in place
+    across the epochs (no line left per epoch), a validation bar under it while validation runs."""
     bar = "--trainer.callbacks+=lightning.pytorch.callbacks.TQDMProgressBar"
     out = in_terminal(["fit", *TINY, "--trainer.max_epochs=2", bar, "--server"], served.state_dir, tmp_path)
-    assert "\r" in out
-    final_lines = [line for line in out.split("\n") if "Epoch" in line]
-    assert len(final_lines) == 2, out  # one line per epoch, the bar's redraws joined by \r
-    for epoch, line in enumerate(final_lines):
-        assert line.count(f"\rEpoch {epoch}") >= 2, line  # drawn, then redrawn over itself
-        assert "4/4" in line.split("\r")[-1], line  # 64 samples / 8 per batch / 2 ranks
+    shown = [line for line in Screen.of(out, COLUMNS) if line.startswith(("Epoch", "Validation", "Sanity"))]
+    assert len(shown) == 1, shown  # 64 samples / 8 per batch / 2 ranks: 4 batches
+    assert re.fullmatch(r"Epoch 1: 100%\|█+\| 4/4 \[00:\d\d<00:00, +[\d.]+it/s, train_loss=\d\.\d\d\d\]", shown[0]), (
+        shown
+    )
+    assert out.count("\rEpoch 0") >= 2, out  # drawn, then redrawn over itself
+    frames = [[line.split(":")[0] for line in lines if line] for lines in Screen.frames(out, COLUMNS)]
+    assert any(["Epoch 0", "Validation DataLoader 0"] == lines[-2:] for lines in frames), out
     assert "lightdist: fit metrics: " in out
 
 
 def test_the_rich_progress_bar_in_a_terminal(served: RunningServer, tmp_path: Path) -> None:
     out = in_terminal(["fit", *TINY, "--trainer.max_epochs=2", "--server"], served.state_dir, tmp_path)
-    assert "\x1b[" in out and "Epoch 0" in out and "Epoch 1" in out and "4/4" in out, out
-    assert "lightdist: fit metrics: " in out
+    shown = [line for line in Screen.of(out, COLUMNS) if line.startswith(("Epoch", "Validation", "Sanity"))]
+    assert len(shown) == 1, shown  # Lightning's RichProgressBar: one training bar, redrawn in place
+    found = re.fullmatch(r"Epoch 1/1 +━+ 4/4 \d:\d\d:\d\d • \d:\d\d:\d\d [\d.]+it/s train_loss: \d\.\d\d\d", shown[0])
+    assert found, shown
+    assert "\x1b[" in out and "lightdist: fit metrics: " in out
+
+
+COLUMNS = 100
 
 
 def in_terminal(args: list[str], state_dir: Path, cwd: Path, timeout: float = 30.0) -> str:
     """Run the client with a pty as its terminal; everything it drew, once it exits 0."""
-    main, child = pty.openpty()
-    fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a 100-column terminal
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lightdist.cli", *args],
-        cwd=cwd,
-        env={**client_env(state_dir), "TERM": "xterm"},
-        stdin=child,
-        stdout=child,
-        stderr=child,
-    )
-    os.close(child)
-    chunks = []
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([main], [], [], 0.5)
-            if ready:
-                try:
-                    chunk = os.read(main, 65536)
-                except OSError:  # EIO: the child's side closed
-                    break
-                if not chunk:
-                    break
-                chunks.append(chunk)
-            elif proc.poll() is not None:
-                break
-        assert proc.wait(timeout=5) == 0, b"".join(chunks).decode(errors="replace")
-    finally:
-        proc.kill()
-        os.close(main)
-    return b"".join(chunks).decode(errors="replace").replace("\r\n", "\n")
+    argv = [sys.executable, "-m", "lightdist.cli", *args]
+    status, out = run_in_terminal(argv, cwd=cwd, env=client_env(state_dir), columns=COLUMNS, timeout=timeout)
+    assert status == 0, "\n".join(Screen.of(out, COLUMNS))
+    return out
 
 
 def test_jobs_lists_and_shows(served: RunningServer, tmp_path: Path) -> None:

@@ -233,13 +233,13 @@ class _JobView:
     """What the terminal shows of one job's events: the lines a local run prints, and its bar."""
 
     def __init__(self, prog: str, job_id: int, progress_bar: str | None) -> None:
-        from lightdist._progress import DriverProgressBar
+        from lightdist._progress import EventProgressBar
 
         self.prog = prog
         self.job_id = job_id
         self.cancelled = False  # this client asked for the cancel (Ctrl-C)
         self.drawing = progress_bar is not None
-        self.bar = DriverProgressBar(rich=progress_bar == "rich")
+        self.bar = EventProgressBar(rich=progress_bar == "rich")
 
     def show(self, kind: str, data: dict[str, Any]) -> int | None:
         """Draw one event; the exit status once the job has finished, else None."""
@@ -247,7 +247,7 @@ class _JobView:
 
         if kind == "queued" and (data.get("position") or 0) > 1:
             print(f"{self.prog}: job {self.job_id} waits behind {data['position'] - 1} queued job(s)", file=sys.stderr)
-        elif kind in ("epoch_start", "train_batch", "validation", "epoch_end") and self.drawing:
+        elif "trainer" in data and self.drawing:  # an event of the Trainer's progress (see lightning/events.py)
             self.bar(raw_event(data))
         elif kind == "run_end":
             self.bar.close()

@@ -19,9 +19,9 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightdist import protocol
-from lightdist._progress import DriverProgressBar
 from lightdist.errors import PayloadError, WorkerDiedError
 from lightdist.lightning import _compat
+from lightdist.lightning._bar import BarMirror
 from lightdist.lightning.checkpoint_io import remove_stale_temp_files
 
 if TYPE_CHECKING:
@@ -53,8 +53,11 @@ class _PoolLauncher(_compat.Launcher):
         # Ctrl-C: the ranks agree on a batch, stop there and send back the state so far, which is
         # applied like any result. KeyboardInterrupt is not re-raised: Lightning would set SIGINT to
         # SIG_IGN for good and call sys.exit(1), which in a notebook disables "interrupt kernel".
-        shown = trainer.progress_bar_callback if trainer is not None else None
-        bar = DriverProgressBar(rich=type(shown).__name__ == "RichProgressBar") if shown is not None else None
+        # Named from here on: the ranks call the entry point with keywords only (see _compat).
+        arguments = _compat.entry_point_kwargs(function, args, kwargs)
+        if trainer is not None:
+            _attach(trainer, arguments)
+        bar = _progress_bar(trainer, arguments)
         hub = self._strategy.hub
 
         def on_event(event: dict[str, Any]) -> None:
@@ -62,13 +65,12 @@ class _PoolLauncher(_compat.Launcher):
                 bar(event)
             hub.publish(event)
 
-        # Named from here on: the ranks call the entry point with keywords only (see _compat).
-        arguments = _compat.entry_point_kwargs(function, args, kwargs)
-        if trainer is not None:
-            _attach(trainer, arguments)
         fn = trainer.state.fn.value if trainer is not None and trainer.state.fn is not None else None
         outcome: dict[str, Any] = {"event": "end", "fn": fn, "interrupted": False, "error": None}
         restarts = 0
+        failure: BaseException | None = None
+        if bar is not None:
+            bar.start()
         try:
             while True:
                 # Trainer and entry point in one payload (function.__self__ is trainer on the ranks
@@ -94,10 +96,11 @@ class _PoolLauncher(_compat.Launcher):
             outcome["interrupted"] = interrupted
         except BaseException as exc:
             outcome["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            failure = exc
             raise
         finally:
             if bar is not None:
-                bar.close()
+                bar.finish(failure, outcome["interrupted"])
             hub.publish(outcome)
         if interrupted:
             rank_zero_info("Ctrl-C: every rank stopped at the same batch; the pool stays warm")
@@ -108,6 +111,16 @@ class _PoolLauncher(_compat.Launcher):
     @override
     def kill(self, signum: Any) -> None:
         pass  # the pool owns its processes; cancellation goes through it
+
+
+def _progress_bar(trainer: pl.Trainer | None, arguments: dict[str, Any]) -> BarMirror | None:
+    """The Trainer's own progress bar callback, run in the driver on rank 0's events (None when
+    the Trainer draws no bar)."""
+    callback = trainer.progress_bar_callback if trainer is not None else None
+    if trainer is None or callback is None:
+        return None
+    model = _compat.entry_point_model(arguments)
+    return BarMirror(trainer, callback, model if model is not None else trainer.lightning_module)
 
 
 def _remove_stale_checkpoint_writes(trainer: pl.Trainer) -> None:

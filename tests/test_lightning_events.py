@@ -154,6 +154,31 @@ def test_a_bar_that_raises_is_reported_once_and_the_fit_goes_on() -> None:
     assert t.global_step == 8 and len([x for x in w if "Broken" in str(x.message)]) == 1
 
 
+class RecordsExceptions(TQDMProgressBar):
+    def __init__(self) -> None:
+        super().__init__()
+        self.exceptions: list[str] = []
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self.exceptions.append(type(exception).__name__)
+
+
+def test_ctrl_c_ends_the_bar_before_the_fit_returns(capsys: pytest.CaptureFixture[str]) -> None:
+    bar = RecordsExceptions()
+
+    def ctrl_c(event: dict[str, Any]) -> None:  # Ctrl-C lands while the driver handles an event
+        if event["event"] == "train_batch" and event["step"] == 2:
+            raise KeyboardInterrupt
+
+    t = fit_trainer(PoolStrategy(on_event=ctrl_c), enable_progress_bar=True, callbacks=[bar])
+    t.fit(Slow(), loader())
+    print("next line")
+    assert t.interrupted and bar.exceptions == ["KeyboardInterrupt"]  # on_exception, as in-process
+    assert bar.train_progress_bar.disable  # closed: the bar's line is finished
+    out = capsys.readouterr().out
+    assert "\nnext line\n" in out and "Epoch 0:" in out.split("next line")[0], out
+
+
 def test_a_service_forwards_a_running_fit_as_server_sent_events() -> None:
     strategy = PoolStrategy()
     t = fit_trainer(strategy)

@@ -37,7 +37,7 @@ def train(fabric: Fabric, steps: int) -> float:
         loss = torch.nn.functional.mse_loss(model(batch), batch.sum(1, keepdim=True))
         fabric.backward(loss)
         optimizer.step()
-    return float(loss)
+    return float(loss.detach())
 
 
 def timed_launch(strategy: str, steps: int) -> float:

@@ -10,6 +10,7 @@ other round, so load from other jobs hits them alike. The first pool launch star
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import time
@@ -32,7 +33,7 @@ def train(fabric: Fabric, steps: int) -> float:
     model, optimizer = fabric.setup(net, torch.optim.SGD(net.parameters(), lr=0.01))
     x = torch.randn(steps * BATCH, FEATURES, generator=torch.Generator().manual_seed(fabric.global_rank))
     loss = torch.zeros(())
-    for batch in x.split(BATCH):
+    for batch in torch.split(x, BATCH):
         optimizer.zero_grad()
         loss = torch.nn.functional.mse_loss(model(batch), batch.sum(1, keepdim=True))
         fabric.backward(loss)
@@ -44,7 +45,7 @@ def timed_launch(strategy: str, steps: int) -> float:
     if strategy == "ddp_spawn":
         os.environ.pop("MASTER_PORT", None)  # ddp_spawn leaves its port here: pick a fresh free one each launch
     t0 = time.perf_counter()
-    Fabric(strategy=strategy, accelerator="cpu", devices=WORLD_SIZE).launch(train, steps)
+    Fabric(strategy=strategy, accelerator="cpu", devices=WORLD_SIZE).launch(functools.partial(train, steps=steps))
     return time.perf_counter() - t0
 
 

@@ -8,7 +8,8 @@ up, so the second and later launches cost a call, not a process start.
 
 Importing this module registers ``"lightdist"`` in Fabric's strategy registry (Fabric and the
 Trainer keep separate registries; :mod:`lightdist.lightning` registers ``PoolStrategy`` in the
-Trainer's). See ``docs/fabric.md``.
+Trainer's and imports this module, so ``import lightdist`` before or after Lightning registers
+both). See ``docs/fabric.md``.
 """
 
 from __future__ import annotations
@@ -85,11 +86,9 @@ class FabricPoolStrategy(DDPStrategy):
     def pool(self) -> DistributedRunner:
         """The started pool this strategy runs on: the process-wide one of its layout, which
         ``Trainer(strategy="lightdist")`` of the same layout shares (started on first use)."""
-        # Looked up on every launch, never kept: nothing of the driver's pool travels to the ranks.
-        runner = shared_pool(self.num_processes, "cuda" if device_type(self.parallel_devices) == "cuda" else "cpu")
-        if not runner.is_alive():
-            runner.start_sync()
-        return runner
+        # Leased on every launch, never kept: lightdist.shutdown() or a Trainer's idle_timeout may
+        # replace the shared pool between launches, and nothing of the driver's travels to the ranks.
+        return shared_pool(self.num_processes, "cuda" if device_type(self.parallel_devices) == "cuda" else "cpu")
 
     # --- driver side -----------------------------------------------------------------------------
     # _configure_launcher is a private hook of DDPStrategy, overridden by name:

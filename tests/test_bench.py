@@ -121,6 +121,17 @@ def test_lightning_benchmark_prints_its_table(tmp_path: Path) -> None:
     assert data["ddp_exit_code"] == 0, data
 
 
+def test_fabric_benchmark_prints_its_table(tmp_path: Path) -> None:
+    out_json = tmp_path / "fabric.json"
+    command = ["-m", "lightdist.bench", "fabric", "--launches", "1", "--steps", "2", "--json", str(out_json)]
+    proc = subprocess.run([sys.executable, *command], capture_output=True, text=True, timeout=110)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    for row in ("pool launch 1, includes pool start", "ddp_spawn launch, launch 1"):
+        assert row in proc.stdout, proc.stdout
+    data = json.loads(out_json.read_text())
+    assert len(data["pool_s"]) == len(data["spawn_s"]) == 1, data
+
+
 def test_models_benchmark_prints_its_table(tmp_path: Path) -> None:
     # One contender at a tiny size: each child imports Lightning (seconds on 2 cores), and the
     # torchrun and ddp_spawn children would add several more imports each.

@@ -23,20 +23,25 @@ def run_python(code: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=90)
 
 
+BUILD_FABRIC = "print(type(Fabric(strategy='lightdist', accelerator='cpu', devices=2).strategy).__name__)\n"
+
+
 @pytest.mark.parametrize(
-    "imports",
+    ("code", "expected"),
     [
         # The order isort/ruff produce: lightdist sorts before lightning (the other order has always
         # worked and every other Lightning test uses it).
-        "import lightdist\nimport lightning as L\n",
-        "import lightdist\nimport pytorch_lightning as L\n",
+        ("import lightdist\nimport lightning as L\n" + BUILD_TRAINER, "PoolStrategy"),
+        ("import lightdist\nimport pytorch_lightning as L\n" + BUILD_TRAINER, "PoolStrategy"),
+        # Fabric's registry is its own: importing only lightning.fabric registers there too.
+        ("import lightdist\nfrom lightning.fabric import Fabric\n" + BUILD_FABRIC, "FabricPoolStrategy"),
     ],
-    ids=["lightdist-then-lightning", "lightdist-then-pytorch_lightning"],
+    ids=["lightdist-then-lightning", "lightdist-then-pytorch_lightning", "lightdist-then-lightning.fabric"],
 )
-def test_the_strategy_name_works_in_either_import_order(imports: str) -> None:
-    done = run_python(imports + BUILD_TRAINER)
+def test_the_strategy_name_works_in_either_import_order(code: str, expected: str) -> None:
+    done = run_python(code)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip().splitlines()[-1] == "PoolStrategy"
+    assert done.stdout.strip().splitlines()[-1] == expected
 
 
 def test_importing_lightdist_alone_imports_no_lightning() -> None:

@@ -344,3 +344,42 @@ def test_no_module_but_compat_touches_a_lightning_private() -> None:
     assert not found, (
         "Lightning private API used outside lightdist/lightning/_compat.py (wrap it there):\n" + "\n".join(found)
     )
+
+
+# --- Lightning Fabric ----------------------------------------------------------------------------
+
+
+class RecordingFabricLauncher(_compat.FabricLauncher):
+    """Records what Fabric hands its strategy's launcher, and runs nothing."""
+
+    def __init__(self) -> None:
+        self.launched: list[Any] = []
+
+    @property
+    def is_interactive_compatible(self) -> bool:
+        return True
+
+    def launch(self, function: Any, *args: Any, **kwargs: Any) -> Any:
+        self.launched.append((function, args, kwargs))
+        return None
+
+
+def user_fn(fabric: Any, x: int) -> None:
+    pass
+
+
+def test_what_fabric_hands_its_launcher() -> None:
+    fabric = L.Fabric(accelerator="cpu", devices=1)
+    launcher = RecordingFabricLauncher()
+    with pinned("Fabric's Strategy._launcher"):
+        _compat.set_fabric_launcher(fabric.strategy, launcher)
+        assert fabric.strategy.launcher is launcher
+    fabric.launch(user_fn, 3)
+    function, args, _ = launcher.launched[-1]
+    with pinned("Fabric._wrap_and_launch's partial(fabric._wrap_with_setup, fn)"):
+        assert _compat.fabric_launch_parts(function) == (fabric, user_fn)
+    assert args == (fabric, 3), "Fabric.launch(fn, *args) no longer hands the launcher (fabric, *args)"
+    fabric.launch()  # no function: script mode
+    with pinned("lightning.fabric.fabric._do_nothing"):
+        assert _compat.fabric_launch_parts(launcher.launched[-1][0]) == (fabric, None)
+    assert _compat.fabric_launch_parts(user_fn) == (None, user_fn)

@@ -1,6 +1,7 @@
 """``python -m lightdist.bench pool [--repeats 3] [--items 20000] [--calls 2000] [--json out.json]``
 ``python -m lightdist.bench recovery [--repeats 5] [--grace 2.0] [--json out.json]``
 ``python -m lightdist.bench lightning [--fits 5] [--steps 20] [--throughput-steps 300] [--json out.json]``
+``python -m lightdist.bench fabric [--launches 5] [--steps 20] [--json out.json]``
 ``python -m lightdist.bench recipes [--only digits] [--json out.json]``
 ``python -m lightdist.bench sweep [--repeats 2] [--epochs 3] [--json out.json]``
 ``python -m lightdist.bench multihost [--repeats 3] [--calls 500] [--json out.json]``
@@ -29,6 +30,9 @@ while idle, the time until a call succeeds again; next to a fresh pool start mea
 ``lightning`` fits a tiny MLP on 2 CPU ranks: consecutive short fits with ``strategy="lightdist"``
 against ``ddp_spawn`` and against an already-warm native DDP group (a ``strategy="ddp"`` script),
 and a longer fit's training throughput against native DDP.
+
+``fabric`` times ``fabric.launch(fn)`` with ``Fabric(strategy="lightdist")`` against Fabric's own
+``ddp_spawn``, each launch a new ``Fabric`` (a tiny MLP's training on 2 CPU ranks).
 
 ``recipes`` and ``sweep`` drive the ``lightdist`` console script (see :mod:`lightdist.bench.recipes`):
 every shipped CPU config's metric, wall time and peak memory; and a 4-fit sweep on one pool against

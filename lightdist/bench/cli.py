@@ -39,6 +39,12 @@ def _run_lightning(args: argparse.Namespace) -> dict[str, Any]:
     return run_lightning(args)
 
 
+def _run_fabric(args: argparse.Namespace) -> dict[str, Any]:
+    from lightdist.bench.fabric import run_fabric  # imports Lightning: only for this subcommand
+
+    return run_fabric(args)
+
+
 def _run_gpu(args: argparse.Namespace) -> dict[str, Any]:
     from lightdist.bench.gpu import run_gpu  # the GPU proof kit: only for this subcommand
 
@@ -114,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--throughput-repeats", type=_positive, default=5, help="throughput fits per contender (median)"
     )
     lightning.set_defaults(func=_run_lightning)
+    fabric = commands.add_parser("fabric", parents=[common], help="Fabric launches on the warm pool vs ddp_spawn")
+    fabric.add_argument("--launches", type=_positive, default=5, help="launches per contender (the first is cold)")
+    fabric.add_argument("--steps", type=_positive, default=20, help="training steps per launch")
+    fabric.set_defaults(func=_run_fabric)
     gpu = commands.add_parser("gpu", help="the GPU proof kit: every CUDA/NCCL path in one budgeted run (docs/gpu.md)")
     gpu.add_argument("--out", default="gpu-results.md", help="the markdown result; the JSON goes next to it")
     gpu.add_argument("--budget", type=_seconds, default=480.0, help="seconds for all parts together")

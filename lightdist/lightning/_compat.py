@@ -59,6 +59,13 @@ function                               Lightning private, and why
 :func:`default_checkpoint_io`          ``Strategy._checkpoint_io`` and ``_WrappingCheckpointIO``:
                                        the strategy's CheckpointIO with lightdist's atomic one in
                                        place of Lightning's default ``TorchCheckpointIO``.
+:data:`FabricLauncher`                 ``fabric.strategies.launchers.launcher._Launcher``:
+                                       Fabric's launcher base class (``Fabric(strategy=
+                                       "lightdist")``'s launcher is one).
+:func:`set_fabric_launcher`            Fabric's ``Strategy._launcher``, as for the Trainer's.
+:func:`fabric_launch_parts`            what ``Fabric._wrap_and_launch`` hands a launcher:
+                                       ``partial(fabric._wrap_with_setup, fn)``, or ``fn`` =
+                                       ``fabric._do_nothing`` for ``launch()`` without a function.
 =====================================  =========================================================
 
 :data:`OVERRIDDEN_HOOKS` lists the private methods lightdist *overrides* (a subclass must define
@@ -68,11 +75,14 @@ with the same parameters.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch
+from lightning.fabric import fabric as _fabric_module
+from lightning.fabric.strategies.launchers.launcher import _Launcher as _FabricLauncher
 from lightning.fabric.strategies.registry import _StrategyRegistry
 from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
 from lightning.pytorch.strategies.launchers.launcher import _Launcher
@@ -80,11 +90,14 @@ from lightning.pytorch.trainer import call
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
+    from lightning.fabric import Fabric
     from lightning.fabric.plugins import CheckpointIO
+    from lightning.fabric.strategies.strategy import Strategy as FabricStrategy
     from lightning.pytorch.strategies import DDPStrategy, Strategy
 
 __all__ = [
     "ENTRY_POINTS",
+    "FabricLauncher",
     "LIGHTNING_VERSION",
     "OVERRIDDEN_HOOKS",
     "SUPPORTED",
@@ -96,6 +109,7 @@ __all__ = [
     "default_checkpoint_io",
     "entry_point_kwargs",
     "entry_point_model",
+    "fabric_launch_parts",
     "handle_interrupt",
     "is_supported",
     "module_trainer",
@@ -103,6 +117,7 @@ __all__ = [
     "restore_metrics",
     "resume_fit_from",
     "seen_batch_indices",
+    "set_fabric_launcher",
     "set_launcher",
     "set_module_trainer",
     "set_process_group_backend",
@@ -130,9 +145,11 @@ OVERRIDDEN_HOOKS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
     ("lightning.pytorch.strategies", "DDPStrategy", "_configure_launcher", ()),
     ("lightning.pytorch.strategies", "DDPStrategy", "_setup_model", ("model",)),
     ("lightning.pytorch.cli", "LightningCLI", "_prepare_subcommand_parser", ("klass", "subcommand", "kwargs")),
+    ("lightning.fabric.strategies", "DDPStrategy", "_configure_launcher", ()),
 )
 """Private methods lightdist overrides: ``PoolStrategy`` installs its launcher and builds DDP
-without the start-up broadcast; ``LightdistCLI`` adds ``--predictions_file`` to ``predict`` only."""
+without the start-up broadcast; ``LightdistCLI`` adds ``--predictions_file`` to ``predict`` only;
+``FabricPoolStrategy`` installs its launcher."""
 
 
 def is_supported(version: str = LIGHTNING_VERSION) -> bool:
@@ -281,3 +298,29 @@ def default_checkpoint_io(strategy: Strategy, make: Callable[[], CheckpointIO]) 
     elif isinstance(io, _WrappingCheckpointIO) and io.checkpoint_io is None:
         io.checkpoint_io = make()
     return io
+
+
+# --- Lightning Fabric ----------------------------------------------------------------------------
+
+FabricLauncher = _FabricLauncher
+"""Fabric's launcher base class (``_Launcher``): ``FabricPoolStrategy``'s launcher subclasses it."""
+
+
+def set_fabric_launcher(strategy: FabricStrategy, launcher: _FabricLauncher) -> None:
+    """Install ``launcher`` on a Fabric strategy (``Strategy._launcher``), as ``_configure_launcher`` must."""
+    strategy._launcher = launcher
+
+
+def fabric_launch_parts(function: Callable[..., Any]) -> tuple[Fabric | None, Callable[..., Any] | None]:
+    """The Fabric and the user's function in what ``Fabric`` hands its strategy's launcher.
+
+    ``Fabric._wrap_and_launch`` passes ``partial(fabric._wrap_with_setup, fn)``; ``fn`` is
+    ``lightning.fabric.fabric._do_nothing`` for ``fabric.launch()`` without a function (script
+    mode), returned here as ``None``. Anything else: ``(None, function)``."""
+    if not isinstance(function, functools.partial) or getattr(function.func, "__name__", None) != "_wrap_with_setup":
+        return None, function
+    fabric = getattr(function.func, "__self__", None)
+    if not isinstance(fabric, _fabric_module.Fabric) or not function.args:
+        return None, function
+    user_function: Callable[..., Any] = function.args[0]
+    return fabric, None if user_function is _fabric_module._do_nothing else user_function

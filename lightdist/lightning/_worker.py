@@ -10,6 +10,7 @@ itself (rank 0 only; every rank takes part in the collectives that gathering nee
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -32,9 +33,12 @@ class TrainerWorker(DistributedWorker):
         job: tuple[Any, ...] = (),
         env: dict[str, str | None] | None = None,
         flags: dict[str, Any] | None = None,
-    ) -> dict[str, Any] | None:
+        run: Callable[[DistributedWorker], Any] | None = None,
+    ) -> Any:
         _apply_env(env or {})
         _apply_flags(flags or {})
+        if run is not None:  # another front end on the same ranks, e.g. Fabric(strategy="lightdist")
+            return run(self)
         trainer, function, arguments = job
         tracker = _ModelTracker(self._resident, _model_arg(trainer, arguments), self.rank)
         trainer.strategy._sent_unchanged = tracker.unchanged  # lets DDP skip its start-up broadcast

@@ -30,11 +30,44 @@ from lightdist.runner import DistributedRunner
 if TYPE_CHECKING:
     from lightdist.lightning._remote import RemoteRunner
 
-__all__ = ["PoolStrategy"]
+__all__ = ["PoolStrategy", "device_type", "rank_device", "shared_pool"]
 
 # One pool per layout, shared by every Trainer that asks for it (see _shared: how they end).
 _pools = _shared.pools
 _pools_lock = _shared.lock
+
+
+def shared_pool(world_size: int, accelerator: str, idle_timeout: float | None = None) -> DistributedRunner:
+    """The process-wide pool of :class:`~lightdist.lightning.TrainerWorker` ranks for this layout
+    (``accelerator``: ``"cpu"`` or ``"cuda"``), started. Every Trainer and every
+    ``Fabric(strategy="lightdist")`` of the same layout runs on it; ``idle_timeout``: see
+    :class:`PoolStrategy`."""
+    # The ranks preload the Lightning package this strategy belongs to (lightning or
+    # pytorch_lightning, see lightdist.pytorch_lightning), so a fit pays no import.
+    package = DDPStrategy.__module__.split(".")[0]
+    runner = _shared.lease(
+        (world_size, accelerator),
+        lambda: DistributedRunner(TrainerWorker, world_size=world_size, accelerator=accelerator, preload=(package,)),
+        idle_timeout,
+    )
+    # Leased on every call, never kept: lightdist.shutdown() or an idle stop may replace the
+    # shared pool between two calls of a strategy.
+    if not runner.is_alive():
+        runner.start_sync()
+    return runner
+
+
+def device_type(parallel_devices: list[torch.device] | None) -> str:
+    """``"cuda"``, ``"cpu"``, ...: the kind of device a strategy's layout asks for."""
+    return (parallel_devices or [torch.device("cpu")])[0].type
+
+
+def rank_device(parallel_devices: list[torch.device] | None, local_rank: int) -> torch.device:
+    """A rank's own device: ``cuda:local_rank`` on GPUs (the device the pool gave it), not
+    ``parallel_devices[local_rank]`` from the driver's view (wrong when a rank sees one GPU)."""
+    if device_type(parallel_devices) == "cuda":
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
 
 
 class PoolStrategy(DDPStrategy):
@@ -195,29 +228,13 @@ class PoolStrategy(DDPStrategy):
             return self._runner
         if self._runner is None:
             accelerator = "cuda" if self._device_type() == "cuda" else "cpu"
-            key = (self.num_processes, accelerator)
-            # The ranks preload the Lightning package this strategy belongs to (lightning or
-            # pytorch_lightning, see lightdist.pytorch_lightning), so a fit pays no import.
-            package = DDPStrategy.__module__.split(".")[0]
-            runner = _shared.lease(
-                key,
-                lambda: DistributedRunner(
-                    TrainerWorker, world_size=key[0], accelerator=accelerator, preload=(package,)
-                ),
-                self.idle_timeout,
-            )
-            # Leased on every call, never kept: lightdist.shutdown() or an idle stop may replace the
-            # shared pool between two calls of this strategy.
-            if not runner.is_alive():
-                runner.start_sync()
-            return runner
+            return shared_pool(self.num_processes, accelerator, self.idle_timeout)
         if not self._runner.is_alive():
             self._runner.start_sync()
         return self._runner
 
     def _device_type(self) -> str:
-        devices = self.parallel_devices or [torch.device("cpu")]
-        return devices[0].type
+        return device_type(self.parallel_devices)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -230,10 +247,7 @@ class PoolStrategy(DDPStrategy):
     @property
     @override
     def root_device(self) -> torch.device:
-        # The rank's own device, not parallel_devices[local_rank] from the driver's view.
-        if self._device_type() == "cuda":
-            return torch.device("cuda", self.local_rank)
-        return torch.device("cpu")
+        return rank_device(self.parallel_devices, self.local_rank)
 
     @override
     def _setup_model(self, model: torch.nn.Module) -> Any:

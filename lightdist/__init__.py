@@ -15,7 +15,14 @@ CPU) and a signed ZMQ command channel, then run any number of calls on them::
 
 from typing import TYPE_CHECKING
 
-from lightdist.errors import ConfigError, PoolClosedError, TextEventError, WorkerDiedError, WorkerError
+from lightdist.errors import (
+    ConfigError,
+    PoolClosedError,
+    TextEventError,
+    WorkerDiedError,
+    WorkerError,
+    WorkerFailedError,
+)
 
 if TYPE_CHECKING:
     from lightdist.lightning import PoolStrategy
@@ -31,6 +38,7 @@ __all__ = [
     "TextEventError",
     "WorkerDiedError",
     "WorkerError",
+    "WorkerFailedError",
     "shutdown",
 ]
 

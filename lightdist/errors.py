@@ -17,10 +17,34 @@ __all__ = [
     "TextEventError",
     "WorkerDiedError",
     "WorkerError",
+    "WorkerFailedError",
 ]
 
 
-class WorkerError(RuntimeError):
+class WorkerFailedError(RuntimeError):
+    """A call (or ``setup``) failed on a rank: it raised (:class:`WorkerError`) or its process, or
+    its whole host, was lost (:class:`WorkerDiedError`). The call's work is lost either way; the
+    pool recovers by itself (see docs/failures.md).
+
+    Catch this to handle "the pool lost this call's work" in one place; the subclasses tell a
+    crash (retrying an idempotent call is safe: the pool is repaired first) from an exception your
+    code raised::
+
+        try:
+            out = runner.invoke_sync(payload)
+        except WorkerDiedError:
+            out = runner.invoke_sync(payload)   # a rank or a host was lost: run it again
+        except WorkerFailedError as exc:
+            log.error("rank %d failed: %s", exc.rank, exc)
+
+    Attributes:
+        rank: the rank that failed.
+    """
+
+    rank: int
+
+
+class WorkerError(WorkerFailedError):
     """A rank raised an exception while running ``setup`` or ``__call__``.
 
     Attributes:
@@ -44,8 +68,8 @@ class WorkerError(RuntimeError):
         return (type(self), (self.rank, self.exc_type, self.message, self.remote_traceback))
 
 
-class WorkerDiedError(RuntimeError):
-    """A rank process exited while the pool needed it.
+class WorkerDiedError(WorkerFailedError):
+    """A rank process exited while the pool needed it, or its host was lost.
 
     Attributes:
         rank: the rank whose process exited.

@@ -12,9 +12,15 @@ Liveness: the driver PINGs every agent 4 times per ``host_timeout`` (2 s by defa
 heard from for ``host_timeout`` is *lost*: its ranks are reported dead (the running call fails with
 ``WorkerDiedError`` naming the host), its name is fenced (anything it sends later is answered with
 FENCED, so a healed host's agent kills its old ranks and exits), and its ranks move to a spare host
-(an agent that attached beyond the expected count) or wait for a new agent until the recovery
-deadline. An agent that hears nothing from the driver for its lease kills its ranks and exits, so a
-dead driver takes every host down.
+(an agent that attached beyond the expected count) or wait for a new agent; calls waiting for them
+fail after ``rehost_timeout`` (and later calls at once) with a message naming the host, until a host
+takes them. An agent that hears nothing from the driver for its lease kills its ranks and exits, so
+a dead driver takes every host down.
+
+Who serves: hosts are ordered by their launcher's node index (the agent's ``node_hint``), then by
+name. When some attached agents carry a hint but fewer than ``nodes`` do, the pool waits up to
+``HINT_GRACE_S`` for more hinted agents before hint-less ones fill the remaining places, so an agent
+that attached a moment late does not become a spare while a hint-less one takes its ranks.
 
 :class:`AgentPlacement` holds every multi-host fact (agents, spares, fenced names, ranks waiting for
 a host) and never calls into the pool: it returns :mod:`lightdist._placement` events. Everything
@@ -32,16 +38,25 @@ from typing import Any
 
 from lightdist import _messages as messages
 from lightdist._messages import Assignment, HostEvent, KillOrder, RankBoot
-from lightdist._placement import HostLost, PlacementEvent, PoolFailed, RankExited, SpawnRanks
+from lightdist._placement import HostLost, HostsMissing, PlacementEvent, PoolFailed, RankExited, SpawnRanks
 from lightdist._procs import RankExit, RankHost
+from lightdist._rehost import Homeless
 from lightdist._state import PoolState
 from lightdist.protocol import Kind, Message
 from lightdist.transport import Channel
 
-__all__ = ["AgentHost", "AgentPlacement", "HOST_TIMEOUT_S", "LEASE_S", "timings"]
+__all__ = ["AgentHost", "AgentPlacement", "HINT_GRACE_S", "HOST_TIMEOUT_S", "LEASE_S", "REHOST_TIMEOUT_S", "timings"]
 
 log = logging.getLogger("lightdist")
 HOST_TIMEOUT_S = 2.0  # default silence after which the driver declares a host lost (host_timeout=)
+# Default wait for another host to take a lost host's ranks before calls fail (rehost_timeout=):
+# long enough for a launcher to restart an agent (a rescheduled pod, a requeued step: seconds to a
+# minute, plus the agent's attach), short enough that callers hear of it in minutes, not at the
+# start() timeout (30 min).
+REHOST_TIMEOUT_S = 120.0
+# How long hinted agents that have not attached yet keep their places while hint-less ones wait:
+# agents a launcher starts together attach within a second or two of each other.
+HINT_GRACE_S = 5.0
 
 
 def timings(host_timeout: float) -> tuple[float, float]:
@@ -69,6 +84,9 @@ class AgentHost:
         self.pids: dict[int, int] = {}
         self.lost = False
         self.last_heard = self.last_ping = time.monotonic()
+        self.pinged = 0  # the number of the last PING sent
+        self.answered = 0  # the highest PING number echoed back in a PONG
+        self.farewell: str | None = None  # what EXIT tells the agent: None, the pool was stopped
         self._changed = threading.Condition()
 
     def _send(self, kind: Kind, payload: list[bytes]) -> None:
@@ -97,9 +115,17 @@ class AgentHost:
         if targets and not self.lost:
             self._send(Kind.KILL, [messages.encode_kill(KillOrder(targets, int(sig)))])
 
-    def ping(self) -> None:
+    @property
+    def hint(self) -> int | None:
+        """The launcher's node index the agent reported (``SLURM_NODEID``, ...), if any."""
+        hint = self.facts.get("node_hint")
+        return hint if isinstance(hint, int) and not isinstance(hint, bool) else None
+
+    def ping(self) -> int:
         self.last_ping = time.monotonic()
-        self._send(Kind.PING, [])
+        self.pinged += 1
+        self._send(Kind.PING, [messages.encode_ping(self.pinged)])
+        return self.pinged
 
     def note_spawned(self, rank: int, pid: int) -> None:
         with self._changed:
@@ -131,9 +157,10 @@ class AgentHost:
         return True
 
     def close(self, grace: float = 2.0) -> None:
-        """The pool is stopping: the agent stops its template (killing what is left) and exits."""
+        """The pool is stopping: the agent stops its template (killing what is left) and exits,
+        with a status that says whether the pool ended normally (see :attr:`farewell`)."""
         if not self.lost:
-            self._send(Kind.EXIT, [])
+            self._send(Kind.EXIT, [messages.encode_farewell(self.farewell)])
 
 
 class AgentPlacement:
@@ -149,6 +176,7 @@ class AgentPlacement:
         imports: list[str],
         cwd: str | None,
         address: str,
+        rehost_timeout: float = REHOST_TIMEOUT_S,
     ) -> None:
         self.channel = channel
         self.address = address  # where agents connect (the bound one: port 0 resolved)
@@ -164,7 +192,9 @@ class AgentPlacement:
         self._agents: dict[str, AgentHost] = {}  # attached hosts by agent sender name (spares included)
         self._spares: list[AgentHost] = []
         self._fenced: set[str] = set()  # agents declared lost: they are told so if they speak again
-        self._lost_groups: list[list[int]] = []  # ranks of each lost host, waiting for a spare (as a group)
+        self._homeless = Homeless(rehost_timeout, address)  # ranks of lost hosts, waiting for a host
+        self._probe: dict[str, int] = {}  # agent sender -> the PING number its answer must echo
+        self._form_after: float | None = None  # hinted agents are awaited until then (HINT_GRACE_S)
 
     def _send(self, kind: Kind, payload: list[bytes], to: list[bytes]) -> None:
         self.channel.send(kind, self.generation, payload, to=to)
@@ -190,6 +220,25 @@ class AgentPlacement:
     def claim(self, ranks: list[int]) -> None:
         if any(self._rank_hosts.get(rank) is None for rank in ranks):
             self._place_lost_groups()
+
+    def probe(self) -> float:
+        self._probe = {host.sender: host.ping() for host in self._agents.values() if host.ranks}
+        return self.host_timeout if self._probe else 0.0
+
+    def probed(self) -> bool:
+        for sender, number in self._probe.items():
+            host = self._agents.get(sender)  # a lost host is gone from here: its loss was the answer
+            if host is not None and host.answered < number:
+                return False
+        return True
+
+    def missing(self) -> BaseException | None:
+        text = self._homeless.missing()
+        return None if text is None else RuntimeError(text)
+
+    def closing(self, failure: str | None) -> None:
+        for host in self._agents.values():
+            host.farewell = None if failure is None else (failure.splitlines() or [""])[0]  # one line
 
     def close_linger_ms(self) -> int:
         # Agents must get their EXIT before the socket goes (linger 0 would drop it; they would
@@ -224,12 +273,15 @@ class AgentPlacement:
         host.last_heard = time.monotonic()
         if h.kind is Kind.HOST_EVENT:
             return self._on_host_event(host, messages.decode_host_event(msg.payload[0]), state)
+        if h.kind is Kind.PONG and msg.payload:
+            host.answered = max(host.answered, messages.decode_ping(msg.payload[0]))
         return []
 
     def tick(self, now: float, state: PoolState) -> tuple[list[PlacementEvent], float | None]:
-        """PING due agents, declare silent ones lost; seconds until the next heartbeat work."""
+        """PING due agents, declare silent ones lost, form the pool once hinted agents had their
+        grace, give up on hosts for lost ranks; seconds until the next such work."""
         events: list[PlacementEvent] = []
-        due = None
+        due: list[float] = []
         heartbeat, _ = timings(self.host_timeout)
         for host in list(self._agents.values()):
             if now - host.last_heard > self.host_timeout:
@@ -237,16 +289,41 @@ class AgentPlacement:
                 continue
             if now - host.last_ping >= heartbeat:
                 host.ping()
-            next_work = min(host.last_ping + heartbeat, host.last_heard + self.host_timeout)
-            due = next_work if due is None else min(due, next_work)
-        return events, None if due is None else max(0.0, due - now)
+            due.append(min(host.last_ping + heartbeat, host.last_heard + self.host_timeout))
+        if self._form_after is not None:
+            events += self.try_form(state, now)
+            if self._form_after is not None:
+                due.append(self._form_after)
+        if not state.over:
+            expired, rehost_due = self._homeless.expire(now)
+            for text in expired:
+                log.warning("%s", text)
+                events.append(HostsMissing(RuntimeError(text)))
+            if rehost_due is not None:
+                due.append(rehost_due)
+        return events, max(0.0, min(due) - now) if due else None
 
-    def try_form(self, state: PoolState) -> list[PlacementEvent]:
-        """Form the pool once the store is up and the expected hosts attached (HELLOs may come first)."""
-        if state is PoolState.STARTING and not self._rank_hosts and self.store_up:
-            if len(self._chosen_hosts()) >= self.nodes:
-                return self._form()
-        return []
+    def try_form(self, state: PoolState, now: float | None = None) -> list[PlacementEvent]:
+        """Form the pool once the store is up and the expected hosts attached (HELLOs may come
+        first), and hinted agents that are still to come had their grace (see the module docstring)."""
+        if not (state is PoolState.STARTING and not self._rank_hosts and self.store_up):
+            self._form_after = None
+            return []
+        if len(self._chosen_hosts()) < self.nodes:
+            self._form_after = None  # (a host left during the grace: it starts again with the next)
+            return []
+        now = time.monotonic() if now is None else now
+        hinted = sum(host.hint is not None for host in self._agents.values())
+        if self.host_names is None and 0 < hinted < self.nodes:
+            if self._form_after is None:
+                self._form_after = now + HINT_GRACE_S
+                log.info(
+                    "%d of %d hosts give a node index: waiting %.0f s for the others", hinted, self.nodes, HINT_GRACE_S
+                )
+            if now < self._form_after:
+                return []
+        self._form_after = None
+        return self._form()
 
     # --- attach and form ---------------------------------------------------------------------------
     def _on_hello(self, sender: str, facts: dict[str, Any], state: PoolState) -> list[PlacementEvent]:
@@ -330,30 +407,25 @@ class AgentPlacement:
             return []  # a spare, or an agent that left before the pool formed: nothing ran there
         for rank in host.ranks:
             self._rank_hosts[rank] = None  # re-hosted when a spare or a new agent attaches
-        self._lost_groups.append(list(host.ranks))
+        self._homeless.add(host.name, host.ranks, why)
         if state is PoolState.STARTING:
             return [PoolFailed(RuntimeError(f"host {host.name} was lost while the pool started: {why}"))]
         return [HostLost(host.name, list(host.ranks), alive, f"host {host.name} was lost ({why})")]
 
     def _place_lost_groups(self) -> None:
         """Give each lost host's ranks, as a group, to a spare host with room for them."""
-        for group in list(self._lost_groups):
-            spare = next((host for host in self._spares if host.nproc >= len(group)), None)
-            if spare is None:
-                continue
-            self._spares.remove(spare)
-            self._lost_groups.remove(group)
+        for ranks, spare in self._homeless.place(self._spares):
             # the spare takes the lost host's place in the layout (hosts hold equal rank ranges)
-            spare.assign(self._assignment(group, node_rank=group[0] // len(group)))
-            for rank in group:
+            spare.assign(self._assignment(ranks, node_rank=ranks[0] // len(ranks)))
+            for rank in ranks:
                 self._rank_hosts[rank] = spare
-            log.warning("ranks %s moved to host %s", group, spare.name)
+            log.warning("ranks %s moved to host %s", ranks, spare.name)
 
     def _rehost(self, state: PoolState) -> list[PlacementEvent]:
         """A host attached while ranks were waiting for one: place them there and start them."""
-        if not self._lost_groups or state is not PoolState.RECOVERING:
+        waiting = self._homeless.ranks()
+        if not waiting or state is not PoolState.RECOVERING:
             return []
-        waiting = sorted(rank for group in self._lost_groups for rank in group)
         self._place_lost_groups()
         placed = [rank for rank in waiting if self._rank_hosts.get(rank) is not None]
         return [SpawnRanks(placed)] if placed else []
@@ -362,5 +434,4 @@ class AgentPlacement:
 def _placement_order(host: AgentHost) -> tuple[int, str, str]:
     # A launcher's node index (SLURM_NODEID, a pod's completion index, torchrun's GROUP_RANK) is a
     # hint that keeps rank ranges in the cluster's order; the host name breaks ties.
-    hint = host.facts.get("node_hint")
-    return (int(hint) if isinstance(hint, int) else 1 << 30, host.name, host.sender)
+    return (host.hint if host.hint is not None else 1 << 30, host.name, host.sender)

@@ -68,7 +68,8 @@ class PendingCall:
     patient: bool = False  # interrupted without a deadline: the grace starts only once a rank has left
     failed_at: float | None = None  # when it failed or was cancelled: the grace period starts
     rebuild: bool = False  # an error came from inside torch.distributed: rebuild the group after
-    held: tuple[float, BaseException] | None = None  # a collective's error, held until this time
+    # a collective's error, held until the first time, or the second while hosts have not answered
+    held: tuple[float, float, BaseException] | None = None
     outbound: Outbound | None = None  # the payload's out-of-band storages, freed once every rank took them
     resident_serial: int | None = None  # a resident call: its serial in the pool's ResidentSet
     taken: set[int] = field(default_factory=set)  # ranks that sent TAKEN

@@ -171,6 +171,28 @@ def decode_host_event(payload: bytes) -> HostEvent:
     return event
 
 
+# --- PING / PONG between the driver and an agent: a numbered heartbeat, echoed ----------------------
+def encode_ping(number: int) -> bytes:
+    """A PING's number; the agent's PONG echoes it, so the driver knows which PING it answers."""
+    return struct.pack("!Q", number)
+
+
+def decode_ping(payload: bytes) -> int:
+    return int(struct.unpack("!Q", payload)[0])
+
+
+# --- EXIT from the driver to an agent: why the pool ended ------------------------------------------
+def encode_farewell(failure: str | None) -> bytes:
+    """``failure``: None when the pool was stopped, else what ended it (the agent exits 75 then, so
+    that a launcher restarts it for the pool's next start)."""
+    return json.dumps({"failure": failure}).encode()
+
+
+def decode_farewell(payload: bytes) -> str | None:
+    failure = json.loads(payload).get("failure")
+    return None if failure is None else str(failure)
+
+
 # --- REBUILD: join a fresh group under this store prefix -------------------------------------------
 def encode_rebuild(store_prefix: str) -> bytes:
     return store_prefix.encode()

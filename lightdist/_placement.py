@@ -16,7 +16,16 @@ from lightdist._procs import RankExit, RankHost, TemplateProcess
 from lightdist._state import PoolState
 from lightdist.protocol import Message
 
-__all__ = ["HostLost", "LocalPlacement", "Placement", "PlacementEvent", "PoolFailed", "RankExited", "SpawnRanks"]
+__all__ = [
+    "HostLost",
+    "HostsMissing",
+    "LocalPlacement",
+    "Placement",
+    "PlacementEvent",
+    "PoolFailed",
+    "RankExited",
+    "SpawnRanks",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,13 +51,21 @@ class HostLost:
 
 
 @dataclasses.dataclass(frozen=True)
+class HostsMissing:
+    """A lost host's ranks found no other host in time: the calls waiting for them fail with
+    ``error``, and so do later calls until a host takes them (:meth:`Placement.missing`)."""
+
+    error: BaseException
+
+
+@dataclasses.dataclass(frozen=True)
 class PoolFailed:
     """The pool cannot go on (hosts of the wrong size, a host lost while starting)."""
 
     error: BaseException
 
 
-PlacementEvent = SpawnRanks | RankExited | HostLost | PoolFailed
+PlacementEvent = SpawnRanks | RankExited | HostLost | HostsMissing | PoolFailed
 
 
 class Placement(Protocol):
@@ -59,6 +76,23 @@ class Placement(Protocol):
     def claim(self, ranks: list[int]) -> None: ...
     def on_message(self, msg: Message, state: PoolState) -> list[PlacementEvent]: ...
     def tick(self, now: float, state: PoolState) -> tuple[list[PlacementEvent], float | None]: ...
+    def probe(self) -> float:
+        """Ask every host that runs ranks for a sign of life now; returns how long a silent one may
+        take to be declared lost (0: there is nothing to ask). See :meth:`probed`."""
+        ...
+
+    def probed(self) -> bool:
+        """Every host asked by the last :meth:`probe` answered, or was declared lost."""
+        ...
+
+    def missing(self) -> BaseException | None:
+        """Why calls cannot run now: a lost host's ranks have waited too long for another host."""
+        ...
+
+    def closing(self, failure: str | None) -> None:
+        """The pool is about to close its hosts: stopped (None) or ended by ``failure``."""
+        ...
+
     def status(self) -> str: ...
     def close_linger_ms(self) -> int: ...
 
@@ -93,6 +127,18 @@ class LocalPlacement:
 
     def tick(self, now: float, state: PoolState) -> tuple[list[PlacementEvent], float | None]:
         return [], None
+
+    def probe(self) -> float:
+        return 0.0  # the template's monitor reports a death within milliseconds: nothing to ask
+
+    def probed(self) -> bool:
+        return True
+
+    def missing(self) -> BaseException | None:
+        return None  # the template respawns every rank
+
+    def closing(self, failure: str | None) -> None:
+        pass
 
     def status(self) -> str:
         return "one host (this machine)"

@@ -46,10 +46,18 @@ import zmq
 
 from lightdist import _messages as messages
 from lightdist import _shm, protocol
-from lightdist._attach import HOST_TIMEOUT_S, AgentPlacement
+from lightdist._attach import HOST_TIMEOUT_S, REHOST_TIMEOUT_S, AgentPlacement
 from lightdist._calls import ERROR, ITEM, READY, RESULT, Event, PendingCall, Reply, encode_call
 from lightdist._messages import AGENT_PREFIX, DRIVER_SENDER, RankBoot
-from lightdist._placement import HostLost, LocalPlacement, PlacementEvent, PoolFailed, RankExited, SpawnRanks
+from lightdist._placement import (
+    HostLost,
+    HostsMissing,
+    LocalPlacement,
+    PlacementEvent,
+    PoolFailed,
+    RankExited,
+    SpawnRanks,
+)
 from lightdist._procs import RankExit, RankHost, TemplateProcess
 from lightdist._recovery import Recovery
 from lightdist._resident import ResidentSet
@@ -89,6 +97,7 @@ class PoolConfig:
     nodes: int | None = None  # hosts to wait for (agents attach over TCP); None: ranks on this machine
     host_names: tuple[str, ...] | None = None  # the hosts to wait for by name, in rank order
     host_timeout: float = HOST_TIMEOUT_S  # silence after which an attached host is lost (see _attach.timings)
+    rehost_timeout: float = REHOST_TIMEOUT_S  # a lost host's ranks wait this long for another host; then calls fail
     curve: Any = None  # DriverKeys: CURVE server keys and client allow-list for a TCP channel
     tensor_transport: str = "auto"  # "auto": shared memory on one host, frames across hosts; "frames"
     max_frame_bytes: int | None = None  # the command socket's inbound frame limit (None: none)
@@ -189,6 +198,7 @@ class Pool:
                 list(config.imports),
                 config.cwd,
                 self.address,
+                config.rehost_timeout,
             )
         )
         self.recovery = Recovery(config.world_size, timeout=1800.0)
@@ -290,12 +300,17 @@ class Pool:
 
     def _spawn_ranks(self, ranks: list[int]) -> None:
         self.placement.claim(ranks)  # ranks of a lost host go to a spare, if there is one
+        homeless = [rank for rank in ranks if self.placement.host_of(rank) is None]
+        if homeless:
+            log.warning(
+                "ranks %s wait for a host: start another agent within %.0f s (rehost_timeout), or calls fail",
+                homeless,
+                self.config.rehost_timeout,
+            )
         for rank in ranks:
             host = self.placement.host_of(rank)
-            if host is None:
-                log.warning("rank %d waits for a host: start another agent (a spare host)", rank)
-                continue
-            self._spawn(rank, host)
+            if host is not None:
+                self._spawn(rank, host)
 
     def _spawn(self, rank: int, host: RankHost) -> None:
         self._incarnation[rank] += 1
@@ -364,10 +379,14 @@ class Pool:
         if outbound is not None:
             self.transfers.sent(outbound, len(frames[1]))
         with self._lock:
+            missing = self.placement.missing() if self.state.serving else None
             if self._idle_death is not None:  # a rank died while idle: this call hears of it
                 call.push(Event(ERROR, self._idle_death))
                 call.finished.set()
                 self._idle_death = None
+            elif missing is not None:  # a lost host's ranks have no host: it would wait for one
+                call.push(Event(ERROR, missing))
+                call.finished.set()
             elif self.state.serving:
                 self._queue.append(call)
                 self._dispatch()
@@ -514,9 +533,12 @@ class Pool:
         call = self.current
         if call is None or call.held is None or call.failed:
             return None
-        if now < call.held[0]:
-            return call.held[0] - now
-        self._fail(call, call.held[1])  # no death explained it: the error stands
+        until, longest, err = call.held
+        if now < until:
+            return until - now
+        if now < longest and not self.placement.probed():
+            return longest - now  # a host's answer re-runs this timer (_tick follows every receive)
+        self._fail(call, err)  # no death explained it: the error stands
         return None
 
     def _grace_timer(self, now: float) -> float | None:
@@ -549,11 +571,10 @@ class Pool:
             return None
         if not self.recovery.expired(now):
             return self.recovery.deadline - now
+        missing = self.placement.missing()
+        why = f"ranks {sorted(self.recovery.pending)} never reported back" if missing is None else str(missing)
         self._on_broken(
-            RuntimeError(
-                f"recovery did not finish within {self._start_timeout:.0f} s (ranks "
-                f"{sorted(self.recovery.pending)} never reported back); call start() again"
-            )
+            RuntimeError(f"recovery did not finish within {self._start_timeout:.0f} s ({why}); call start() again")
         )
         return None
 
@@ -676,7 +697,12 @@ class Pool:
                 # A collective that failed on this rank is often the echo of a peer that just died
                 # ("connection reset by peer"), and that death may be reported a moment later: hold
                 # the error briefly so the caller hears of the cause, not the echo (see _tick).
-                call.held = (time.monotonic() + HOLD_COLLECTIVE_ERROR_S, err)
+                # Across hosts a crashed host reports nothing: its peers' gloo connections close at
+                # once, but its loss is known only when it misses its heartbeat. So every host is
+                # asked for a sign of life, and the error waits until each has answered, or the
+                # silent one is declared lost (then the caller gets WorkerDiedError naming it).
+                until = time.monotonic() + HOLD_COLLECTIVE_ERROR_S
+                call.held = (until, until + self.placement.probe(), err)
                 self._io_waker.wake()
             elif not call.failed:
                 # The first error fails the call now, even while other ranks still wait in a collective.
@@ -723,7 +749,7 @@ class Pool:
         """Every rank replied to ``call`` (or is gone): deliver the result, recover if needed."""
         if call.held is not None and not call.failed:
             call.failed = True
-            call.push(Event(ERROR, call.held[1]))
+            call.push(Event(ERROR, call.held[2]))
         if call.outbound is not None:
             call.outbound.finish()
         if not call.failed and not call.cancelled and call.reply is not None:
@@ -763,6 +789,12 @@ class Pool:
                         if rank not in self.recovery.dead
                     ]
                 )
+            elif isinstance(event, HostsMissing):
+                for call in self._queue:  # the running call, if any, ends as its ranks do
+                    call.failed = True
+                    call.push(Event(ERROR, event.error))
+                    call.finished.set()
+                self._queue.clear()
             elif isinstance(event, PoolFailed):
                 self._on_broken(event.error)
 
@@ -908,6 +940,14 @@ class Pool:
             if self.state in (PoolState.STOPPING, PoolState.CLOSED):
                 return  # idempotent: a second close (stop() racing an aborted start) has nothing to do
             was_ready = self.state is PoolState.READY
+            # Agents exit 0 when the pool was stopped, 75 when it had failed (a launcher restarts them).
+            missing = self.placement.missing()
+            if self.state is PoolState.BROKEN:
+                self.placement.closing(str(self.broken))
+            elif self.state is PoolState.STARTING:
+                self.placement.closing("the pool's start did not complete")
+            elif missing is not None:
+                self.placement.closing(str(missing))
             if self.state is PoolState.STARTING:
                 # A start() still waiting for READYs hears of it now, not at its timeout.
                 self.startup.push(Event(ERROR, PoolClosedError("the pool was stopped while it started")))

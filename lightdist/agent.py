@@ -15,6 +15,12 @@ kills its ranks and exits, so a healed host never rejoins an old generation.
 
 Launcher variables (``SLURM_*``, torchrun's ``RANK``/``WORLD_SIZE``/...) are read as hints for
 placement only and removed before the ranks start: the pool's layout is the only truth.
+
+The exit status tells a launcher whether to start the agent again (``EXIT_*``, docs/multinode.md):
+0 the pool was stopped; 2 bad arguments or key file; 75 (``EX_TEMPFAIL``) the pool failed or went
+away (its start failed, it broke, this host was declared lost, the driver fell silent): start it
+again to attach to the pool's next start or as a spare; 77 (``EX_NOPERM``) the driver refused its
+keys; 143 SIGTERM.
 """
 
 from __future__ import annotations
@@ -44,6 +50,11 @@ from lightdist.transport import Channel
 __all__ = ["LAUNCHER_VARIABLES", "Agent", "main", "route_interface", "worker_main"]
 
 log = logging.getLogger("lightdist")
+# Exit statuses (sysexits.h where one fits), so a launcher knows whether to restart the agent.
+EXIT_STOPPED = 0  # the driver stopped the pool: the job is done
+EXIT_USAGE = 2  # bad arguments or key file (argparse's status): fix the command
+EXIT_RETRY = 75  # EX_TEMPFAIL: the pool failed or went away; a restarted agent attaches to the next one
+EXIT_REFUSED = 77  # EX_NOPERM: the driver refused this agent's keys: fix the key file
 AGENT_RANK = -2
 CONNECT_TIMEOUT_S = 300.0  # waiting for the driver to come up (srun may start agents first)
 HANGUP_GIVE_UP_S = 4.0  # handshakes that keep failing without a reason: give up (see _handshake_failure)
@@ -194,7 +205,7 @@ class Agent:
                     file=sys.stderr,
                     flush=True,
                 )
-                return 1
+                return EXIT_RETRY
             if self.generation == 0 and now - last_hello > 2.0:
                 self._hello()  # the driver may have restarted its pool
                 last_hello = now
@@ -204,7 +215,7 @@ class Agent:
                 refused = self._handshake_failure()  # only a definite refusal: see _handshake_failure
                 if refused is not None:
                     print(f"lightdist agent: cannot attach to {self.connect}: {refused}", file=sys.stderr, flush=True)
-                    return 2
+                    return EXIT_REFUSED
             for _, msg in self.channel.drain():
                 last_heard = time.monotonic()
                 status = self._handle(msg.kind, msg.header.call, msg.payload)
@@ -225,7 +236,7 @@ class Agent:
 
     def _handle(self, kind: Kind, call: int, payload: tuple[bytes, ...]) -> int | None:
         if kind is Kind.PING:
-            self.channel.send(Kind.PONG, self.generation)
+            self.channel.send(Kind.PONG, self.generation, list(payload))  # echoes the PING's number
         elif kind is Kind.ASSIGN:
             self._assign(call, messages.decode_assign(payload[0]))
         elif kind is Kind.SPAWN:
@@ -240,12 +251,16 @@ class Agent:
             if self.template is not None:
                 self.template.signal_ranks(order.signal, order.ranks)
         elif kind is Kind.EXIT:
-            return 0
+            failure = messages.decode_farewell(payload[0]) if payload else None
+            if failure is None:
+                return EXIT_STOPPED
+            print(f"lightdist agent: the pool failed: {failure}", file=sys.stderr, flush=True)
+            return EXIT_RETRY
         elif kind is Kind.FENCED:
             print(
                 "lightdist agent: the driver declared this host lost; stopping its ranks", file=sys.stderr, flush=True
             )
-            return 1
+            return EXIT_RETRY
         return None
 
     def _assign(self, generation: int, settings: Assignment) -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from lightdist import _tensors, protocol
-from lightdist._attach import HOST_TIMEOUT_S
+from lightdist._attach import HOST_TIMEOUT_S, REHOST_TIMEOUT_S
 from lightdist._calls import ERROR, ITEM, RESULT, Event, PendingCall, Reply, encode_call
 from lightdist._devices import choose_device, driver_visible_gpus
 from lightdist._messages import driver_sys_path
@@ -82,6 +82,10 @@ class DistributedRunner:
             driver pings 4 times per timeout from a Python thread and agents give up on a silent
             driver after 1.5 times it; raise it if the driver can hold the GIL for seconds (e.g.
             unpickling a very large result).
+        rehost_timeout: seconds the ranks of a lost host wait for another host (a spare, or an
+            agent started after the loss) to take them (120 s). Calls wait meanwhile; after it they
+            fail at once with a ``RuntimeError`` naming the lost host and what to start, until an
+            agent attaches (the pool then resumes) or ``start()`` is called again.
         key_file: the driver's key file (``lightdist keys create DIR`` makes one): the HMAC key and
             the CURVE server keys with the allow-list of client keys.
         tensor_transport: how the tensors in payloads and results travel (never inside the pickle).
@@ -123,6 +127,7 @@ class DistributedRunner:
         listen: str | None = None,
         key_file: str | os.PathLike[str] | None = None,
         host_timeout: float = HOST_TIMEOUT_S,
+        rehost_timeout: float = REHOST_TIMEOUT_S,
         tensor_transport: str = "auto",
         max_frame_bytes: int | None = None,
         stream_buffer_items: int = 1024,
@@ -150,6 +155,8 @@ class DistributedRunner:
             _check_attach(nodes, listen, key_file, world_size)
         if isinstance(host_timeout, bool) or not isinstance(host_timeout, (int, float)) or host_timeout < 0.2:
             raise ValueError(f"host_timeout must be a number of seconds >= 0.2, got {host_timeout!r}")
+        if isinstance(rehost_timeout, bool) or not isinstance(rehost_timeout, (int, float)) or rehost_timeout < 0:
+            raise ValueError(f"rehost_timeout must be a number of seconds >= 0, got {rehost_timeout!r}")
         if max_frame_bytes is not None and (isinstance(max_frame_bytes, bool) or not isinstance(max_frame_bytes, int)
                                             or max_frame_bytes < 1 << 16):  # fmt: skip
             raise ValueError(f"max_frame_bytes must be an int of at least 65536, got {max_frame_bytes!r}")
@@ -178,6 +185,7 @@ class DistributedRunner:
         self.nodes = nodes
         self.host_names = host_names
         self.host_timeout = float(host_timeout)
+        self.rehost_timeout = float(rehost_timeout)
         self.listen = listen
         self.key_file = key_file
         self.tensor_transport = tensor_transport
@@ -294,6 +302,7 @@ class DistributedRunner:
                 nodes=self.nodes,
                 host_names=None if self.host_names is None else tuple(self.host_names),
                 host_timeout=self.host_timeout,
+                rehost_timeout=self.rehost_timeout,
                 curve=self._driver_keys(),
                 tensor_transport=self.tensor_transport,
                 max_frame_bytes=self._frame_cap(),

@@ -20,8 +20,9 @@ from typing import Any
 
 import pytest
 
-from lightdist import DistributedRunner, DistributedWorker, WorkerDiedError
+from lightdist import DistributedRunner, DistributedWorker, PoolClosedError, WorkerDiedError, WorkerFailedError
 from lightdist._attach import HOST_TIMEOUT_S, LEASE_S
+from lightdist.agent import EXIT_REFUSED, EXIT_RETRY, EXIT_STOPPED
 from lightdist.keys import create_pool_keys
 from tests.conftest import descendants, free_port, pid_alive, wait_until
 
@@ -32,11 +33,14 @@ class Gather(DistributedWorker):
     def setup(self, blob: str = "") -> None:
         self.blob_size = len(blob)
 
-    def __call__(self, streaming: bool = False, sleep: float = 0.0) -> dict[str, Any]:
+    def __call__(
+        self, streaming: bool = False, sleep: float = 0.0, sleepers: list[int] | None = None
+    ) -> dict[str, Any]:
         import torch
         import torch.distributed as dist
 
-        deadline = time.monotonic() + sleep
+        # ``sleepers``: only these ranks sleep; the others wait for them in the all-reduce
+        deadline = time.monotonic() + (sleep if sleepers is None or self.rank in sleepers else 0.0)
         while time.monotonic() < deadline and not self.cancelled:
             time.sleep(0.02)
         total = torch.tensor([float(self.rank + 1)])
@@ -130,11 +134,29 @@ def hosts(keys: tuple[Path, Path]) -> Iterator[Hosts]:
         h.close()
 
 
-def runner(keys: tuple[Path, Path], nodes: int = 2, world_size: int = 4) -> tuple[DistributedRunner, str]:
+def runner(
+    keys: tuple[Path, Path], nodes: int = 2, world_size: int = 4, **options: Any
+) -> tuple[DistributedRunner, str]:
     address = f"tcp://127.0.0.1:{free_port()}"
     pool = DistributedRunner(
-        Gather, world_size=world_size, nodes=nodes, listen=address, key_file=keys[0], accelerator="cpu", timeout=30
+        Gather,
+        world_size=world_size,
+        nodes=nodes,
+        listen=address,
+        key_file=keys[0],
+        accelerator="cpu",
+        timeout=30,
+        **options,
     )
+    return pool, address
+
+
+def two_hosts(keys: tuple[Path, Path], hosts: Hosts, **options: Any) -> tuple[DistributedRunner, str]:
+    """A started pool on hosts a (ranks 0-1) and b (ranks 2-3)."""
+    pool, address = runner(keys, **options)
+    hosts.start("a", address, env={"SLURM_NODEID": "0"})
+    hosts.start("b", address, env={"SLURM_NODEID": "1"})
+    pool.start_sync(timeout=60)
     return pool, address
 
 
@@ -159,7 +181,63 @@ def test_two_hosts_form_one_pool_in_launcher_order(keys: tuple[Path, Path], host
     finally:
         pool.stop_sync()
     for name in ("a", "b"):
-        assert hosts.agents[name].wait(timeout=10) == 0, hosts.output(name)
+        assert hosts.agents[name].wait(timeout=10) == EXIT_STOPPED, hosts.output(name)
+
+
+def test_a_hinted_agent_that_attaches_late_serves_and_a_hintless_one_is_the_spare(
+    keys: tuple[Path, Path], hosts: Hosts, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+    import threading
+
+    import lightdist._attach
+
+    caplog.set_level(logging.INFO, logger="lightdist")
+    monkeypatch.setattr(lightdist._attach, "HINT_GRACE_S", 30.0, raising=False)  # ample on a loaded machine
+    pool, address = runner(keys)
+    hosts.start("z", address)  # no launcher index: it serves only if a hinted host fails to come
+    hosts.start("a", address, env={"NODE_RANK": "0"})
+    failed: list[BaseException] = []
+    starter = threading.Thread(target=lambda: _catch(failed, lambda: pool.start_sync(timeout=60)))
+    starter.start()
+    try:
+        # two hosts are there, enough to form; the one with index 1 attaches after them
+        assert wait_until(lambda: _can_form(pool, caplog, {"a", "z"}), 60)
+        hosts.start("b", address, env={"NODE_RANK": "1"})
+    finally:
+        starter.join(timeout=90)
+    try:
+        assert not failed and pool.hosts == {"a": [0, 1], "b": [2, 3]}, failed
+    finally:
+        pool.stop_sync()
+    assert hosts.agents["z"].wait(timeout=10) == EXIT_STOPPED  # the spare goes with the pool
+    # Hinted hosts that never come hold their places for the grace only; then hint-less ones serve.
+    monkeypatch.setattr(lightdist._attach, "HINT_GRACE_S", 1.0, raising=False)
+    pool, address = runner(keys)
+    hosts.start("y", address)
+    hosts.start("c", address, env={"NODE_RANK": "0"})
+    pool.start_sync(timeout=60)
+    try:
+        assert pool.hosts == {"c": [0, 1], "y": [2, 3]}
+    finally:
+        pool.stop_sync()
+
+
+def _can_form(pool: DistributedRunner, caplog: pytest.LogCaptureFixture, names: set[str]) -> bool:
+    """The driver's store is up and these hosts attached: enough to form the pool."""
+    try:
+        store = pool.stats().store_port
+    except PoolClosedError:  # start() has not made the pool yet
+        return False
+    attached = {m.split()[1] for m in caplog.messages if m.startswith("host ") and " attached" in m}
+    return store is not None and names <= attached
+
+
+def _catch(errors: list[BaseException], run: Any) -> None:
+    try:
+        run()
+    except BaseException as error:  # noqa: BLE001 - handed to the test's thread
+        errors.append(error)
 
 
 def test_start_names_the_attached_hosts_and_what_is_missing(keys: tuple[Path, Path], hosts: Hosts) -> None:
@@ -167,7 +245,9 @@ def test_start_names_the_attached_hosts_and_what_is_missing(keys: tuple[Path, Pa
     hosts.start("only", address)
     with pytest.raises(TimeoutError, match=r"1 of 2 hosts attached \(only\)"):
         pool.start_sync(timeout=4)
-    assert hosts.agents["only"].wait(timeout=LEASE_S + 5) == 0  # told to exit: nothing left running
+    # told to exit, nothing left running; 75: restart it for the next start()
+    assert hosts.agents["only"].wait(timeout=LEASE_S + 5) == EXIT_RETRY
+    assert "the pool failed: the pool's start did not complete" in hosts.output("only")
 
 
 def test_named_hosts_set_the_order_and_a_timeout_names_the_missing_one(keys: tuple[Path, Path], hosts: Hosts) -> None:
@@ -178,7 +258,7 @@ def test_named_hosts_set_the_order_and_a_timeout_names_the_missing_one(keys: tup
     hosts.start("b", address, env={"SLURM_NODEID": "0"})  # the hint loses to the names given
     with pytest.raises(TimeoutError, match=r"1 of 2 hosts attached \(b\); missing: a"):
         pool.start_sync(timeout=5)
-    assert hosts.agents["b"].wait(timeout=LEASE_S + 5) == 0
+    assert hosts.agents["b"].wait(timeout=LEASE_S + 5) == EXIT_RETRY
     hosts.start("b2", address)
     pool = DistributedRunner(
         Gather, world_size=4, host_names=["a", "b2"], listen=address, key_file=keys[0], accelerator="cpu"
@@ -192,13 +272,7 @@ def test_named_hosts_set_the_order_and_a_timeout_names_the_missing_one(keys: tup
 
 
 def test_host_timeout_sets_how_fast_a_silent_host_is_lost(keys: tuple[Path, Path], hosts: Hosts) -> None:
-    address = f"tcp://127.0.0.1:{free_port()}"
-    pool = DistributedRunner(
-        Gather, world_size=4, nodes=2, listen=address, key_file=keys[0], accelerator="cpu", host_timeout=0.8
-    )
-    hosts.start("a", address, env={"SLURM_NODEID": "0"})
-    hosts.start("b", address, env={"SLURM_NODEID": "1"})
-    pool.start_sync(timeout=60)
+    pool, address = two_hosts(keys, hosts, host_timeout=0.8)
     try:
         frozen_at = time.monotonic()
         hosts.signal("b", signal.SIGSTOP)
@@ -238,15 +312,12 @@ def test_a_client_key_from_another_pool_is_refused(keys: tuple[Path, Path], host
     hosts.start("intruder", address, key=stranger)
     with pytest.raises(TimeoutError, match="0 of 1 hosts attached"):
         pool.start_sync(timeout=7)  # the agent gives up first: handshakes failing for 4 s (no reason given)
-    assert hosts.agents["intruder"].wait(timeout=10) == 2
+    assert hosts.agents["intruder"].wait(timeout=10) == EXIT_REFUSED
     assert "cannot attach" in hosts.output("intruder")
 
 
 def test_a_crashed_host_fails_the_call_naming_it_and_a_spare_takes_over(keys: tuple[Path, Path], hosts: Hosts) -> None:
-    pool, address = runner(keys)
-    hosts.start("a", address, env={"SLURM_NODEID": "0"})
-    hosts.start("b", address, env={"SLURM_NODEID": "1"})
-    pool.start_sync(timeout=60)
+    pool, address = two_hosts(keys, hosts)
     try:
         hosts.start("spare", address)  # attaches beyond the expected count: kept as a spare
         first = pool.invoke_sync({}, timeout=30)
@@ -262,12 +333,14 @@ def test_a_crashed_host_fails_the_call_naming_it_and_a_spare_takes_over(keys: tu
 
         killer = threading.Thread(target=crash)
         killer.start()
+        # Ranks 0-1 wait in the all-reduce for ranks 2-3: the crash closes their gloo connections
+        # at once, and their "Connection closed by peer" must not pass for the cause.
         with pytest.raises(WorkerDiedError, match="host b was lost") as info:
-            pool.invoke_sync({"sleep": 30.0}, timeout=60)
+            pool.invoke_sync({"sleep": 30.0, "sleepers": [2, 3]}, timeout=60)
         killer.join()
         detected = time.monotonic() - crash_at
         assert detected < HOST_TIMEOUT_S + 1.5, f"took {detected:.1f} s to report the lost host"
-        assert info.value.rank in (2, 3)
+        assert info.value.rank in (2, 3) and isinstance(info.value, WorkerFailedError)
         # the pool re-forms on the spare: ranks 2-3 now run there, and the next call is correct
         out = pool.invoke_sync({}, timeout=60)
         assert out["sum"] == 10
@@ -278,11 +351,47 @@ def test_a_crashed_host_fails_the_call_naming_it_and_a_spare_takes_over(keys: tu
         pool.stop_sync()
 
 
+def test_a_lost_host_without_a_spare_fails_calls_after_rehost_timeout_naming_it(
+    keys: tuple[Path, Path], hosts: Hosts
+) -> None:
+    pool, address = two_hosts(keys, hosts, rehost_timeout=1.0)
+    try:
+        survivors = {rank: pid for rank, pid in pool.pids.items() if rank < 2}
+        hosts.signal("b", signal.SIGKILL)
+        killed = time.monotonic()
+        assert wait_until(lambda: 2 not in pool.pids, HOST_TIMEOUT_S + 2)
+        with pytest.raises(WorkerDiedError, match="host b was lost"):
+            pool.invoke_sync({}, timeout=30)  # the loss while idle is reported to the next call
+        missing = (
+            r"host b \(ranks 2-3\) was lost: no heartbeat .* no other host attached within 1 s \(rehost_timeout\) "
+            rf"to take its ranks: start 'lightdist agent --connect {address} --key-file \.\.\. --nproc-per-node 2' "
+            r"on a host \(the pool resumes once it attached\), or call start\(\) again"
+        )
+        with pytest.raises(RuntimeError, match=missing):
+            pool.invoke_sync({}, timeout=30)  # waits for a host, at most rehost_timeout after the loss
+        assert time.monotonic() - killed < HOST_TIMEOUT_S + 1.0 + 1.5, "not bounded by rehost_timeout"
+        asked = time.monotonic()
+        with pytest.raises(RuntimeError, match=missing):
+            pool.invoke_sync({}, timeout=30)
+        assert time.monotonic() - asked < 0.5, "a later call fails at once"
+        hosts.start("c", address)  # what the message says to do: the pool resumes, ranks 0-1 kept
+        assert wait_until(lambda: pool.hosts.get("c") == [2, 3], 30)
+        out = pool.invoke_sync({}, timeout=60)
+        assert out["sum"] == 10 and {r["rank"]: r["pid"] for r in out["ranks"] if r["rank"] < 2} == survivors
+        hosts.signal("c", signal.SIGKILL)  # lost again, and this time nobody comes
+        with pytest.raises(WorkerFailedError, match="host c was lost"):
+            pool.invoke_sync({"sleep": 30.0}, timeout=30)
+        with pytest.raises(RuntimeError, match=r"host c \(ranks 2-3\) was lost: "):
+            pool.invoke_sync({}, timeout=30)
+    finally:
+        pool.stop_sync()
+    # the healthy host's agent says the pool failed, with a status that asks its launcher to restart it
+    assert hosts.agents["a"].wait(timeout=10) == EXIT_RETRY
+    assert "the pool failed: host c (ranks 2-3) was lost" in hosts.output("a")
+
+
 def test_a_frozen_host_is_declared_lost_and_fenced_when_it_thaws(keys: tuple[Path, Path], hosts: Hosts) -> None:
-    pool, address = runner(keys)
-    hosts.start("a", address, env={"SLURM_NODEID": "0"})
-    hosts.start("b", address, env={"SLURM_NODEID": "1"})
-    pool.start_sync(timeout=60)
+    pool, address = two_hosts(keys, hosts)
     try:
         survivors = {rank: pid for rank, pid in pool.pids.items() if rank < 2}
         frozen = hosts.tree("b")
@@ -293,7 +402,7 @@ def test_a_frozen_host_is_declared_lost_and_fenced_when_it_thaws(keys: tuple[Pat
             pool.invoke_sync({}, timeout=30)  # the call after an idle loss hears of it
         hosts.signal("b", signal.SIGCONT)  # healed: the agent learns it was fenced and takes its ranks down
         assert wait_until(lambda: not any(pid_alive(p) for p in frozen), LEASE_S + 5), "old ranks survived"
-        assert hosts.agents["b"].wait(timeout=5) == 1
+        assert hosts.agents["b"].wait(timeout=5) == EXIT_RETRY
         out = pool.invoke_sync({}, timeout=60)
         assert out["sum"] == 10 and {r["env"]["LIGHTDIST_TEST_HOST"] for r in out["ranks"]} == {"a", "spare"}
         # one recovery for the whole host: the survivors kept their processes (and their state)
@@ -303,10 +412,7 @@ def test_a_frozen_host_is_declared_lost_and_fenced_when_it_thaws(keys: tuple[Pat
 
 
 def test_a_dead_rank_on_a_healthy_host_is_respawned_there(keys: tuple[Path, Path], hosts: Hosts) -> None:
-    pool, address = runner(keys)
-    hosts.start("a", address, env={"SLURM_NODEID": "0"})
-    hosts.start("b", address, env={"SLURM_NODEID": "1"})
-    pool.start_sync(timeout=60)
+    pool, address = two_hosts(keys, hosts)
     try:
         before = pool.pids
         os.kill(before[3], signal.SIGKILL)
@@ -355,6 +461,7 @@ def test_a_killed_driver_takes_every_host_down_within_the_lease(keys: tuple[Path
         killed = time.monotonic()
         assert wait_until(lambda: not any(pid_alive(p) for p in tree), LEASE_S + 2.0)
         assert time.monotonic() - killed <= LEASE_S + 1.0 + 0.5  # lease + 1 s, plus polling slack
+        assert [hosts.agents[name].wait(timeout=5) for name in ("a", "spare")] == [EXIT_RETRY] * 2
     finally:
         if driver.poll() is None:
             driver.kill()

@@ -47,12 +47,20 @@ from lightdist._procs import RankExit, TemplateProcess
 from lightdist.protocol import Kind, Session
 from lightdist.transport import Channel
 
-__all__ = ["LAUNCHER_VARIABLES", "Agent", "main", "route_interface", "worker_main"]
+__all__ = [
+    "EXIT_REFUSED",
+    "EXIT_RETRY",
+    "EXIT_STOPPED",
+    "LAUNCHER_VARIABLES",
+    "Agent",
+    "main",
+    "route_interface",
+    "worker_main",
+]
 
 log = logging.getLogger("lightdist")
 # Exit statuses (sysexits.h where one fits), so a launcher knows whether to restart the agent.
-EXIT_STOPPED = 0  # the driver stopped the pool: the job is done
-EXIT_USAGE = 2  # bad arguments or key file (argparse's status): fix the command
+EXIT_STOPPED = 0  # the driver stopped the pool: the job is done (2: bad arguments or key file, as argparse)
 EXIT_RETRY = 75  # EX_TEMPFAIL: the pool failed or went away; a restarted agent attaches to the next one
 EXIT_REFUSED = 77  # EX_NOPERM: the driver refused this agent's keys: fix the key file
 AGENT_RANK = -2

@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from lightdist import DistributedRunner, DistributedWorker, WorkerDiedError, WorkerError
+from lightdist import DistributedRunner, DistributedWorker, WorkerDiedError, WorkerError, WorkerFailedError
 from tests.conftest import descendants, pid_alive, wait_until
 
 GRACE = 0.5  # seconds a rank gets to finish a failed or cancelled call before it is replaced
@@ -104,6 +104,7 @@ def test_error_on_rank1_while_rank0_waits_in_all_reduce(pool: DistributedRunner,
     )
     err, took = timed(call)
     assert isinstance(err, WorkerError) and err.rank == 1 and err.exc_type == "ValueError"
+    assert isinstance(err, WorkerFailedError)  # the base callers catch for "the call's work is lost"
     assert f"boom on rank 1 ({how})" in err.message
     assert 'raise ValueError(f"boom on rank {self.rank} ({token})")' in err.remote_traceback
     assert took < DETECT_S

@@ -13,7 +13,10 @@
                           num_gpus_per_node=4)
     runner.start_sync()          # forms the pool when both agents attached
     ...
-    runner.stop_sync(); agents.stop()
+    runner.stop_sync(); agents.stop()   # in this order: the runner's stop lets the agents exit 0
+
+Stopping the agents first SIGTERMs them while the pool still runs: the driver sees every host die
+(warnings, a recovery, ``WorkerDiedError`` for the next call), see docs/multinode.md.
 
 Ray only *places* the agents: a placement group with one bundle per node and ``STRICT_SPREAD``
 (no two on one node), and an actor per bundle that runs the agent as a child process. Calls,
@@ -100,6 +103,8 @@ class RayAgents:
         return list(ray.get(self.runs, timeout=timeout))
 
     def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM the agents still running, wait up to ``timeout`` for them, free the nodes.
+        Call it after the runner's ``stop()``, which lets the agents exit on their own."""
         import ray
         from ray.util.placement_group import remove_placement_group
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from lightdist import DistributedRunner
+from lightdist import DistributedRunner, WorkerDiedError
 from lightdist.keys import create_pool_keys
 from tests.conftest import free_port
 from tests.test_multihost import Gather
@@ -55,6 +55,27 @@ def test_one_agent_per_ray_node_forms_the_pool(ray_cluster: Any, tmp_path: Path)
             assert name.startswith(f"ray{index}-") and name.endswith(nodes[index][:8]), (name, nodes)
         pool.stop_sync()
         assert agents.wait(timeout=30) == [0, 0]  # the pool's stop ends the agents too
+    finally:
+        pool.stop_sync()
+        agents.stop()
+
+
+def test_stopping_the_agents_before_the_runner_loses_every_host(ray_cluster: Any, tmp_path: Path) -> None:
+    # The order docs/multinode.md asks for is runner.stop_sync() and then agents.stop(). The other
+    # way round, every agent stops its ranks on SIGTERM and the driver takes it for failures.
+    from lightdist.ray import start_agents
+
+    driver_key, client_key = create_pool_keys(tmp_path / "keys")
+    address = f"tcp://127.0.0.1:{free_port()}"
+    pool = DistributedRunner(Gather, world_size=2, nodes=2, listen=address, key_file=driver_key, accelerator="cpu")
+    agents = start_agents(address, client_key, nodes=2, nproc_per_node=1, connect_timeout=60)
+    try:
+        pool.start_sync(timeout=90)
+        agents.stop()
+        assert agents.wait(timeout=30) == [143, 143]  # SIGTERM: not the pool's stop
+        with pytest.raises(WorkerDiedError):
+            pool.invoke_sync({}, timeout=30)
+        assert repr(pool).endswith("recovering)")  # its ranks wait for hosts that will not come
     finally:
         pool.stop_sync()
         agents.stop()

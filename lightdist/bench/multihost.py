@@ -9,7 +9,9 @@ network latency is not in the numbers: what they show is lightdist's own cost. M
 - a no-op ``invoke_sync`` across the 2 hosts (p50, p99) next to the same call on the single-host
   pool (ipc socket, no CURVE);
 - a crashed host (SIGKILL of the agent's process tree) during a call: until ``WorkerDiedError``
-  (the heartbeat's detection time), and until the next call succeeds on a spare host.
+  (the heartbeat's detection time), and until the next call succeeds on a spare host; once with the
+  other host's rank polling ``cancelled``, once with it waiting in an all-reduce for the crashed
+  one (its gloo error comes at once and must not pass for the cause: the error type is counted).
 """
 
 from __future__ import annotations
@@ -26,12 +28,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lightdist import DistributedRunner, DistributedWorker, WorkerDiedError
+from lightdist import DistributedRunner, DistributedWorker
 from lightdist.bench.common import Row, format_table, free_port, machine, percentile, process_tree
 
 
 class _Sleeper(DistributedWorker):
-    def __call__(self, streaming: bool = False, sleep: float = 0.0) -> int:
+    def __call__(self, streaming: bool = False, sleep: float = 0.0, collective: bool = False) -> int:
+        if collective and self.rank == 0:  # waits in the all-reduce for rank 1, which sleeps
+            import torch
+            import torch.distributed as dist
+
+            dist.all_reduce(torch.zeros(1))
+            return self.rank
         deadline = time.monotonic() + sleep
         while time.monotonic() < deadline and not self.cancelled:
             time.sleep(0.01)
@@ -78,9 +86,29 @@ def _latency(runner: DistributedRunner, calls: int) -> list[float]:
     return samples
 
 
+def _crash(pool: DistributedRunner, agents: dict[str, subprocess.Popen[bytes]], collective: bool) -> dict[str, Any]:
+    """SIGKILL rank 1's host 0.5 s into a call: (seconds until the caller's error, its type, seconds
+    until the next call returned, on a spare)."""
+    victim = next(
+        name for name, proc in agents.items() if proc.poll() is None and pool.pids.get(1) in process_tree(proc.pid)
+    )
+    timer = threading.Timer(0.5, _kill_tree, args=(agents[victim],))
+    timer.start()
+    crashed_at = time.perf_counter() + 0.5
+    try:
+        pool.invoke_sync({"sleep": 60.0, "collective": collective}, timeout=120)
+        error = "none"
+    except Exception as exc:  # noqa: BLE001 - which error the caller got is what is measured
+        error = type(exc).__name__
+    detect = time.perf_counter() - crashed_at
+    timer.join()
+    pool.invoke_sync({}, timeout=120)
+    return {"detect": detect, "error": error, "recover": time.perf_counter() - crashed_at}
+
+
 def _one_round(keys: tuple[Path, Path], calls: int) -> dict[str, Any]:
     address = f"tcp://127.0.0.1:{free_port()}"
-    agents = {name: _agent(address, keys[1], name) for name in ("a", "b", "spare")}
+    agents = {name: _agent(address, keys[1], name) for name in ("a", "b", "spare", "spare2")}
     pool = DistributedRunner(_Sleeper, world_size=2, nodes=2, listen=address, key_file=keys[0], accelerator="cpu")
     local = DistributedRunner(_Sleeper, world_size=2, accelerator="cpu")
     out: dict[str, Any] = {}
@@ -94,17 +122,8 @@ def _one_round(keys: tuple[Path, Path], calls: int) -> dict[str, Any]:
         out["local_start"] = time.perf_counter() - started
         out["multi"] = _latency(pool, calls)
         out["local"] = _latency(local, calls)
-        victim = next(name for name, proc in agents.items() if proc.pid and pool.pids.get(1) in process_tree(proc.pid))
-        timer = threading.Timer(0.5, _kill_tree, args=(agents[victim],))
-        timer.start()
-        crashed_at = time.perf_counter() + 0.5
-        try:
-            pool.invoke_sync({"sleep": 60.0}, timeout=120)
-        except WorkerDiedError:
-            out["detect"] = time.perf_counter() - crashed_at
-        timer.join()
-        pool.invoke_sync({}, timeout=120)
-        out["recover"] = time.perf_counter() - crashed_at
+        out.update(_crash(pool, agents, collective=False))
+        out.update({f"collective_{key}": value for key, value in _crash(pool, agents, collective=True).items()})
     finally:
         pool.stop_sync()
         local.stop_sync()
@@ -119,7 +138,12 @@ def run_multihost(args: argparse.Namespace) -> dict[str, Any]:
 
     keys = create_pool_keys(tempfile.mkdtemp(prefix="lightdist-bench-keys-"))
     rounds = [_one_round(keys, args.calls) for _ in range(args.repeats)]
-    med = {k: statistics.median(r[k] for r in rounds) for k in ("attach", "local_start", "detect", "recover")}
+    timed = ("attach", "local_start", "detect", "recover", "collective_detect", "collective_recover")
+    med = {k: statistics.median(r[k] for r in rounds) for k in timed}
+    verdicts = {}
+    for kind in ("", "collective_"):
+        died = sum(r[f"{kind}error"] == "WorkerDiedError" for r in rounds)
+        verdicts[kind] = f"{'PASS' if died == len(rounds) else 'FAIL'} {died}/{len(rounds)}"
     multi = [s for r in rounds for s in r["multi"]]
     local = [s for r in rounds for s in r["local"]]
     p50m, p50l = percentile(multi, 50) * 1e6, percentile(local, 50) * 1e6
@@ -148,8 +172,17 @@ def run_multihost(args: argparse.Namespace) -> dict[str, Any]:
             "-",
             "info",
         ),
-        Row("crashed host -> WorkerDiedError", f"{med['detect']:.2f} s", "-", "-", "<= 2 s + 0.5 s", "info"),
+        Row("crashed host -> error", f"{med['detect']:.2f} s", "-", "-", "WorkerDiedError", verdicts[""]),
         Row("crashed host -> next call ok (spare)", f"{med['recover']:.2f} s", "-", "-", "-", "info"),
+        Row(
+            "same, peer in an all-reduce -> error",
+            f"{med['collective_detect']:.2f} s",
+            "-",
+            "-",
+            "WorkerDiedError",
+            verdicts["collective_"],
+        ),
+        Row("same -> next call ok (spare)", f"{med['collective_recover']:.2f} s", "-", "-", "-", "info"),
     ]
     print(
         f"2 hosts as local agent processes (loopback), {args.repeats} rounds, {args.calls} calls each; "

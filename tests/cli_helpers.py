@@ -18,7 +18,7 @@ from pathlib import Path
 from tests.terminal import run_in_terminal
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "configs"
+CONFIGS = ROOT / "lightdist" / "recipes" / "configs"  # the shipped configs (configs/ links here)
 LIGHTDIST = Path(sys.executable).parent / "lightdist"  # the console script pip installed
 MARK = "LIGHTDIST_TEST_RUN"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from recipes.digits import DigitsClassifier
+from lightdist.recipes.digits import DigitsClassifier
 
 
 class FailsOnFirstStep(DigitsClassifier):

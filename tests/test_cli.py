@@ -26,7 +26,7 @@ from lightdist.cli import main as cli_main
 from lightdist.cli._lightning import LightdistCLI, explain, run_trainer_command
 from lightdist.cli._sweep import main as sweep_main
 from lightdist.cli._sweep import split_values
-from recipes.digits import DigitsDataModule
+from lightdist.recipes.digits import DigitsDataModule
 from tests.cli_helpers import CONFIGS, ROOT, assert_nothing_left, run_cli, start_cli
 from tests.conftest import wait_until
 from tests.terminal import Screen
@@ -78,7 +78,7 @@ def test_help_and_unknown_command(tmp_path: Path) -> None:
 
 def test_recipes_lists_what_is_on_disk(tmp_path: Path) -> None:
     out = run_cli("recipes", cwd=tmp_path).stdout
-    recipe_files = [p for p in (ROOT / "recipes").glob("*.py") if not p.name.startswith("_")]
+    recipe_files = [p for p in (ROOT / "lightdist" / "recipes").glob("*.py") if not p.name.startswith("_")]
     recipes = [p.stem for p in recipe_files if p.read_text().lstrip('"').startswith("lightdist ")]
     assert "digits" in recipes
     for name in recipes:
@@ -92,14 +92,15 @@ def test_recipes_lists_what_is_on_disk(tmp_path: Path) -> None:
 def test_every_config_parses_through_the_cli(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
     text = config.read_text()
     first = text.splitlines()[0]
-    assert first.startswith("# lightdist ") and str(config.relative_to(ROOT)) in first, "open with the run command"
+    name = str(config.relative_to(CONFIGS).with_suffix(""))
+    assert first.startswith("# lightdist ") and first.endswith(f" --config {name}"), "open with the run command"
     assert re.search(r"^# expected[^:\n]*: \S", text, re.M) and "MEASURE-ME" not in text, "state the measured result"
     with pytest.raises(SystemExit) as exit_info:
         LightdistCLI(["fit", "--config", str(config), "--print_config"])
     assert exit_info.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["trainer"]["strategy"] == "lightdist"  # the CLI's default, not repeated in configs
-    assert printed["model"]["class_path"].startswith("recipes.")
+    assert printed["model"]["class_path"].startswith("lightdist.recipes.")
 
 
 def test_print_config_and_overrides_through_the_console_scripts_main(
@@ -178,7 +179,7 @@ def test_bad_input_in_the_console_script_is_one_line_and_leaves_nothing(tmp_path
     proc = run_cli("fit", "--config", "digits/pretrain-cpu", "--model.nope=1", cwd=tmp_path, check=False)
     assert proc.returncode == 2, proc.stderr
     assert [line for line in proc.stderr.splitlines() if line.strip()] == [
-        "lightdist fit: error: model.nope: no such argument of recipes.digits.DigitsClassifier "
+        "lightdist fit: error: model.nope: no such argument of lightdist.recipes.digits.DigitsClassifier "
         "(see: lightdist fit --help)"
     ]
     assert not (tmp_path / "runs").exists(), "nothing half written"  # run_cli also checks no process is left

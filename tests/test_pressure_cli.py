@@ -263,10 +263,12 @@ def test_a_model_that_cannot_use_the_data_stops_in_the_driver(
 ) -> None:
     # In this process, a pool started by mistake would also fail the autouse leak check.
     args = ["fit", "--config", str(CONFIGS / "digits/pretrain-cpu.yaml"), "--data"]
-    assert cli_main([*args, "recipes.text_classification.TextDataModule"]) == 2
+    assert cli_main([*args, "lightdist.recipes.text_classification.TextDataModule"]) == 2
     out, err = capsys.readouterr()
     last = err.splitlines()[-1]
-    assert last.startswith("lightdist fit: error: data: recipes.text_classification.TextDataModule has no digit")
+    assert last.startswith(
+        "lightdist fit: error: data: lightdist.recipes.text_classification.TextDataModule has no digit"
+    )
     assert "Traceback" not in err and "lightdist: fit on" not in out
     assert not list(tmp_path.glob("runs/**/version_*"))
 

@@ -1,7 +1,7 @@
-"""recipes/lora_causal_lm.py through the real ``lightdist`` console script.
+"""lightdist/recipes/lora_causal_lm.py through the real ``lightdist`` console script.
 
 The documented flow, once per module: make the tiny random Llama where the config expects it
-(``python -m recipes.tiny_models causal-lm runs/tiny-causal-lm``, called in-process here), run
+(``python -m lightdist.recipes.tiny_models causal-lm runs/tiny-causal-lm``, called in-process here), run
 ``lightdist fit`` with the shipped config, then ``lightdist predict`` from its last checkpoint. The
 tests check what that left: falling validation loss, adapter-only checkpoints, a PEFT adapter that
 loads back, and completions that come from the trained adapter.
@@ -22,8 +22,8 @@ import torch  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
 from lightdist.cli import main as cli_main  # noqa: E402
-from recipes.lora_causal_lm import LoRACausalLM  # noqa: E402
-from recipes.tiny_models import main as tiny_models_main  # noqa: E402
+from lightdist.recipes.lora_causal_lm import LoRACausalLM  # noqa: E402
+from lightdist.recipes.tiny_models import main as tiny_models_main  # noqa: E402
 from tests.cli_helpers import CONFIGS, run_cli  # noqa: E402
 
 CONFIG = CONFIGS / "lora_causal_lm/cpu.yaml"
@@ -154,7 +154,7 @@ def test_missing_model_dir_exits_2_before_anything_runs(
     monkeypatch.chdir(tmp_path)
     assert cli_main(["fit", "--config", str(CONFIG)]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "error: model.model_dir: " in last and "python -m recipes.tiny_models causal-lm" in last, last
+    assert "error: model.model_dir: " in last and "python -m lightdist.recipes.tiny_models causal-lm" in last, last
     assert not (tmp_path / "runs").exists()
 
 
@@ -165,7 +165,7 @@ def test_only_the_adapter_travels_back_after_a_pool_fit(lora_run: LoraRun) -> No
 
     from lightdist.lightning import TrainerWorker
     from lightdist.lightning import strategy as strategy_module
-    from recipes.lora_causal_lm import TextFileDataModule
+    from lightdist.recipes.lora_causal_lm import TextFileDataModule
     from tests.conftest import shared_lightning_pool
 
     model = LoRACausalLM(model_dir=str(lora_run.model_dir), target_modules="all-linear", max_length=16)

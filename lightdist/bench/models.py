@@ -366,10 +366,10 @@ def lora_rows(raw: dict[str, Any], base: tuple[int, int] | None = None) -> list[
     from lightdist.cli._catalog import configs_root
 
     configs = configs_root()
-    if configs is None or not (configs / "lora_causal_lm/cpu.yaml").is_file() or not importlib.util.find_spec("peft"):
-        return [Row("LoRA: not measured (no configs/lora_causal_lm/cpu.yaml or no peft)", "-")]
+    if not (configs / "lora_causal_lm/cpu.yaml").is_file() or not importlib.util.find_spec("peft"):
+        return [Row("LoRA: not measured (no lora_causal_lm/cpu config or no peft)", "-")]
     scratch = Path(tempfile.mkdtemp(prefix="lightdist-bench-models-lora-"))
-    make = [sys.executable, "-m", "recipes.tiny_models", "causal-lm", "runs/tiny-causal-lm"]
+    make = [sys.executable, "-m", "lightdist.recipes.tiny_models", "causal-lm", "runs/tiny-causal-lm"]
     fit = ["fit", "--config", "lora_causal_lm/cpu", "--trainer.max_steps=2", "--trainer.enable_progress_bar=false"]
     label = "LoRA tiny Llama"
     if base is not None:

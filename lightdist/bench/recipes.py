@@ -93,8 +93,6 @@ class Job:
 
 def _jobs(scratch: Path) -> list[Job]:
     configs = configs_root()
-    if configs is None:
-        raise SystemExit("no configs/ directory found: run from a source checkout (pip install -e .)")
     jobs = [
         Job("digits/pretrain-cpu (fit)", ["fit", "--config", "digits/pretrain-cpu"], "val_acc"),
         Job("digits/finetune-cpu (fit)", ["fit", "--config", "digits/finetune-cpu"], "val_acc"),
@@ -125,7 +123,7 @@ def _jobs(scratch: Path) -> list[Job]:
         jobs.append(Job("text_classification/cpu (fit)", ["fit", "--config", "text_classification/cpu"], "val_acc"))
     if (configs / "lora_causal_lm/cpu.yaml").is_file() and importlib.util.find_spec("peft"):
         subprocess.run(
-            [sys.executable, "-m", "recipes.tiny_models", "causal-lm", "runs/tiny-causal-lm"],
+            [sys.executable, "-m", "lightdist.recipes.tiny_models", "causal-lm", "runs/tiny-causal-lm"],
             cwd=scratch,
             check=True,
             capture_output=True,

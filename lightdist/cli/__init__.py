@@ -2,7 +2,7 @@
 
 ::
 
-    lightdist fit --config configs/digits/pretrain-cpu.yaml        # LightningCLI, on the warm pool
+    lightdist fit --config digits/pretrain-cpu                     # LightningCLI, on the warm pool
     lightdist validate | test | predict --config ... --ckpt_path ...
     lightdist fit --config ... --server [URL]                      # as a job on a lightdist server
     lightdist jobs [ID]                                            # that server's jobs
@@ -31,7 +31,7 @@ _USAGE = """\
 usage: lightdist {fit,validate,test,predict,jobs,sweep,serve,recipes,tensorboard,agent,worker,keys} ...
 
   fit, validate, test, predict   run a LightningCLI config on a warm pool of ranks
-                                 (lightdist fit --config configs/digits/pretrain-cpu.yaml);
+                                 (lightdist fit --config digits/pretrain-cpu);
                                  with --server [URL]: as a job on a lightdist server
   jobs                           list a server's jobs, or show, follow or cancel one
   sweep                          run every combination of --grid overrides on one pool

@@ -1,16 +1,16 @@
 """``lightdist recipes``: the recipes and configs on disk, and ``--config`` name lookup.
 
-Nothing is registered by hand: a recipe is a module of the ``recipes`` package whose docstring opens
-with a ``lightdist ...`` command, and a config is a YAML file under ``configs/`` whose opening
-comments give its command and a one-line description. Both are read as text (``ast`` and YAML), so
-listing them imports neither torch nor the recipes.
+Nothing is registered by hand: a recipe is a module of the ``lightdist.recipes`` package whose
+docstring opens with a ``lightdist ...`` command, and a config is a YAML file under that package's
+``configs/`` directory (installed with it; ``configs/`` at the top of a source checkout links there)
+whose opening comments give its command and a one-line description. Both are read as text (``ast``
+and YAML), so listing them imports neither torch nor the recipes.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
-import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +19,7 @@ __all__ = ["ConfigInfo", "RecipeInfo", "configs_root", "find_configs", "find_rec
 
 @dataclass(frozen=True)
 class RecipeInfo:
-    name: str  # module name inside the recipes package
+    name: str  # module name inside lightdist.recipes
     path: Path
     command: str  # the docstring's first line
     description: str
@@ -32,29 +32,26 @@ class ConfigInfo:
     command: str
     description: str
     expected: str
-    recipe: str | None  # module of model.class_path when it is in the recipes package
+    recipe: str | None  # module of model.class_path when it is in lightdist.recipes
 
 
-def recipes_root() -> Path | None:
-    """The ``recipes`` package directory (found without importing it), or ``None``."""
-    spec = importlib.util.find_spec("recipes")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations)))
+RECIPES_PACKAGE = "lightdist.recipes"
 
 
-def configs_root() -> Path | None:
-    """The shipped ``configs/`` directory: beside the recipes package in a source checkout."""
-    root = recipes_root()
-    if root is not None and (root.parent / "configs").is_dir():
-        return root.parent / "configs"
-    return None
+def recipes_root() -> Path:
+    """The ``lightdist.recipes`` package directory: beside this one (found without importing it)."""
+    return Path(__file__).resolve().parents[1] / "recipes"
+
+
+def configs_root() -> Path:
+    """The shipped configs: ``configs/`` inside ``lightdist.recipes`` (package data of the wheel)."""
+    return recipes_root() / "configs"
 
 
 def find_recipes(root: Path | None = None) -> list[RecipeInfo]:
     root = root or recipes_root()
     found = []
-    for path in sorted(root.glob("*.py")) if root else []:
+    for path in sorted(root.glob("*.py")):
         if path.name.startswith("_"):
             continue
         doc = ast.get_docstring(ast.parse(path.read_text(), str(path))) or ""
@@ -70,8 +67,6 @@ def find_configs(root: Path | None = None) -> list[ConfigInfo]:
     import yaml  # a dependency of jsonargparse
 
     root = root or configs_root()
-    if root is None:
-        return []
     found = []
     for path in sorted(root.rglob("*.yaml")):
         text = path.read_text()
@@ -85,8 +80,8 @@ def find_configs(root: Path | None = None) -> list[ConfigInfo]:
             class_path = str(body.get("model", {}).get("class_path", ""))
         except (yaml.YAMLError, AttributeError):
             class_path = ""
-        parts = class_path.split(".")
-        recipe = parts[1] if len(parts) > 2 and parts[0] == "recipes" else None
+        module, _, _ = class_path.rpartition(".")
+        recipe = module.removeprefix(RECIPES_PACKAGE + ".") if module.startswith(RECIPES_PACKAGE + ".") else None
         found.append(
             ConfigInfo(str(path.relative_to(root).with_suffix("")), path, command, description, expected, recipe)
         )
@@ -105,8 +100,8 @@ def resolve_config_args(args: list[str]) -> list[str]:
     return out
 
 
-def _resolve(value: str, root: Path | None) -> str:
-    if Path(value).exists() or root is None:
+def _resolve(value: str, root: Path) -> str:
+    if Path(value).exists():
         return value
     for candidate in (root / value, root / f"{value}.yaml"):
         if candidate.is_file():
@@ -119,7 +114,7 @@ def main(argv: list[str]) -> int:
     parser.parse_args(argv)
     recipes, configs = find_recipes(), find_configs()
     if not recipes and not configs:
-        print("lightdist recipes: no recipes/ package or configs/ directory found (they ship with the source tree)")
+        print(f"lightdist recipes: no recipes or configs found in {recipes_root()} (reinstall lightdist)")
         return 1
     width = max([len(r.name) for r in recipes] + [len(c.name) for c in configs] + [10]) + 2
     print(f"Recipes ({recipes_root()}):")

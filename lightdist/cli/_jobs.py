@@ -147,7 +147,7 @@ def config_name(args: list[str]) -> str:
     if value == "-":
         return value
     path, root = Path(value), configs_root()
-    if root is not None and path.is_absolute() and path.is_relative_to(root):
+    if path.is_absolute() and path.is_relative_to(root):
         return str(path.relative_to(root).with_suffix(""))
     return path.name
 

@@ -2,7 +2,7 @@
 
 ::
 
-    lightdist sweep --config configs/digits/pretrain-cpu.yaml \\
+    lightdist sweep --config digits/pretrain-cpu \\
         --grid model.lr=1e-3,3e-3 --grid data.batch_size=16,32 --trainer.max_epochs=5
 
 Each combination is a full LightningCLI parse of the config plus its overrides (so a bad key fails as

@@ -116,7 +116,7 @@ class Client:
     Example::
 
         client = Client(find_server())
-        job = client.submit("fit", ["--config", "/abs/configs/digits/pretrain-cpu.yaml"], cwd=os.getcwd())
+        job = client.submit("fit", ["--config", "digits/pretrain-cpu"], cwd=os.getcwd())
         for event_id, kind, data in client.events(job["id"]):
             print(kind, data)
     """

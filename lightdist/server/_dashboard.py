@@ -67,7 +67,7 @@ class _Static(StaticFiles):
 
 
 def _shipped_configs() -> list[dict[str, str]]:
-    """The configs under ``configs/`` (``lightdist recipes``), as the submit form offers them."""
+    """The shipped configs (``lightdist recipes``), as the submit form offers them."""
     from lightdist.cli._catalog import find_configs
 
     out = []

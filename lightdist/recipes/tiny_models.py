@@ -1,20 +1,20 @@
-"""python -m recipes.tiny_models {encoder,causal-lm} DIR
+"""python -m lightdist.recipes.tiny_models {encoder,causal-lm} DIR
 
 Make a tiny randomly initialised Hugging Face model directory locally, to try a recipe without a download.
 
 Both models get a tokenizer trained here, in about a second, with the ``tokenizers`` library on the
-built-in standard-library docstring corpus (:func:`recipes._text_data.corpus`), wrapped as a
+built-in standard-library docstring corpus (:func:`lightdist.recipes._text_data.corpus`), wrapped as a
 transformers fast tokenizer. ``save_pretrained`` writes a complete directory (``config.json``,
 ``model.safetensors``, ``tokenizer.json``, ``tokenizer_config.json``) that
 ``AutoModel*.from_pretrained(DIR, local_files_only=True)`` and ``AutoTokenizer`` load:
 
 - ``encoder``: a BERT encoder (``BertModel``: hidden size 32, 2 layers, 2 heads) with a lower-casing
-  WordPiece tokenizer (``[CLS] ... [SEP]``), for ``configs/text_classification``;
+  WordPiece tokenizer (``[CLS] ... [SEP]``), for the ``text_classification`` configs;
 - ``causal-lm``: a Llama decoder (``LlamaForCausalLM``: hidden size 32, 2 layers) with a byte-level
-  BPE tokenizer (``<|endoftext|>`` is BOS, EOS and padding), for ``configs/lora_causal_lm``::
+  BPE tokenizer (``<|endoftext|>`` is BOS, EOS and padding), for the ``lora_causal_lm`` configs::
 
-      python -m recipes.tiny_models causal-lm runs/tiny-causal-lm
-      lightdist fit --config configs/lora_causal_lm/cpu.yaml
+      python -m lightdist.recipes.tiny_models causal-lm runs/tiny-causal-lm
+      lightdist fit --config lora_causal_lm/cpu
 
 The weights are random: these models learn the corpus a little in a few steps, which is what the
 tests and a first try need, and nothing more.
@@ -36,7 +36,7 @@ __all__ = ["make_tiny_causal_lm", "make_tiny_encoder"]
 def _train_wordpiece(vocab_size: int) -> Tokenizer:
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-    from recipes._text_data import corpus
+    from lightdist.recipes._text_data import corpus
 
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
@@ -55,7 +55,7 @@ def _train_wordpiece(vocab_size: int) -> Tokenizer:
 def _train_byte_bpe(vocab_size: int) -> Tokenizer:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from recipes._text_data import corpus
+    from lightdist.recipes._text_data import corpus
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -153,8 +153,10 @@ def make_tiny_causal_lm(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m recipes.tiny_models {encoder,causal-lm} DIR``."""
-    parser = argparse.ArgumentParser(prog="python -m recipes.tiny_models", description=__doc__.splitlines()[2])
+    """``python -m lightdist.recipes.tiny_models {encoder,causal-lm} DIR``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m lightdist.recipes.tiny_models", description=__doc__.splitlines()[2]
+    )
     parser.add_argument("kind", choices=("encoder", "causal-lm"))
     parser.add_argument("dir", help="directory to write (created; files in it are replaced)")
     parser.add_argument("--hidden-size", type=int, default=32, help="width (a larger random base for benchmarks)")

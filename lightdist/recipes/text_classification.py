@@ -1,4 +1,4 @@
-"""lightdist fit --config configs/text_classification/cpu.yaml
+"""lightdist fit --config text_classification/cpu
 
 Fine-tune a pretrained Transformer encoder (all-MiniLM-L6-v2 by default) to classify short texts.
 
@@ -12,7 +12,7 @@ Data: ``TextDataModule`` reads ``data.train_file`` (and optional ``data.val_file
 ``data.test_file``) as CSV with a header holding ``text`` and ``label`` columns, or JSONL with one
 ``{"text": ..., "label": ...}`` object per line. Without ``val_file``, ``data.val_fraction`` of the
 training rows (shuffled with ``data.seed``) is held out. Unset ``train_file`` means the built-in
-data set of :mod:`recipes._text_data`: about 870 first paragraphs of Python standard-library
+data set of :mod:`lightdist.recipes._text_data`: about 870 first paragraphs of Python standard-library
 docstrings, each labelled with the area it comes from (``files``, ``math``, ``network``, ``text``;
 balanced, so chance accuracy is 25%).
 
@@ -28,7 +28,7 @@ of ``fit`` (``model.safetensors``, ``config.json`` with ``id2label``, tokenizer 
 ``AutoModelForSequenceClassification.from_pretrained`` and ``pipeline("text-classification")`` load.
 
 Override any setting: ``--model.init_args.lr=1e-4``, ``--data.init_args.train_file=mine.csv``.
-Predict: ``lightdist predict --config configs/text_classification/cpu.yaml --ckpt_path
+Predict: ``lightdist predict --config text_classification/cpu --ckpt_path
 runs/text_classification/checkpoints/last.ckpt --data.init_args.predict_file=texts.csv`` (a ``text``
 column; without ``predict_file`` the validation split is predicted). Each prediction is a dict
 ``{"index", "text", "label", "score", "probs"}``: ``index`` is the row in the file, ``probs`` maps
@@ -46,7 +46,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightdist import ConfigError
-from recipes._text_data import (
+from lightdist.recipes._text_data import (
     LABELS,
     Records,
     check_model_dir,

@@ -1,13 +1,13 @@
-"""lightdist fit --config configs/digits/pretrain-cpu.yaml
+"""lightdist fit --config digits/pretrain-cpu
 
 Quickstart: pretrain a small CNN on digits 0-4, then fine-tune it on digits 5-9 (scikit-learn's bundled data).
 
 The images are scikit-learn's bundled handwritten digits (1,797 8x8 grey images, shipped inside the
 package: nothing is downloaded). The quickstart is two fits and a test, each a config:
 
-    lightdist fit  --config configs/digits/pretrain-cpu.yaml      # classes 0-4, from scratch
-    lightdist fit  --config configs/digits/finetune-cpu.yaml      # classes 5-9, from that checkpoint
-    lightdist test --config configs/digits/finetune-cpu.yaml \\
+    lightdist fit  --config digits/pretrain-cpu      # classes 0-4, from scratch
+    lightdist fit  --config digits/finetune-cpu      # classes 5-9, from that checkpoint
+    lightdist test --config digits/finetune-cpu \\
         --ckpt_path runs/digits/finetune/checkpoints/last.ckpt     # held-out accuracy
 
 Fine-tuning reuses the pretrained convolutional backbone (``model.pretrained`` names the pretrain
@@ -170,7 +170,7 @@ class DigitsClassifier(pl.LightningModule):
         if not Path(path).is_file():
             raise ConfigError(
                 f"model.pretrained: no such checkpoint: {path!r} (run the pretrain config first: "
-                "lightdist fit --config configs/digits/pretrain-cpu.yaml, or set model.pretrained=null)"
+                "lightdist fit --config digits/pretrain-cpu, or set model.pretrained=null)"
             )
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         if checkpoint.get("hyper_parameters", {}).get("width", 32) != width:
@@ -188,7 +188,8 @@ class DigitsClassifier(pl.LightningModule):
         if not isinstance(getattr(datamodule, "classes", None), list):
             raise ConfigError(
                 f"data: {type(datamodule).__module__}.{type(datamodule).__qualname__} has no digit classes: "
-                "recipes.digits.DigitsClassifier trains on 8x8 digit images (data: recipes.digits.DigitsDataModule)"
+                "lightdist.recipes.digits.DigitsClassifier trains on 8x8 digit images "
+                "(data: lightdist.recipes.digits.DigitsDataModule)"
             )
         data_classes = len(datamodule.classes)  # type: ignore[attr-defined]
         if data_classes != self.hparams["num_classes"]:

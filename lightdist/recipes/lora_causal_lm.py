@@ -1,4 +1,4 @@
-"""lightdist fit --config configs/lora_causal_lm/cpu.yaml
+"""lightdist fit --config lora_causal_lm/cpu
 
 LoRA fine-tuning (peft) of a causal language model from a local Hugging Face directory.
 
@@ -8,12 +8,12 @@ to ``model.target_modules`` (unset: peft's default for the architecture, e.g. ``
 for Llama; ``all-linear`` adapts every linear layer). Only the adapters train. To try it without a
 model of your own, make a tiny random Llama first::
 
-    python -m recipes.tiny_models causal-lm runs/tiny-causal-lm
+    python -m lightdist.recipes.tiny_models causal-lm runs/tiny-causal-lm
 
 Data: ``TextFileDataModule`` reads ``data.train_file`` (optional ``data.val_file``) as ``.txt`` with
 one example per non-empty line, or ``.jsonl`` with one ``{"text": ...}`` object per line (for
 examples that span lines). Without ``val_file``, ``data.val_fraction`` of the training examples is
-held out. Unset ``train_file`` means the built-in corpus of :mod:`recipes._text_data`: about 1,900
+held out. Unset ``train_file`` means the built-in corpus of :mod:`lightdist.recipes._text_data`: about 1,900
 paragraphs of Python standard-library docstrings. Each example is truncated to
 ``model.max_length`` tokens and ends with the tokenizer's EOS token; the loss covers every token.
 
@@ -25,7 +25,7 @@ saves the adapter at the end of ``fit`` (``adapter_model.safetensors``, ``adapte
 which ``peft.PeftModel.from_pretrained(base_model, adapter_dir)`` loads.
 
 Override any setting: ``--model.init_args.model_dir=/models/my-llama --model.init_args.r=16``.
-Predict: ``lightdist predict --config configs/lora_causal_lm/cpu.yaml --ckpt_path
+Predict: ``lightdist predict --config lora_causal_lm/cpu --ckpt_path
 runs/lora_causal_lm/checkpoints/last.ckpt --data.init_args.predict_file=prompts.txt`` (one prompt per
 line, or ``.jsonl`` of ``{"prompt": ...}``; unset: the first 32 characters of each validation
 example). Each prediction is ``{"index", "prompt", "completion"}``: ``model.max_new_tokens`` tokens
@@ -43,13 +43,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightdist import ConfigError
-from recipes._text_data import Records, check_model_dir, collate, corpus, read_records, split_examples
+from lightdist.recipes._text_data import Records, check_model_dir, collate, corpus, read_records, split_examples
 
 __all__ = ["LoRACausalLM", "TextFileDataModule"]
 
 _MODEL_HINT = (
     "give a local Hugging Face causal LM directory (config.json, weights, tokenizer files), e.g. "
-    "make a tiny one with: python -m recipes.tiny_models causal-lm runs/tiny-causal-lm"
+    "make a tiny one with: python -m lightdist.recipes.tiny_models causal-lm runs/tiny-causal-lm"
 )
 _PROMPT_CHARS = 32  # without predict_file, each validation example's first 32 characters are the prompt
 

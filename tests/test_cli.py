@@ -65,8 +65,8 @@ def in_process(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
 def quickstart(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str, str]]:
     """The README's main job: pretrain on digits 0-4, then fine-tune that checkpoint on 5-9."""
     cwd = tmp_path_factory.mktemp("quickstart")
-    pretrain = run_cli("fit", "--config", CONFIGS / "digits/pretrain-cpu.yaml", cwd=cwd, timeout=110)
-    finetune = run_cli("fit", "--config", CONFIGS / "digits/finetune-cpu.yaml", cwd=cwd, timeout=110)
+    pretrain = run_cli("fit", "--config", "digits/pretrain-cpu", cwd=cwd, timeout=110)  # shipped configs, by
+    finetune = run_cli("fit", "--config", "digits/finetune-cpu", cwd=cwd, timeout=110)  # name, as the README
     yield cwd, pretrain.stdout, finetune.stdout
 
 

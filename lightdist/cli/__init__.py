@@ -9,6 +9,7 @@
     lightdist sweep --config X --grid model.lr=1e-3,1e-4            # every combination, one pool
     lightdist serve --devices 2                                    # a warm pool behind a job API
     lightdist recipes                                              # recipes and configs on disk
+    lightdist cp digits/pretrain-cpu my.yaml                       # copy a shipped config to edit
     lightdist tensorboard --logdir runs                            # serve the run directory
     lightdist agent --connect tcp://DRIVER:PORT --key-file F       # attach this host to a pool
     lightdist keys create DIR                                      # key files for a pool across hosts
@@ -16,7 +17,7 @@
 ``fit / validate / test / predict`` are LightningCLI subcommands (``--config``, dotted overrides
 such as ``--trainer.max_epochs=3``, ``--print_config``) whose Trainer defaults to
 ``strategy="lightdist"``. Each subcommand module is imported only when it runs, so ``lightdist
-recipes`` answers without importing torch; nor does a trainer command with ``--server`` (the thin
+recipes`` and ``lightdist cp`` answer without importing torch; nor does a trainer command with ``--server`` (the thin
 client, ``_remote``) or ``lightdist jobs``.
 """
 
@@ -28,7 +29,7 @@ import sys
 __all__ = ["main"]
 
 _USAGE = """\
-usage: lightdist {fit,validate,test,predict,jobs,sweep,serve,recipes,tensorboard,agent,worker,keys} ...
+usage: lightdist {fit,validate,test,predict,jobs,sweep,serve,recipes,cp,tensorboard,agent,worker,keys} ...
 
   fit, validate, test, predict   run a LightningCLI config on a warm pool of ranks
                                  (lightdist fit --config digits/pretrain-cpu);
@@ -36,7 +37,8 @@ usage: lightdist {fit,validate,test,predict,jobs,sweep,serve,recipes,tensorboard
   jobs                           list a server's jobs, or show, follow or cancel one
   sweep                          run every combination of --grid overrides on one pool
   serve                          keep a warm pool up and run jobs on it (docs/server.md)
-  recipes                        list the recipes and configs found on disk
+  recipes                        list the recipes and the configs shipped with them
+  cp                             copy a shipped config out to edit (lightdist cp digits/pretrain-cpu my.yaml)
   tensorboard (or view)          serve a run directory with TensorBoard
   agent                          attach this host's ranks to a driver's pool (one per host)
   worker                         attach this process as one rank (for torchrun)
@@ -87,6 +89,10 @@ def _main(args: list[str]) -> int:
         from lightdist.cli._catalog import main as recipes_main
 
         return recipes_main(rest)
+    if command == "cp":
+        from lightdist.cli._copy import main as copy_main
+
+        return copy_main(rest)
     if command in ("tensorboard", "view"):
         from lightdist.cli._tensorboard import main as tensorboard_main
 

@@ -11,10 +11,20 @@ from __future__ import annotations
 
 import argparse
 import ast
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["ConfigInfo", "RecipeInfo", "configs_root", "find_configs", "find_recipes", "main", "resolve_config_args"]
+__all__ = [
+    "ConfigInfo",
+    "RecipeInfo",
+    "configs_root",
+    "find_configs",
+    "find_recipes",
+    "main",
+    "resolve_config_args",
+    "shipped_config",
+]
 
 
 @dataclass(frozen=True)
@@ -89,7 +99,12 @@ def find_configs(root: Path | None = None) -> list[ConfigInfo]:
 
 
 def resolve_config_args(args: list[str]) -> list[str]:
-    """Let ``--config digits/pretrain-cpu`` name a shipped config; real paths are left alone."""
+    """Let ``--config digits/pretrain-cpu`` name a shipped config.
+
+    Lookup order: a file at the path given, then the shipped config of that name (with or without
+    ``.yaml``). When both exist the file wins and a note on stderr says so, as it does when a
+    shipped config is taken while ``NAME.yaml`` exists here too (``lightdist cp``'s copy, say).
+    """
     root = configs_root()
     out = list(args)
     for i, arg in enumerate(out):
@@ -100,13 +115,34 @@ def resolve_config_args(args: list[str]) -> list[str]:
     return out
 
 
+def shipped_config(name: str, root: Path | None = None) -> Path | None:
+    """The shipped config called ``name`` (``digits/pretrain-cpu``, ``.yaml`` optional), or None."""
+    root = (root or configs_root()).resolve()
+    if not name or Path(name).is_absolute():
+        return None
+    for candidate in (root / name, root / f"{name}.yaml"):
+        # is_relative_to: a name like ../../x is not a shipped config, whatever it points at
+        if candidate.suffix == ".yaml" and candidate.is_file() and candidate.resolve().is_relative_to(root):
+            return candidate
+    return None
+
+
 def _resolve(value: str, root: Path) -> str:
-    if Path(value).exists():
+    local, shipped = Path(value), shipped_config(value, root)
+    if local.is_file():
+        if shipped is not None and shipped.resolve() != local.resolve():
+            _note(f"--config {value}: using the file {local.resolve()}, not the shipped config of that name")
         return value
-    for candidate in (root / value, root / f"{value}.yaml"):
-        if candidate.is_file():
-            return str(candidate)
-    return value  # jsonargparse reports the missing file, by the name the user gave
+    if shipped is None:
+        return value  # jsonargparse reports the missing file, by the name the user gave
+    here = Path(f"{value}.yaml")
+    if here.is_file() and here.resolve() != shipped.resolve():
+        _note(f"--config {value}: using the shipped config {shipped}; for the file here, pass --config {here}")
+    return str(shipped)
+
+
+def _note(text: str) -> None:
+    print(f"lightdist: note: {text}", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str]) -> int:
@@ -125,4 +161,5 @@ def main(argv: list[str]) -> int:
         print(f"  {config.name:<{width}}{config.description}")
         if config.expected:
             print(f"  {'':<{width}}expected: {config.expected}")
+    print("\nTo edit one, copy it out: lightdist cp <name> my.yaml, then: lightdist fit --config my.yaml")
     return 0

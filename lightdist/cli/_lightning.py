@@ -4,7 +4,9 @@ Everything Lightning users know carries over (``--config``, ``--trainer.max_epoc
 ``--model.init_args.lr=...``, ``--print_config``, ``class_path``/``init_args``); lightdist adds:
 
 - ``trainer.strategy`` defaults to ``lightdist`` (the warm pool);
-- ``--config digits/pretrain-cpu`` also finds the shipped config of that name;
+- ``--config digits/pretrain-cpu`` also finds the shipped config of that name (a file at that path
+  first); configs that still say ``class_path: recipes.<module>...`` (the recipes' name before
+  ``lightdist.recipes``) work, with a warning;
 - bad input (an unknown key, a wrong type, a missing file, a ``--ckpt_path`` that is missing,
   truncated or corrupted, a model that cannot train on the data) is one line on stderr and exit
   status 2, before any worker starts;
@@ -31,6 +33,7 @@ import lightdist.lightning  # noqa: F401  (registers strategy="lightdist" with L
 from lightdist.cli._catalog import resolve_config_args
 from lightdist.cli._checkpoint import check_ckpt_path
 from lightdist.cli._errors import BAD_INPUT, INTERRUPTED, classify, explain, one_line
+from lightdist.recipes import _old_name as old_recipes_name
 
 __all__ = ["LightdistCLI", "explain", "one_line", "run_trainer_command"]
 
@@ -58,6 +61,7 @@ class LightdistCLI(LightningCLI):
         overwrite_config: bool = False,
     ) -> None:
         self.quiet = quiet
+        old_recipes_name.install()  # class_path: recipes.digits... in configs older than lightdist.recipes
         # Only the subcommand that runs gets a parser: each costs ~0.1 s of signature inspection.
         self._only = args[0] if run and args and args[0] in _SUBCOMMANDS else None
         self.new_log_dirs: list[Path] = []  # log folders this command creates, until it makes progress

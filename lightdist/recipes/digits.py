@@ -3,7 +3,8 @@
 Quickstart: pretrain a small CNN on digits 0-4, then fine-tune it on digits 5-9 (scikit-learn's bundled data).
 
 The images are scikit-learn's bundled handwritten digits (1,797 8x8 grey images, shipped inside the
-package: nothing is downloaded). The quickstart is two fits and a test, each a config:
+package: nothing is downloaded; ``pip install 'lightdist[recipes]'`` installs it). The quickstart is
+two fits and a test, each a config:
 
     lightdist fit  --config digits/pretrain-cpu      # classes 0-4, from scratch
     lightdist fit  --config digits/finetune-cpu      # classes 5-9, from that checkpoint
@@ -22,6 +23,7 @@ out for ``lightdist test`` and never seen by either fit, ``val_fraction`` is the
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +60,11 @@ class DigitsDataModule(pl.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
+        if importlib.util.find_spec("sklearn") is None:  # found, not imported: that takes seconds
+            raise ConfigError(
+                "data: the digits recipe reads scikit-learn's bundled digits, and scikit-learn is not "
+                "installed: pip install 'lightdist[recipes]'"
+            )
         if not classes or len(set(classes)) != len(classes) or not all(0 <= c <= 9 for c in classes):
             raise ConfigError(f"data.classes: {classes!r} must be distinct digits between 0 and 9")
         if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):

@@ -1,4 +1,5 @@
-"""Run the real ``lightdist`` console script in a subprocess, and prove it left no process behind.
+"""Run the real ``lightdist`` console script in a subprocess, and prove it left no process behind;
+serve a log directory with ``lightdist tensorboard`` (:class:`Board`) and ask it over HTTP.
 
 Workers that outlive the CLI would be re-parented to init and escape the autouse leak checker (it
 looks at this process's descendants), so every run is tagged with an environment marker that forked
@@ -9,11 +10,20 @@ exited.
 from __future__ import annotations
 
 import os
+import queue
+import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import descendants, pid_alive
 
 from tests.terminal import run_in_terminal
 
@@ -82,3 +92,74 @@ def run_cli(
     if check:
         assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
     return proc
+
+
+class Board:
+    """``lightdist <command> --port 0 ...`` in a subprocess; ``url`` is read from its first stdout line."""
+
+    def __init__(self, command: str, *args: str | Path, stderr: Path) -> None:
+        self.mark = uuid.uuid4().hex  # inherited by anything it starts, found even after re-parenting
+        env = {**os.environ, MARK: self.mark}
+        self.stderr = stderr
+        with stderr.open("w") as err:
+            self.proc = subprocess.Popen(
+                [str(LIGHTDIST), command, "--port", "0", *map(str, args)],
+                stdout=subprocess.PIPE,
+                stderr=err,
+                text=True,
+                env=env,
+            )
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.reader = threading.Thread(target=self._read, name="tb-cli-stdout", daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line)
+        self.lines.put(None)  # EOF: the process has exited
+
+    def url(self, timeout: float = 30.0) -> str:
+        try:
+            line = self.lines.get(timeout=timeout)
+        except queue.Empty:
+            pytest.fail(f"no URL line within {timeout}s; stderr: {self.stderr.read_text()}")
+        assert line, f"exited {self.proc.poll()} before printing a URL; stderr: {self.stderr.read_text()}"
+        assert line.startswith("TensorBoard ") and "press Ctrl-C to stop" in line, line
+        return line.split(" at ", 1)[1].split()[0]
+
+    def stop(self, sig: signal.Signals) -> int:
+        """Send ``sig``; return the exit status (within 10 s) after checking nothing was left running."""
+        started = descendants(self.proc.pid)  # e.g. a tensorboard-data-server, were it ever started
+        self.proc.send_signal(sig)
+        rc = self.proc.wait(timeout=10)
+        self.reader.join(timeout=5)
+        deadline = time.monotonic() + 5
+        while (marked_processes(self.mark) or any(map(pid_alive, started))) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not marked_processes(self.mark) and not any(map(pid_alive, started)), "processes outlived the CLI"
+        return rc
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self.reader.join(timeout=5)
+
+
+def poll_json(url: str, params: dict[str, str] | None, ready: Any, timeout: float = 30.0, post: Any = None) -> Any:
+    """GET ``url`` (POST ``post`` as JSON, if given) until ``ready(json)`` holds: TensorBoard loads
+    the logdir in a background thread."""
+    deadline = time.monotonic() + timeout
+    body: Any = None
+    while time.monotonic() < deadline:
+        if post is None:
+            response = httpx.get(url, params=params, timeout=5.0)
+        else:
+            response = httpx.post(url, json=post, timeout=5.0)
+        if response.status_code == 200:
+            body = response.json()
+            if ready(body):
+                return body
+        time.sleep(0.2)
+    pytest.fail(f"{url} {params}: not ready within {timeout}s; last answer: {body}")

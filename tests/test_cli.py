@@ -14,6 +14,7 @@ import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sklearn  # noqa: F401  (sets KMP_* variables when first imported: here, not inside a checked test)
@@ -23,11 +24,12 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from lightdist.cli import _catalog
 from lightdist.cli import main as cli_main
+from lightdist.cli._hparams import typed_values, write_session
 from lightdist.cli._lightning import LightdistCLI, explain, run_trainer_command
 from lightdist.cli._sweep import main as sweep_main
 from lightdist.cli._sweep import split_values
 from lightdist.recipes.digits import DigitsDataModule
-from tests.cli_helpers import CONFIGS, ROOT, assert_nothing_left, run_cli, start_cli
+from tests.cli_helpers import CONFIGS, ROOT, Board, assert_nothing_left, poll_json, run_cli, start_cli
 from tests.conftest import wait_until
 from tests.terminal import Screen
 
@@ -271,6 +273,46 @@ def test_sweep_runs_every_combination_on_one_pool(tmp_path: Path) -> None:
         assert (sweep_dir / row["run"] / "checkpoints/last.ckpt").is_file()
     # the metrics differ per combination: the overrides reached the model and the data
     assert len({row["metrics"]["train_loss"] for row in rows}) == 4
+    assert_hparams_tab(sweep_dir, rows, tmp_path)
+
+
+def assert_hparams_tab(sweep_dir: Path, rows: list[dict[str, Any]], tmp_path: Path) -> None:
+    """A real TensorBoard server's HParams tab: each combination's values with its final metrics."""
+    board = Board("tensorboard", "--logdir", sweep_dir, stderr=tmp_path / "tensorboard.stderr")
+    try:
+        url = board.url() + "data/plugin/hparams/"
+        metric_names = set(rows[0]["metrics"])
+        # (TensorBoard reads the logdir in a thread: ask until all of it is there)
+        experiment = poll_json(
+            url + "experiment", None, lambda e: bool(e.get("metricInfos")), post={"experimentName": ""}
+        )
+        columns = {info["name"]: info["domainDiscrete"] for info in experiment["hparamInfos"]}
+        assert columns == {"model.lr": [0.001, 0.003], "data.batch_size": [16, 32]}  # numbers, not strings
+        metrics = {info["displayName"]: info["name"] for info in experiment["metricInfos"]}
+        assert set(metrics) == metric_names and metric_names >= {"val_acc", "train_loss"}
+        request = {
+            "experimentName": "",
+            "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"],
+            "colParams": [{"hparam": name} for name in columns] + [{"metric": name} for name in metrics.values()],
+            "startIndex": 0,
+            "sliceSize": 10,
+        }
+
+        def complete(answer: dict[str, Any]) -> bool:
+            groups = answer.get("sessionGroups", [])
+            return len(groups) == len(rows) and all(len(g["metricValues"]) == len(metrics) for g in groups)
+
+        answer = poll_json(url + "session_groups", None, complete, post=request)
+        groups = {group["name"]: group for group in answer["sessionGroups"]}
+        for row in rows:
+            group = groups[row["run"]]
+            assert group["hparams"] == {key: float(value) for key, value in row["overrides"].items()}
+            assert [session["status"] for session in group["sessions"]] == ["STATUS_SUCCESS"]
+            shown = {value["name"]["tag"].removeprefix("final/"): value["value"] for value in group["metricValues"]}
+            assert shown == pytest.approx(row["metrics"], rel=1e-6), "the sweep's final metrics, as its table has them"
+        assert board.stop(signal.SIGINT) == 0
+    finally:
+        board.kill()
 
 
 def test_sweep_refuses_bad_grids_and_used_directories(
@@ -290,6 +332,24 @@ def test_sweep_refuses_bad_grids_and_used_directories(
         err = capsys.readouterr().err
         assert message in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old"], "nothing written"
+
+
+def test_hparams_types_and_a_failed_combination(tmp_path: Path) -> None:
+    """Grid values are typed as TensorBoard compares them; a failed combination is a failed session."""
+    from tensorboard.plugins.hparams import api_pb2, metadata
+
+    assert typed_values(["1e-3", "16"]) == [0.001, 16.0] and typed_values(["True", "false"]) == [True, False]
+    assert typed_values(["16", "auto"]) == ["16", "auto"]  # mixed: all strings, one type per column
+    run = tmp_path / "act=relu,lr=1"
+    write_session(run, {"model.act": "relu", "model.lr": 1.0}, {}, step=0, started=1.0, status="failure")
+    events = EventAccumulator(str(run))
+    events.Reload()
+    content = events.PluginTagToContent(metadata.PLUGIN_NAME)
+    start = metadata.parse_session_start_info_plugin_data(content[metadata.SESSION_START_INFO_TAG])
+    assert start.group_name == run.name and start.start_time_secs == 1.0
+    assert start.hparams["model.act"].string_value == "relu" and start.hparams["model.lr"].number_value == 1.0
+    end = metadata.parse_session_end_info_plugin_data(content[metadata.SESSION_END_INFO_TAG])
+    assert end.status == api_pb2.STATUS_FAILURE
 
 
 def test_split_values_respects_brackets_and_quotes() -> None:

@@ -3,21 +3,14 @@ TensorBoard logs over TensorBoard's HTTP API, stops cleanly on SIGINT/SIGTERM, l
 
 from __future__ import annotations
 
-import os
-import queue
 import shlex
 import signal
 import socket
 import subprocess
-import threading
-import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import httpx
 import lightning as L
 import pytest
 import torch
@@ -27,8 +20,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightdist.cli._tensorboard import view_hint
 from lightdist.lightning import TrainerWorker
 from lightdist.lightning import strategy as strategy_module
-from tests.cli_helpers import LIGHTDIST, MARK, marked_processes
-from tests.conftest import descendants, pid_alive, shared_lightning_pool
+from tests.cli_helpers import LIGHTDIST, Board, poll_json
+from tests.conftest import descendants, shared_lightning_pool
 
 EPOCHS, STEPS_PER_EPOCH = 2, 4  # 64 samples, batch 8, 2 ranks
 VAL_ACC = [0.25, 0.5]  # what the module logs as val_acc after epochs 0 and 1 (exact in float32)
@@ -91,73 +84,6 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
     recorded = [(e.step, e.value) for e in events.Scalars("train_loss")]
     assert len(recorded) == EPOCHS * STEPS_PER_EPOCH and len({v for _, v in recorded}) > 1
     yield Run(save_dir, log_dir, recorded)
-
-
-class Board:
-    """``lightdist <command> --port 0 ...`` in a subprocess; ``url`` is read from its first stdout line."""
-
-    def __init__(self, command: str, *args: str | Path, stderr: Path) -> None:
-        self.mark = uuid.uuid4().hex  # inherited by anything it starts, found even after re-parenting
-        env = {**os.environ, MARK: self.mark}
-        self.stderr = stderr
-        with stderr.open("w") as err:
-            self.proc = subprocess.Popen(
-                [str(LIGHTDIST), command, "--port", "0", *map(str, args)],
-                stdout=subprocess.PIPE,
-                stderr=err,
-                text=True,
-                env=env,
-            )
-        self.lines: queue.Queue[str | None] = queue.Queue()
-        self.reader = threading.Thread(target=self._read, name="tb-cli-stdout", daemon=True)
-        self.reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.put(line)
-        self.lines.put(None)  # EOF: the process has exited
-
-    def url(self, timeout: float = 30.0) -> str:
-        try:
-            line = self.lines.get(timeout=timeout)
-        except queue.Empty:
-            pytest.fail(f"no URL line within {timeout}s; stderr: {self.stderr.read_text()}")
-        assert line, f"exited {self.proc.poll()} before printing a URL; stderr: {self.stderr.read_text()}"
-        assert line.startswith("TensorBoard ") and "press Ctrl-C to stop" in line, line
-        return line.split(" at ", 1)[1].split()[0]
-
-    def stop(self, sig: signal.Signals) -> int:
-        """Send ``sig``; return the exit status (within 10 s) after checking nothing was left running."""
-        started = descendants(self.proc.pid)  # e.g. a tensorboard-data-server, were it ever started
-        self.proc.send_signal(sig)
-        rc = self.proc.wait(timeout=10)
-        self.reader.join(timeout=5)
-        deadline = time.monotonic() + 5
-        while (marked_processes(self.mark) or any(map(pid_alive, started))) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not marked_processes(self.mark) and not any(map(pid_alive, started)), "processes outlived the CLI"
-        return rc
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-        self.reader.join(timeout=5)
-
-
-def poll_json(url: str, params: dict[str, str] | None, ready: Any, timeout: float = 30.0) -> Any:
-    """GET ``url`` until ``ready(json)`` holds: TensorBoard loads the logdir in a background thread."""
-    deadline = time.monotonic() + timeout
-    body: Any = None
-    while time.monotonic() < deadline:
-        response = httpx.get(url, params=params, timeout=5.0)
-        if response.status_code == 200:
-            body = response.json()
-            if ready(body):
-                return body
-        time.sleep(0.2)
-    pytest.fail(f"{url} {params}: not ready within {timeout}s; last answer: {body}")
 
 
 def test_tensorboard_serves_the_fits_scalars_and_stops_on_ctrl_c(run: Run, tmp_path: Path) -> None:

@@ -9,7 +9,8 @@ Each combination is a full LightningCLI parse of the config plus its overrides (
 ``lightdist fit`` would), fitted on the same warm pool: the ranks start once for the whole sweep.
 Every combination gets its own TensorBoard run, ``<sweep_dir>/<combination>/``, side by side under
 one ``--logdir``, and its own checkpoint directory; the final metrics of all of them are printed as
-a table and written to ``<sweep_dir>/results.jsonl``.
+a table, written to ``<sweep_dir>/results.jsonl`` and recorded for TensorBoard's HParams tab (each
+combination's values with its final metrics, see :mod:`lightdist.cli._hparams`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ class Combination:
     seconds: float = 0.0
     error: str | None = None
     rank_pids: list[int] = field(default_factory=list)
+    started: float = 0.0  # wall clock (time.time()) when its fit started
+    step: int = 0  # the trainer's global_step after the fit
 
 
 def split_values(text: str) -> list[str]:
@@ -100,6 +103,7 @@ def _fit(combo: Combination, args: list[str], sweep_dir: Path) -> bool:
 
     from lightdist.cli._lightning import LightdistCLI
 
+    combo.started = time.time()  # also for TensorBoard when this combination fails
     overrides = [f"--{key}={value}" for key, value in combo.overrides.items()]
     cli = LightdistCLI([*args, *overrides], run=False, quiet=True)
     trainer = cli.trainer
@@ -110,6 +114,7 @@ def _fit(combo: Combination, args: list[str], sweep_dir: Path) -> bool:
     started = time.perf_counter()
     trainer.fit(cli.model, datamodule=cli.datamodule)
     combo.seconds = time.perf_counter() - started
+    combo.step = trainer.global_step
     combo.metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
     pool = getattr(trainer.strategy, "pool", None)  # PoolStrategy; another strategy has no pool
     combo.rank_pids = sorted(pool().pids.values()) if callable(pool) else []
@@ -180,7 +185,9 @@ def main(argv: list[str]) -> int:
                 return code
             combo.error, status = line, RANK_FAILED
             print(f"[{index}/{len(combos)}] {combo.label}: failed: {combo.error}", file=sys.stderr, flush=True)
+            _record(sweep_dir, combo, grid, "failure")
             continue
+        _record(sweep_dir, combo, grid, "success" if finished else "unknown")
         if index == 1:
             # Lightning's "GPU available: ..." notes were shown once; not again for every combination
             logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
@@ -191,6 +198,7 @@ def main(argv: list[str]) -> int:
             combos, status = combos[:index], INTERRUPTED
             break
     _write_results(sweep_dir, combos)
+    _record_experiment(sweep_dir, grid, combos)
     print("\n" + _table([key for key, _ in grid], combos), flush=True)
     print(f"\nresults: {sweep_dir / 'results.jsonl'}", flush=True)
     return status
@@ -200,6 +208,31 @@ def _default_dir(args: list[str]) -> str:
     config = next((args[i + 1] for i, arg in enumerate(args[:-1]) if arg == "--config"), None)
     config = config or next((arg.split("=", 1)[1] for arg in args if arg.startswith("--config=")), "sweep")
     return str(Path("runs") / "sweeps" / f"{Path(config).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def _record(sweep_dir: Path, combo: Combination, grid: list[tuple[str, list[str]]], status: str) -> None:
+    """The combination's values, final metrics and status, for TensorBoard's HParams tab."""
+    from lightdist.cli._hparams import typed_values, write_session
+
+    values = {key: typed_values(options)[options.index(combo.overrides[key])] for key, options in grid}
+    try:
+        write_session(
+            sweep_dir / combo.label, values, combo.metrics, step=combo.step, started=combo.started, status=status
+        )
+    except OSError as error:  # the fits and results.jsonl matter more than the HParams tab
+        print(f"lightdist sweep: warning: {combo.label}: HParams not written: {error}", file=sys.stderr)
+
+
+def _record_experiment(sweep_dir: Path, grid: list[tuple[str, list[str]]], combos: list[Combination]) -> None:
+    """The HParams table's columns, once the sweep is over: every grid key and every final metric."""
+    from lightdist.cli._hparams import typed_values, write_experiment
+
+    columns = {key: list(dict.fromkeys(typed_values(options))) for key, options in grid}
+    metric_names = sorted({name for combo in combos for name in combo.metrics})
+    try:
+        write_experiment(sweep_dir, columns, metric_names)
+    except OSError as error:
+        print(f"lightdist sweep: warning: HParams table not written: {error}", file=sys.stderr)
 
 
 def _write_results(sweep_dir: Path, combos: list[Combination]) -> None:

@@ -132,6 +132,17 @@ def test_the_console_script_finds_a_model_module_in_the_working_directory(tmp_pa
     assert yaml.safe_load(out)["model"] == {"class_path": "mymod.Reg", "init_args": {"width": 3}}
 
 
+def test_a_config_that_is_neither_a_file_nor_shipped_is_one_line(
+    tmp_path: Path, in_process: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    in_process.chdir(tmp_path)
+    assert cli_main(["fit", "--config", "digits/pretrain", "--print_config"]) == 2  # a typo of a shipped name
+    assert capsys.readouterr().err == (
+        f"lightdist fit: error: --config {tmp_path}/digits/pretrain: no such file, and no shipped config of that "
+        "name (lightdist recipes lists them) (see: lightdist fit --help)\n"
+    )
+
+
 def test_quickstart_pretrain_then_finetune(quickstart: tuple[Path, str, str]) -> None:
     cwd, pretrain_out, finetune_out = quickstart
     for stage, out in (("pretrain", pretrain_out), ("finetune", finetune_out)):

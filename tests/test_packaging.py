@@ -209,5 +209,5 @@ def test_config_lookup_prefers_a_file_and_says_so(
     # the short name is no file path: the shipped config, with a note pointing at the file here
     assert _catalog.resolve_config_args(["--config", "digits/pretrain-cpu"]) == ["--config", shipped]
     assert "pass --config digits/pretrain-cpu.yaml" in capsys.readouterr().err
-    # neither: left as given, for the parser's "does not exist"
+    # neither: left as given, for the parser (tests/test_cli.py checks its one-line error)
     assert _catalog.resolve_config_args(["--config", "digits/x"]) == ["--config", "digits/x"]

@@ -81,6 +81,12 @@ def explain(error: BaseException) -> str:
     if config_error is not None:
         return one_line(config_error)
     text = str(error)
+    missing = re.match(r"""Parser key "config":\s*File does not exist: '([^']*)'""", text)
+    if missing is not None:  # neither a file nor a shipped config (cli/_catalog.py looked for both)
+        return (
+            f"--config {missing.group(1)}: no such file, and no shipped config of that name "
+            "(lightdist recipes lists them)"
+        )
     group = re.match(r'Parser key "([^"]+)":', text)
     problem = re.search(
         r"Problem with given class_path '([^']+)':\s*(.*?)(?:\n\s*- Expected a <class 'NoneType'>|$)", text, re.S

@@ -30,7 +30,7 @@ import pytest
 
 from lightdist.cli._jobs import config_name, detail, main_metric, table
 from lightdist.cli._remote import RemoteArgsError, RemoteOptions, progress_bar_kind, split_remote_args
-from tests.cli_helpers import CONFIGS
+from tests.cli_helpers import CONFIGS, ROOT
 from tests.server_helpers import (
     TINY,
     ClientProcess,
@@ -159,6 +159,8 @@ def test_job_views_from_the_api_fields() -> None:
     assert main_metric({"train_loss": 0.25}) == "train_loss=0.25" and main_metric({}) == "-"
     assert config_name(job["args"]) == "digits/pretrain-cpu"  # type: ignore[arg-type]
     assert config_name(["--config=/elsewhere/mine.yaml"]) == "mine.yaml"
+    # the checkout's configs/ is a link to the shipped configs: the same name
+    assert config_name(["--config", str(ROOT / "configs/digits/pretrain-cpu.yaml")]) == "digits/pretrain-cpu"
     row = table([job]).splitlines()[1].split()
     assert row == ["7", "-", "failed", "fit", "digits/pretrain-cpu", "12.0s", "val_acc=0.875"]
     shown = detail(job)

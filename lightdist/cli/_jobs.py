@@ -147,8 +147,8 @@ def config_name(args: list[str]) -> str:
     if value == "-":
         return value
     path, root = Path(value), configs_root()
-    if path.is_absolute() and path.is_relative_to(root):
-        return str(path.relative_to(root).with_suffix(""))
+    if path.is_absolute() and path.resolve().is_relative_to(root):  # also by the checkout's configs/ link
+        return str(path.resolve().relative_to(root).with_suffix(""))
     return path.name
 
 

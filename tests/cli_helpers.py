@@ -24,7 +24,6 @@ import httpx
 import pytest
 
 from tests.conftest import descendants, pid_alive
-
 from tests.terminal import run_in_terminal
 
 ROOT = Path(__file__).resolve().parents[1]

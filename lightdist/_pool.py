@@ -60,6 +60,7 @@ from lightdist._placement import (
 )
 from lightdist._procs import RankExit, RankHost, TemplateProcess
 from lightdist._recovery import Recovery
+from lightdist._refusals import RefusalLog, signature_refusal
 from lightdist._resident import ResidentSet
 from lightdist._state import PoolState
 from lightdist._tensors import ADDR, FRAMES, SHM, VM
@@ -145,7 +146,7 @@ class PoolStats:
     calls: int  # calls sent (keepalives included)
     queued: int  # calls waiting behind the running one
     rejected_messages: int  # frames that failed verification (forged, replayed, malformed) and were dropped
-    refused_clients: int  # CURVE handshakes refused by the key allow-list (a TCP channel with a key file)
+    refused_clients: int  # CURVE handshakes refused: the allow-list, or another pool's keys (TCP with a key file)
 
 
 class Pool:
@@ -186,6 +187,11 @@ class Pool:
             self._context.destroy(linger=0)
             remove_ipc_dir(self._ipc_dir)
             raise
+        if self._auth is not None:
+            self._auth.watch(self.channel.socket, self.address)  # refused handshakes are logged
+        if config.worker_address is not None:  # TCP: frames signed with another key are logged too
+            refusals = self._auth.refusals if self._auth is not None else RefusalLog()
+            self.channel.on_rejected = signature_refusal(refusals, self.address)
         self.placement: LocalPlacement | AgentPlacement = (
             LocalPlacement(config.world_size)
             if config.nodes is None

@@ -14,6 +14,7 @@ __all__ = [
     "PayloadError",
     "PoolClosedError",
     "ProtocolError",
+    "SignatureError",
     "TextEventError",
     "WorkerDiedError",
     "WorkerError",
@@ -106,6 +107,10 @@ class PoolClosedError(RuntimeError):
 
 class ProtocolError(Exception):
     """A frame failed verification (bad signature, replay, or malformed). Never unpickled."""
+
+
+class SignatureError(ProtocolError):
+    """A frame not signed with the pool's key: its sender holds another key, or is no lightdist process."""
 
 
 class PayloadError(TypeError):

@@ -25,6 +25,7 @@ import dataclasses
 import json
 import logging
 import os
+import queue
 import secrets
 import stat
 import threading
@@ -35,6 +36,7 @@ from typing import Any
 import zmq
 from zmq.utils import z85
 
+from lightdist._refusals import HANDSHAKE_EVENTS, RefusalLog, handshake_refusal
 from lightdist.errors import ConfigError
 
 __all__ = [
@@ -55,6 +57,11 @@ log = logging.getLogger("lightdist")
 FORMAT = "lightdist-keys/1"
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"  # fixed by RFC 27: libzmq asks whatever is bound here
 ZAP_DOMAIN = b"lightdist"
+_OVERWRITE_HINT = (
+    " (`lightdist keys create --force DIR`, or overwrite=True in Python; agents holding the old client file"
+    " can then no longer attach)"
+)
+_ADD_CLIENT = "`lightdist keys add-client DRIVER_FILE NEW_CLIENT_FILE`"
 
 
 class KeyFileError(ConfigError):
@@ -106,7 +113,7 @@ def _write_private(path: Path, doc: dict[str, Any], overwrite: bool) -> None:
         else:
             os.link(tmp, path)  # unlike rename, link never clobbers: a file created meanwhile still wins
     except FileExistsError:
-        raise KeyFileError(f"{path}: already exists; refusing to overwrite it (pass overwrite=True)") from None
+        raise KeyFileError(f"{path}: already exists; refusing to overwrite it{_OVERWRITE_HINT}") from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -133,7 +140,7 @@ def _read_private(path: Path, role: str) -> dict[str, Any]:
     if doc.get("role") != role:
         raise KeyFileError(
             f"{path}: is a {doc.get('role')!r} key file; the {role} needs the {role!r} file "
-            "that create_pool_keys or add_client made"
+            "that `lightdist keys create` or `lightdist keys add-client` made"
         )
     return doc
 
@@ -213,7 +220,7 @@ def create_pool_keys(
     driver_file, client_file = d / driver_name, d / client_name
     for p in (driver_file, client_file):  # check both first: never leave half a pool behind
         if not overwrite and p.exists():
-            raise KeyFileError(f"{p}: already exists; refusing to overwrite it (pass overwrite=True)")
+            raise KeyFileError(f"{p}: already exists; refusing to overwrite it{_OVERWRITE_HINT}")
     hmac_key, (public, secret) = os.urandom(32), zmq.curve_keypair()
     client = _client_doc(hmac_key, public)
     _write_private(
@@ -294,7 +301,10 @@ def describe_handshake_failure(event: int, value: int) -> str | None:
     A refused DEALER raises nothing: its sends just queue. Monitor it to tell the user why.
     """
     if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-        return f"the driver refused this client's CURVE key (ZAP status {value}); add it with add_client"
+        return (
+            f"the driver refused this client's CURVE key (ZAP status {value}): use the pool's client file, "
+            f"or make a new one on the driver's host with {_ADD_CLIENT}"
+        )
     if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
         return _HANDSHAKE_TEXT.get(value, f"security handshake failed (ZMTP error {value:#x})")
     if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:  # value is an errno; the peer just hung up
@@ -307,7 +317,9 @@ class AllowListAuthenticator:
 
     Replace ``allowed`` at any time (e.g. after :func:`add_client`); it applies to new connections.
     ``denied`` and ``accepted`` count decisions. ``start()`` before binding a server socket;
-    ``stop()`` (idempotent) before ``context.term()``.
+    :meth:`watch` the bound socket to log handshakes that fail before the allow-list is asked;
+    ``stop()`` (idempotent) before ``context.term()``. Refusals are logged through
+    :class:`~lightdist._refusals.RefusalLog` (once per peer, then at most once a minute).
     """
 
     def __init__(self, context: zmq.Context[Any], allowed: Iterable[bytes]) -> None:
@@ -316,8 +328,10 @@ class AllowListAuthenticator:
         self.allowed: frozenset[bytes] = frozenset(allowed)
         self.denied = 0
         self.accepted = 0
+        self.refusals = RefusalLog()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        self._watch: queue.SimpleQueue[tuple[zmq.Socket[Any], str]] = queue.SimpleQueue()  # handed to the thread
 
     def start(self) -> AllowListAuthenticator:
         _require_curve()
@@ -347,15 +361,40 @@ class AllowListAuthenticator:
             if thread.is_alive():
                 log.warning("lightdist-zap did not stop within %.1f s", timeout)
 
+    def watch(self, server: zmq.Socket[Any], endpoint: str) -> None:
+        """Log the failed handshakes of ``server`` (bound at ``endpoint``): a client with another
+        pool's keys fails CURVE decryption and never reaches the allow-list. Call from the thread
+        that owns ``server``, after :meth:`start`."""
+        monitor = server.get_monitor_socket(HANDSHAKE_EVENTS)
+        self._watch.put((monitor, endpoint))  # the queue's lock is the barrier libzmq asks for
+
     def _serve(self, sock: zmq.Socket[Any]) -> None:
+        from zmq.utils.monitor import recv_monitor_message
+
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        monitors: dict[zmq.Socket[Any], str] = {}
         try:
             while not self._stopping.is_set():
-                if sock.poll(50):  # a short poll, so stop() needs no wake-up socket
-                    self._answer(sock, sock.recv_multipart())
+                while not self._watch.empty():
+                    monitor, endpoint = self._watch.get()
+                    monitors[monitor] = endpoint
+                    poller.register(monitor, zmq.POLLIN)
+                for ready, _ in poller.poll(50):  # a short poll, so stop() needs no wake-up socket
+                    if ready is sock:
+                        self._answer(sock, sock.recv_multipart())
+                        continue
+                    event = recv_monitor_message(ready)
+                    refusal = handshake_refusal(int(event["event"]), int(event["value"]), monitors[ready])
+                    if refusal is not None:
+                        self.denied += 1
+                        self.refusals.refused(*refusal)
         except zmq.ContextTerminated:
             pass
         finally:
             sock.close(linger=0)
+            for monitor in monitors:
+                monitor.close(linger=0)
 
     def _answer(self, sock: zmq.Socket[Any], frames: list[bytes]) -> None:
         # RFC 27 request: version, request id, domain, address, identity, mechanism, credentials...
@@ -368,10 +407,10 @@ class AllowListAuthenticator:
             sock.send_multipart([b"1.0", request_id, b"200", b"OK", key, b""])  # User-Id: the client key
             return
         self.denied += 1
-        log.warning(
-            "refused a %s connection from %s: client key %s is not on the pool's allow-list",
-            mechanism.decode("ascii", "replace"),
-            address,
-            key.decode() if key else "(none)",
+        client = key.decode() if key else "(none)"
+        self.refusals.refused(
+            f"{address} {client}",
+            f"refused a {mechanism.decode('ascii', 'replace')} connection from {address}: client key {client} is "
+            f"not on the pool's allow-list (another pool's client file? make one for this pool with {_ADD_CLIENT})",
         )
         sock.send_multipart([b"1.0", request_id, b"400", b"client key not allowed", b"", b""])

@@ -33,7 +33,7 @@ from typing import Any
 
 import cloudpickle
 
-from lightdist.errors import ProtocolError, TextEventError
+from lightdist.errors import ProtocolError, SignatureError, TextEventError
 
 __all__ = [
     "DRIVER_RANK",
@@ -219,7 +219,7 @@ class Session:
         and nothing here unpickles.
         """
         if len(frames) < 2:
-            raise ProtocolError(f"expected at least 2 frames, got {len(frames)}")
+            raise SignatureError(f"expected at least 2 frames, got {len(frames)}")
         raw_header = bytes(frames[1])
         # Which frames the MAC covers depends on the header's bulk count, read before the check: a
         # forged count changes the header, which the MAC covers, so the check fails all the same.
@@ -229,7 +229,7 @@ class Session:
         end = len(frames) - nbulk
         signature, body = bytes(frames[0]), [raw_header, *(bytes(f) for f in frames[2:end])]
         if len(signature) != _SIG_LEN or not hmac.compare_digest(signature, self.sign(body)):
-            raise ProtocolError("bad signature")
+            raise SignatureError("bad signature")
         header = parse_header(body[0])  # signed but malformed: a bug, not an attack
         if self.peers is not None and header.sender not in self.peers:
             newcomer = self.newcomer_prefix is not None and header.sender.startswith(self.newcomer_prefix)

@@ -17,7 +17,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import zmq
@@ -132,6 +132,9 @@ class Channel:
         self.waker = Waker()
         self.rejected = 0  # frames dropped by verification
         self.last_rejection = ""
+        # Told of each dropped frame (the receiving thread, under the channel lock): the driver logs
+        # frames signed with another key (see lightdist._refusals).
+        self.on_rejected: Callable[[bytes | None, ProtocolError], None] | None = None
         self._lock = threading.Lock()
         self._buffered: list[tuple[bytes | None, Message]] = []  # drained but not yet returned by recv()
 
@@ -243,6 +246,8 @@ class Channel:
                 except ProtocolError as exc:
                     self.rejected += 1
                     self.last_rejection = str(exc)
+                    if self.on_rejected is not None:
+                        self.on_rejected(ident, exc)
         return out
 
     def wait(self, timeout: float | None, extra: Sequence[int] = ()) -> None:

@@ -133,6 +133,22 @@ def test_refuses_to_overwrite_unless_asked(files: tuple[Path, Path]) -> None:
     assert sorted(os.listdir(driver_file.parent)) == ["client.json", "driver.json"]
 
 
+def test_keys_create_on_an_existing_pool_names_the_flag_that_replaces_it(
+    files: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lightdist.cli import main
+
+    driver_file, _ = files
+    before = driver_file.read_bytes()
+    assert main(["keys", "create", str(driver_file.parent)]) == 2
+    err = capsys.readouterr().err
+    assert "already exists" in err and "lightdist keys create --force" in err and "overwrite=True" in err, err
+    assert driver_file.read_bytes() == before
+    assert main(["keys", "create", "--force", str(driver_file.parent)]) == 0
+    assert driver_file.read_bytes() != before and os.stat(driver_file).st_mode & 0o777 == 0o600
+    assert main(["keys", "create", "--overwrite", str(driver_file.parent)]) == 0
+
+
 @pytest.mark.parametrize("mode", [0o644, 0o640, 0o620, 0o606])
 def test_a_file_others_can_read_or_write_is_refused(files: tuple[Path, Path], mode: int) -> None:
     for f, load in zip(files, (load_driver_keys, load_client_keys)):
@@ -219,6 +235,11 @@ def test_a_wrong_client_keypair_is_denied_and_counted(ctx, server, files, caplog
         assert "refused this client's CURVE key" in str(handshake_failure(monitor))
     assert auth.accepted == 0
     assert any("127.0.0.1" in r.getMessage() and public.decode() in r.getMessage() for r in caplog.records)
+    # the hints on both sides name the command that makes a client file, not a Python function
+    assert "`lightdist keys add-client DRIVER_FILE NEW_CLIENT_FILE`" in str(
+        describe_handshake_failure(zmq.EVENT_HANDSHAKE_FAILED_AUTH, 400)
+    )
+    assert all("add_client" not in r.getMessage() and "keys add-client" in r.getMessage() for r in caplog.records)
 
 
 def test_add_client_then_updating_the_allow_list_admits_the_new_client(ctx, server, files, tmp_path) -> None:  # type: ignore[no-untyped-def]

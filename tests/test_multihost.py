@@ -9,16 +9,20 @@ the network-level faults (partitions) with one network namespace per host.
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import zmq
 
 from lightdist import DistributedRunner, DistributedWorker, PoolClosedError, WorkerDiedError, WorkerFailedError
 from lightdist._attach import HOST_TIMEOUT_S, LEASE_S
@@ -306,14 +310,47 @@ def test_hosts_of_different_sizes_are_refused(keys: tuple[Path, Path], hosts: Ho
         pool.start_sync(timeout=30)
 
 
-def test_a_client_key_from_another_pool_is_refused(keys: tuple[Path, Path], hosts: Hosts, tmp_path: Path) -> None:
+def test_a_client_key_from_another_pool_is_refused(
+    keys: tuple[Path, Path], hosts: Hosts, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     pool, address = runner(keys, nodes=1, world_size=2)
     _, stranger = create_pool_keys(tmp_path / "other-pool")
     hosts.start("intruder", address, key=stranger)
-    with pytest.raises(TimeoutError, match="0 of 1 hosts attached"):
-        pool.start_sync(timeout=7)  # the agent gives up first: handshakes failing for 4 s (no reason given)
+    with caplog.at_level(logging.WARNING, logger="lightdist"):
+        forger = threading.Thread(target=_send_forged_frames, args=(address, keys[1]))
+        forger.start()  # the pool's own client file (stolen, say) but frames signed with another key
+        with pytest.raises(TimeoutError, match="0 of 1 hosts attached"):
+            pool.start_sync(timeout=7)  # the agent gives up first: handshakes failing for 4 s (no reason given)
+        forger.join(timeout=10)
     assert hosts.agents["intruder"].wait(timeout=10) == EXIT_REFUSED
     assert "cannot attach" in hosts.output("intruder")
+    # the driver says so too: once per kind, although the agent knocked ten times a second for 4 s
+    said = [r.getMessage() for r in caplog.records]
+    refused = [line for line in said if "refused a connection" in line]
+    assert len(refused) == 1, said
+    assert f"refused a connection to {address}: CURVE decryption failed" in refused[0]
+    assert "lightdist keys add-client" in refused[0]
+    forged = [line for line in said if "not signed with the pool's key" in line]
+    assert len(forged) == 1 and f"dropped a message on {address}" in forged[0], said
+
+
+def _send_forged_frames(address: str, client_key: Path) -> None:
+    from lightdist.keys import load_client_keys, secure_client
+    from lightdist.protocol import Kind, Session
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    try:
+        sock.setsockopt(zmq.LINGER, 0)
+        secure_client(sock, load_client_keys(client_key))
+        sock.connect(address)
+        forger = Session(b"not the pool's key, 32 bytes....", "agent.forger", -2)
+        for _ in range(4):
+            sock.send_multipart(forger.pack(Kind.HELLO, 0, [b'{"nproc": 2}']))
+        time.sleep(3.0)  # the driver binds its socket once start() runs; ZMQ delivers then
+    finally:
+        sock.close(linger=0)
+        ctx.term()
 
 
 def test_a_crashed_host_fails_the_call_naming_it_and_a_spare_takes_over(keys: tuple[Path, Path], hosts: Hosts) -> None:

@@ -166,13 +166,19 @@ def _keys(argv: list[str]) -> int:
     commands = parser.add_subparsers(dest="action", required=True)
     create = commands.add_parser("create", help="a driver file and a client file (mode 0600) in DIR")
     create.add_argument("directory")
+    create.add_argument(
+        "--force",
+        "--overwrite",
+        action="store_true",
+        help="replace the pool's key files in DIR (agents holding the old client file can no longer attach)",
+    )
     add = commands.add_parser("add-client", help="a new client file, allowed by the driver file")
     add.add_argument("driver_file")
     add.add_argument("client_file")
     args = parser.parse_args(argv)
     try:
         if args.action == "create":
-            driver, client = create_pool_keys(args.directory)
+            driver, client = create_pool_keys(args.directory, overwrite=args.force)
             print(f"driver key file: {driver}  (keep it on the driver's host)")
             print(f"client key file: {client}  (copy it to every agent host, mode 0600)")
         else:

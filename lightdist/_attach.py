@@ -34,13 +34,16 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from lightdist import _messages as messages
+from lightdist._host_output import OutputRelay, say
+from lightdist._identity import NameClaims, refusal
 from lightdist._messages import Assignment, HostEvent, KillOrder, RankBoot
 from lightdist._placement import HostLost, HostsMissing, PlacementEvent, PoolFailed, RankExited, SpawnRanks
 from lightdist._procs import RankExit, RankHost
-from lightdist._rehost import Homeless
+from lightdist._rehost import Homeless, span
 from lightdist._state import PoolState
 from lightdist.protocol import Kind, Message
 from lightdist.transport import Channel
@@ -88,6 +91,11 @@ class AgentHost:
         self.answered = 0  # the highest PING number echoed back in a PONG
         self.farewell: str | None = None  # what EXIT tells the agent: None, the pool was stopped
         self._changed = threading.Condition()
+        self.output = OutputRelay(self.name, self._credit)  # its ranks' output, written here
+
+    def _credit(self, items: int, nbytes: int) -> None:  # the relay's thread, once it wrote them
+        if not self.lost:
+            self._send(Kind.CREDIT, [messages.encode_credit(items, nbytes)])
 
     def _send(self, kind: Kind, payload: list[bytes]) -> None:
         self._send_to(kind, payload, [self.sender.encode()])
@@ -105,7 +113,7 @@ class AgentHost:
         boot = dataclasses.replace(
             boot,
             local_rank=local,
-            node_rank=self.node_rank,
+            node_rank=self.facts.get("node_rank", self.node_rank),  # a torchrun worker: torchrun's node index
             local_world_size=self.facts.get("local_world_size", len(self.ranks)),
         )
         self._send(Kind.SPAWN, [messages.encode_spawn(boot)])
@@ -144,6 +152,7 @@ class AgentHost:
             self.lost = True
             gone, self.pids = self.pids, {}
             self._changed.notify_all()
+        self.output.close(wait=False)  # under the pool's lock: never wait on a blocked stdout here
         return gone
 
     def wait_ranks_gone(self, timeout: float) -> bool:
@@ -161,6 +170,7 @@ class AgentHost:
         with a status that says whether the pool ended normally (see :attr:`farewell`)."""
         if not self.lost:
             self._send(Kind.EXIT, [messages.encode_farewell(self.farewell)])
+        self.output.close()
 
 
 class AgentPlacement:
@@ -177,9 +187,11 @@ class AgentPlacement:
         cwd: str | None,
         address: str,
         rehost_timeout: float = REHOST_TIMEOUT_S,
+        key_file: str | None = None,
     ) -> None:
         self.channel = channel
         self.address = address  # where agents connect (the bound one: port 0 resolved)
+        self.key_file = key_file  # the driver's key file: its client file is named in hints
         self.world_size = world_size
         self.nodes = nodes
         self.host_names = host_names
@@ -195,6 +207,8 @@ class AgentPlacement:
         self._homeless = Homeless(rehost_timeout, address)  # ranks of lost hosts, waiting for a host
         self._probe: dict[str, int] = {}  # agent sender -> the PING number its answer must echo
         self._form_after: float | None = None  # hinted agents are awaited until then (HINT_GRACE_S)
+        self._claims = NameClaims()  # newcomers whose name a live agent holds (see _identity)
+        self._said_waiting = False
 
     def _send(self, kind: Kind, payload: list[bytes], to: list[bytes]) -> None:
         self.channel.send(kind, self.generation, payload, to=to)
@@ -220,6 +234,10 @@ class AgentPlacement:
     def claim(self, ranks: list[int]) -> None:
         if any(self._rank_hosts.get(rank) is None for rank in ranks):
             self._place_lost_groups()
+            waiting = sorted(rank for rank in ranks if self._rank_hosts.get(rank) is None)
+            if waiting and not self._said_waiting:  # once per wait, not per recovery attempt
+                self._said_waiting = True
+                log.warning("ranks %s wait for a host: restart the lost host's agent, or %s", waiting, self.command())
 
     def probe(self) -> float:
         self._probe = {host.sender: host.ping() for host in self._agents.values() if host.ranks}
@@ -258,7 +276,18 @@ class AgentPlacement:
                 attached += f" (also attached, not asked for: {', '.join(others)})"
         else:
             attached = f"{len(names)} of {self.nodes} hosts attached ({', '.join(names) or 'none'})"
-        return f"{attached}; start 'lightdist agent --connect {self.address} --key-file ...' on each missing host"
+        return f"{attached}; {self.command()} on each missing host"
+
+    def command(self) -> str:
+        """What to run on another host to attach it: the hint in start and wait messages."""
+        client = "CLIENT_KEY_FILE"
+        if self.key_file is not None:  # `lightdist keys create` puts client.json next to driver.json
+            beside = Path(self.key_file).with_name("client.json")
+            client = str(beside) if beside.exists() else client
+        return (
+            f"start 'lightdist agent --connect {self.address} --key-file {client} "
+            f"--nproc-per-node {self.world_size // self.nodes}'"
+        )
 
     def on_message(self, msg: Message, state: PoolState) -> list[PlacementEvent]:
         h = msg.header
@@ -271,10 +300,18 @@ class AgentPlacement:
                 return self._on_hello(h.sender, messages.decode_hello(msg.payload[0]), state)
             return []
         host.last_heard = time.monotonic()
+        if self._claims:  # it spoke: anyone claiming its name meanwhile is a live duplicate
+            for claim in self._claims.refuted(host.name, host.last_heard):
+                why = refusal(host.name, host)
+                log.warning("refused an agent (pid %s at %s): %s", claim.facts.get("pid"), claim.facts.get("ip"), why)
+                self.channel.send(Kind.REFUSED, 0, [messages.encode_refused(why)], to=[claim.sender.encode()])
         if h.kind is Kind.HOST_EVENT:
             return self._on_host_event(host, messages.decode_host_event(msg.payload[0]), state)
         if h.kind is Kind.PONG and msg.payload:
             host.answered = max(host.answered, messages.decode_ping(msg.payload[0]))
+        if h.kind is Kind.OUTPUT:
+            stream, text = messages.decode_output(msg.payload)
+            host.output.put(stream, text, len(msg.payload[1]))
         return []
 
     def tick(self, now: float, state: PoolState) -> tuple[list[PlacementEvent], float | None]:
@@ -311,6 +348,9 @@ class AgentPlacement:
             return []
         if len(self._chosen_hosts()) < self.nodes:
             self._form_after = None  # (a host left during the grace: it starts again with the next)
+            if not self._said_waiting:  # a start that waits says for what, once
+                self._said_waiting = True
+                say(f"waiting for {self.status()}")
             return []
         now = time.monotonic() if now is None else now
         hinted = sum(host.hint is not None for host in self._agents.values())
@@ -327,6 +367,10 @@ class AgentPlacement:
 
     # --- attach and form ---------------------------------------------------------------------------
     def _on_hello(self, sender: str, facts: dict[str, Any], state: PoolState) -> list[PlacementEvent]:
+        name = str(facts.get("host") or sender)
+        if any(host.name == name for host in self._agents.values()):
+            self._claims.hold(name, sender, facts, time.monotonic())  # its holder decides: see _identity
+            return []
         self.channel.accept_from(sender)
         host = AgentHost(self._send, sender, facts)
         self._agents[sender] = host
@@ -380,6 +424,7 @@ class AgentPlacement:
                 self._rank_hosts[rank] = host
         for spare in self._spares:
             spare.assign(self._assignment([], node_rank=-1))
+        self._said_waiting = False
         return [SpawnRanks(list(range(self.world_size)))]
 
     # --- what happens on the hosts ---------------------------------------------------------------
@@ -392,10 +437,11 @@ class AgentPlacement:
             return [RankExited(info)]
         elif event.ev == "lost":  # the agent's template process failed
             return self._host_lost(host, f"its template process failed: {event.detail}", state)
+        elif event.ev == "left":  # the agent is stopping (its launcher's SIGTERM): no need to wait for silence
+            return self._host_lost(host, event.detail, state, verb="left")
         return []
 
-    def _host_lost(self, host: AgentHost, why: str, state: PoolState) -> list[PlacementEvent]:
-        log.warning("host %s lost: %s", host.name, why)
+    def _host_lost(self, host: AgentHost, why: str, state: PoolState, verb: str = "was lost") -> list[PlacementEvent]:
         self._agents.pop(host.sender, None)
         if host in self._spares:
             self._spares.remove(host)
@@ -403,23 +449,36 @@ class AgentPlacement:
         self.channel.send(Kind.FENCED, 0, [], to=[host.sender.encode()])  # reaches it if it is only slow
         self.channel.forget(host.sender)
         alive = host.mark_lost()
-        if state.over or not host.ranks:
-            return []  # a spare, or an agent that left before the pool formed: nothing ran there
-        for rank in host.ranks:
-            self._rank_hosts[rank] = None  # re-hosted when a spare or a new agent attaches
-        self._homeless.add(host.name, host.ranks, why)
-        if state is PoolState.STARTING:
-            return [PoolFailed(RuntimeError(f"host {host.name} was lost while the pool started: {why}"))]
-        return [HostLost(host.name, list(host.ranks), alive, f"host {host.name} was lost ({why})")]
+        events: list[PlacementEvent] = []
+        if state.over or not host.ranks or state is PoolState.STARTING:
+            log.warning("host %s %s: %s", host.name, verb, why)  # else the pool says it, with its ranks
+        if not state.over and host.ranks:
+            for rank in host.ranks:
+                self._rank_hosts[rank] = None  # re-hosted when a spare or a new agent attaches
+            self._homeless.add(host.name, host.ranks, why)
+            if state is PoolState.STARTING:
+                return [PoolFailed(RuntimeError(f"host {host.name} {verb} while the pool started: {why}"))]
+            events.append(HostLost(host.name, list(host.ranks), alive, f"host {host.name} {verb} ({why})"))
+        claim = self._claims.vacated(host.name)
+        if claim is not None:  # an agent restarted under this name while the old one was still attached
+            events += self._on_hello(claim.sender, claim.facts, state)
+        return events
 
     def _place_lost_groups(self) -> None:
-        """Give each lost host's ranks, as a group, to a spare host with room for them."""
-        for ranks, spare in self._homeless.place(self._spares):
+        """Give each lost host's ranks, as a group, to a spare host with room for them: the host
+        itself if it came back, else by launcher hint, else in arrival order (see _identity)."""
+        for group, spare in self._homeless.place(self._spares):
+            ranks = group.ranks
             # the spare takes the lost host's place in the layout (hosts hold equal rank ranges)
             spare.assign(self._assignment(ranks, node_rank=ranks[0] // len(ranks)))
             for rank in ranks:
                 self._rank_hosts[rank] = spare
-            log.warning("ranks %s moved to host %s", ranks, spare.name)
+            if spare.name == group.host:
+                log.info("host %s is back: %s run there again", spare.name, span(ranks))
+            else:
+                log.warning("%s of lost host %s moved to host %s", span(ranks), group.host, spare.name)
+        if not self._homeless.groups:
+            self._said_waiting = False  # the next wait for a host is said again
 
     def _rehost(self, state: PoolState) -> list[PlacementEvent]:
         """A host attached while ranks were waiting for one: place them there and start them."""

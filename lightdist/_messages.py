@@ -148,8 +148,9 @@ def decode_kill(payload: bytes) -> KillOrder:
 # --- HOST_EVENT: what happened on an agent's host --------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class HostEvent:
-    """``ev``: ``spawned`` (rank, pid, sender), ``exit`` (also code, signal) or ``lost`` (the
-    host's template failed; detail)."""
+    """``ev``: ``spawned`` (rank, pid, sender), ``exit`` (also code, signal), ``lost`` (the
+    host's template failed; detail) or ``left`` (the agent is stopping on its own, e.g. its
+    launcher sent SIGTERM; detail): the driver need not wait for the heartbeat to miss it."""
 
     ev: str
     rank: int = -1
@@ -166,7 +167,7 @@ def encode_host_event(event: HostEvent) -> bytes:
 
 def decode_host_event(payload: bytes) -> HostEvent:
     event = HostEvent(**json.loads(payload))
-    if event.ev not in ("spawned", "exit", "lost"):
+    if event.ev not in ("spawned", "exit", "lost", "left"):
         raise ValueError(f"unknown host event {event.ev!r}")
     return event
 
@@ -240,6 +241,29 @@ def encode_credit(items: int, nbytes: int) -> bytes:
 def decode_credit(payload: bytes) -> tuple[int, int]:
     items, nbytes = _CREDIT.unpack(payload)
     return int(items), int(nbytes)
+
+
+# --- OUTPUT: ranks' output from an agent's host; REFUSED: why an agent was not attached -----------
+_STREAMS = ("stdout", "stderr")
+
+
+def encode_output(stream: str, text: str) -> list[bytes]:
+    return [stream.encode(), text.encode("utf-8", "replace")]
+
+
+def decode_output(payload: tuple[bytes, ...]) -> tuple[str, str]:
+    stream = payload[0].decode()
+    if stream not in _STREAMS:
+        raise ValueError(f"OUTPUT for an unknown stream {stream!r}")
+    return stream, payload[1].decode("utf-8", "replace")
+
+
+def encode_refused(why: str) -> bytes:
+    return why.encode()
+
+
+def decode_refused(payload: tuple[bytes, ...]) -> str:
+    return payload[0].decode("utf-8", "replace") if payload else "no reason given"
 
 
 # --- RESULT: the reply's meta frame ------------------------------------------------------------------

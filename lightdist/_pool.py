@@ -205,6 +205,7 @@ class Pool:
                 config.cwd,
                 self.address,
                 config.rehost_timeout,
+                key_file=None if config.curve is None else str(config.curve.path),
             )
         )
         self.recovery = Recovery(config.world_size, timeout=1800.0)
@@ -306,16 +307,9 @@ class Pool:
 
     def _spawn_ranks(self, ranks: list[int]) -> None:
         self.placement.claim(ranks)  # ranks of a lost host go to a spare, if there is one
-        homeless = [rank for rank in ranks if self.placement.host_of(rank) is None]
-        if homeless:
-            log.warning(
-                "ranks %s wait for a host: start another agent within %.0f s (rehost_timeout), or calls fail",
-                homeless,
-                self.config.rehost_timeout,
-            )
         for rank in ranks:
             host = self.placement.host_of(rank)
-            if host is not None:
+            if host is not None:  # else it waits for a host (the placement says so, once per wait)
                 self._spawn(rank, host)
 
     def _spawn(self, rank: int, host: RankHost) -> None:
@@ -556,7 +550,7 @@ class Pool:
         if now < expires:
             return expires - now
         stuck = sorted(call.pending)
-        self._kill(call.pending, "was still inside a failed or abandoned call after the grace period")
+        self._kill(call.pending, "still inside a failed or abandoned call after the grace period")
         call.pending.clear()
         if not call.failed and not call.cancelled:  # an interrupted call whose caller still waits for its reply
             call.failed = True
@@ -793,7 +787,8 @@ class Pool:
                         RankExit(rank, event.pids.get(rank, 0), self._senders.get(rank, ""), None, None, event.why)
                         for rank in event.ranks
                         if rank not in self.recovery.dead
-                    ]
+                    ],
+                    host_lost=True,
                 )
             elif isinstance(event, HostsMissing):
                 for call in self._queue:  # the running call, if any, ends as its ranks do
@@ -812,7 +807,7 @@ class Pool:
         with self._lock:
             self._on_broken(RuntimeError(f"the pool's template process is gone: {detail}"))
 
-    def _ranks_exited(self, infos: list[RankExit]) -> None:
+    def _ranks_exited(self, infos: list[RankExit], host_lost: bool = False) -> None:
         """Ranks died together (one process, or every rank of a lost host): one failure event.
 
         Handled as one so that the ranks of a lost host start one recovery, not one per rank (a
@@ -834,7 +829,10 @@ class Pool:
         log.warning("%s%s; recovering the pool", err, others)
         call = self.current
         if self.state is PoolState.RECOVERING:
-            self._recover(again=True, cause=err)  # a second failure: start every rank afresh
+            # A second failure: start every rank afresh. A lost host does not count towards the cap
+            # on restarts (it guards against ranks that die in setup): a torchrun restart takes
+            # every worker, each a host, one after the other.
+            self._recover(again=True, cause=err, counted=not host_lost)
         elif call is not None:
             call.pending -= ranks
             if not call.failed:
@@ -851,17 +849,20 @@ class Pool:
         self.recovery.lost(ranks)
 
     def _sigkill(self, ranks: set[int], why: str) -> None:
+        killed = []  # one line for all of them: a restart of recovery kills many at once
         for rank in sorted(ranks):
             host = self.placement.host_of(rank)
             pid = host.pids.get(rank) if host is not None else None
-            log.warning("killing rank %d (pid %s on %s): it %s", rank, pid, getattr(host, "name", "?"), why)
             if host is not None and pid is not None:
                 host.signal_ranks(signal.SIGKILL, [rank])
+                killed.append(f"{rank} (pid {pid} on {host.name})")
+        if killed:
+            log.warning("killing rank%s %s: %s", "s" if len(killed) > 1 else "", ", ".join(killed), why)
 
-    def _recover(self, again: bool = False, cause: BaseException | None = None) -> None:
+    def _recover(self, again: bool = False, cause: BaseException | None = None, counted: bool = True) -> None:
         """Respawn lost ranks (setup runs again with the original kwargs) and rebuild the group on a
         fresh store prefix; the other ranks keep their state. Calls queue until it is done."""
-        step = self.recovery.begin(again)
+        step = self.recovery.begin(again, counted)
         if step is None:  # a respawned rank that dies in setup every time would loop forever
             self._on_broken(
                 RuntimeError(
@@ -870,7 +871,7 @@ class Pool:
                 )
             )
             return
-        self._sigkill(set(step.kill), "was alive when recovery had to start over")
+        self._sigkill(set(step.kill), "alive when recovery had to start over")
         self.state = PoolState.RECOVERING
         self.resident.invalidate()  # respawned ranks hold nothing; survivors' copies are in doubt
         if step.survivors:

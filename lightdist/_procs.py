@@ -70,8 +70,15 @@ class TemplateProcess:
         on_template_lost: Callable[[str], None],
         cleanup_dir: str | None = None,
         on_spawned: Callable[[int, int, str], None] | None = None,
+        host: str = "",
+        output: Callable[[str, str], None] | None = None,
     ) -> None:
+        """``host``: an agent's host name, put in its ranks' output prefix (``[host rank N]``).
+        ``output(stream, text)``: where the ranks' output goes ("stdout"/"stderr", whole characters),
+        from the output thread; it may block, which the template bounds (see ``_template._Output``).
+        Default: this process's ``sys.stdout``/``sys.stderr``."""
         self.name = "local"  # the host, in messages; a remote host's agent names it
+        self._write_output = output or _write_to_sys
         self._on_exit = on_exit
         self._on_spawned = on_spawned
         self._on_template_lost = on_template_lost
@@ -100,7 +107,13 @@ class TemplateProcess:
             os.close(control_w)
         self._control = os.fdopen(control_r, "rb")
         self._send(
-            {"control_fd": control_w, "imports": imports, "sys_path": driver_sys_path(), "cleanup_dir": cleanup_dir}
+            {
+                "control_fd": control_w,
+                "imports": imports,
+                "sys_path": driver_sys_path(),
+                "cleanup_dir": cleanup_dir,
+                "host": host,
+            }
         )
         self._monitor = threading.Thread(target=self._watch, name="lightdist-monitor", daemon=True)
         self._output = threading.Thread(target=self._forward_output, name="lightdist-output", daemon=True)
@@ -212,7 +225,7 @@ class TemplateProcess:
                     data = os.read(fd, 1 << 16)
                     text = decoders[fd].decode(data, final=not data)
                     if text:
-                        _write_text(getattr(sys, targets[fd]), text)
+                        self._write_output(targets[fd], text)
                     if not data:
                         sel.unregister(fd)
                         del targets[fd]
@@ -222,7 +235,12 @@ class TemplateProcess:
                 stream.close()
 
 
-def _write_text(out: Any, text: str) -> None:
-    # Around a progress bar the driver draws, so that no line is glued to the bar's; a closed
-    # driver stream is ignored: it must not stop us draining the pipe.
+def _write_to_sys(stream: str, text: str) -> None:
+    write_text(getattr(sys, stream), text)
+
+
+def write_text(out: Any, text: str) -> None:
+    """Write and flush ``text`` to one of the driver's streams: around a progress bar the driver
+    draws, so that no line is glued to the bar's; a closed stream is ignored (it must not stop us
+    draining the pipe)."""
     write_around_bars(out, text)

@@ -60,12 +60,13 @@ class Recovery:
     def lost(self, ranks: set[int]) -> None:
         self.dead |= ranks
 
-    def begin(self, again: bool = False) -> Rebuild | None:
+    def begin(self, again: bool = False, counted: bool = True) -> Rebuild | None:
         """Start an episode (``again``: a rank died while one was running, so start every rank
-        afresh). None: ranks kept dying while they were restarted; give up."""
+        afresh; ``counted``: towards the cap, which a lost host is not). None: ranks kept dying
+        while they were restarted; give up."""
         kill: list[int] = []
         if again:
-            self._restarts += 1
+            self._restarts += counted
             if self._restarts > MAX_RECOVERY_RESTARTS:
                 return None
             kill = sorted(set(range(self.world_size)) - self.dead)

@@ -13,16 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Protocol, TypeVar
+from typing import TypeVar
+
+from lightdist._identity import Host, successors
 
 __all__ = ["Homeless", "LostGroup", "span"]
 
-
-class _Host(Protocol):
-    nproc: int
-
-
-H = TypeVar("H", bound=_Host)
+H = TypeVar("H", bound=Host)
 
 
 @dataclasses.dataclass
@@ -50,16 +47,15 @@ class Homeless:
     def ranks(self) -> list[int]:
         return sorted(rank for group in self.groups for rank in group.ranks)
 
-    def place(self, spares: list[H]) -> list[tuple[list[int], H]]:
-        """Pair each group with the first spare with room for it; the spares paired are taken off
-        ``spares`` and the groups off the waiting list."""
-        placed: list[tuple[list[int], H]] = []
-        for group in list(self.groups):
-            spare = next((host for host in spares if host.nproc >= len(group.ranks)), None)
-            if spare is not None:
-                spares.remove(spare)
-                self.groups.remove(group)
-                placed.append((group.ranks, spare))
+    def place(self, spares: list[H]) -> list[tuple[LostGroup, H]]:
+        """Pair groups with spares (:func:`lightdist._identity.successors`: the lost host itself
+        come back under its name, then by launcher hint, then any with room); the spares paired are
+        taken off ``spares`` and the groups off the waiting list."""
+        pairs = successors([(group.ranks, group.host) for group in self.groups], spares)
+        placed = [(self.groups[index], spare) for index, spare in pairs]
+        for group, spare in placed:
+            spares.remove(spare)
+            self.groups.remove(group)
         return placed
 
     def expire(self, now: float) -> tuple[list[str], float | None]:

@@ -10,9 +10,9 @@ Channels with the driver (all private pipes, so they carry trusted data):
 * stdin: length-prefixed pickled commands (``init``, ``spawn``). EOF means the driver is gone: every
   rank is killed and this process exits. This is the death pipe.
 * control fd (passed by the driver): JSON lines of events (``spawned``, ``exit``, ``error``).
-* stdout/stderr: each rank's output, line by line, prefixed with ``[rank N]``. Written without
-  blocking (:class:`_Output`): this loop also reaps and respawns ranks, which a driver that stopped
-  reading its stdout must not hold up.
+* stdout/stderr: each rank's output, line by line, prefixed with ``[rank N]`` (``[host rank N]`` in
+  an agent's template). Written without blocking (:class:`_Output`): this loop also reaps and
+  respawns ranks, which a driver that stopped reading its stdout must not hold up.
 
 One ``select`` loop serves all of it; a one-second tick checks that the driver is still our parent.
 """
@@ -103,14 +103,15 @@ class _Output:
 
 
 class _Rank:
-    def __init__(self, rank: int, sender: str, pid: int, pidfd: int, out_fd: int, err_fd: int) -> None:
+    def __init__(self, rank: int, sender: str, pid: int, pidfd: int, out_fd: int, err_fd: int, host: str) -> None:
         self.rank = rank
         self.sender = sender
         self.pid = pid
         self.pidfd = pidfd
         self.partial = {out_fd: b"", err_fd: b""}
         self.target = {out_fd: 1, err_fd: 2}
-        self.prefix = f"[rank {rank}] ".encode()
+        # An agent's ranks name their host: their lines reach the driver next to other hosts'.
+        self.prefix = (f"[{host} rank {rank}] " if host else f"[rank {rank}] ").encode()
 
 
 class Template:
@@ -121,6 +122,7 @@ class Template:
         self.cleanup_dir: str | None = None  # the pool's private ipc directory
         self.stdin_buf = b""
         self.outputs = {1: _Output(1, "stdout"), 2: _Output(2, "stderr")}
+        self.host = ""  # an agent's host name, in the ranks' output prefix
 
     # --- driver channels -------------------------------------------------------------------------
     def emit(self, **event: Any) -> None:
@@ -170,7 +172,7 @@ class Template:
             _flush_and_exit(code)
         os.close(out_w)
         os.close(err_w)
-        self.ranks[pid] = _Rank(rank, boot.sender, pid, os.pidfd_open(pid), out_r, err_r)
+        self.ranks[pid] = _Rank(rank, boot.sender, pid, os.pidfd_open(pid), out_r, err_r, self.host)
         self.emit(ev="spawned", rank=rank, pid=pid, sender=boot.sender)
 
     def _fds(self, held_targets: Container[int] = ()) -> list[int]:
@@ -332,6 +334,7 @@ def main() -> None:
     control_fd = init["control_fd"]
     template = Template(control_fd)
     template.cleanup_dir = init.get("cleanup_dir")
+    template.host = init.get("host", "")
     try:
         os.environ.update(init.get("env", {}))
         from lightdist._messages import adopt_sys_path

@@ -8,16 +8,20 @@ One agent per host, started however the cluster starts things (``srun --ntasks-p
 per node, ssh, Ray). It connects to the driver, says HELLO with this host's facts, receives its rank
 range and settings (ASSIGN), and forks its ranks with the same template process a single-host pool
 uses, so a rank that dies on a healthy host is respawned in place. The ranks connect to the driver
-themselves; the agent relays their exits (HOST_EVENT), signals them on request (KILL) and answers the
-driver's heartbeat. If the driver is silent for the lease the agent kills its ranks and exits: a
-dead driver takes every host down. A driver that declared this host lost answers FENCED: the agent
-kills its ranks and exits, so a healed host never rejoins an old generation.
+themselves; the agent relays their exits (HOST_EVENT) and their output (OUTPUT, prefixed
+``[host rank N]``, within a credit window: see :mod:`lightdist._host_output`), signals them on
+request (KILL) and answers the driver's heartbeat. If the driver is silent for the lease the agent
+kills its ranks and exits: a dead driver takes every host down. A driver that declared this host
+lost answers FENCED: the agent kills its ranks and exits, so a healed host never rejoins an old
+generation; a driver that refuses this host's name (a live agent holds it) answers REFUSED. Stopped
+by SIGTERM, the agent tells the driver it leaves before it stops its ranks.
 
 Launcher variables (``SLURM_*``, torchrun's ``RANK``/``WORLD_SIZE``/...) are read as hints for
 placement only and removed before the ranks start: the pool's layout is the only truth.
 
 The exit status tells a launcher whether to start the agent again (``EXIT_*``, docs/multinode.md):
-0 the pool was stopped; 2 bad arguments or key file; 75 (``EX_TEMPFAIL``) the pool failed or went
+0 the pool was stopped; 2 bad arguments or key file, or a host name a live agent holds (REFUSED:
+pass --host-name); 75 (``EX_TEMPFAIL``) the pool failed or went
 away (its start failed, it broke, this host was declared lost, the driver fell silent): start it
 again to attach to the pool's next start or as a spare; 77 (``EX_NOPERM``) the driver refused its
 keys; 143 SIGTERM.
@@ -42,6 +46,7 @@ from typing import Any
 import zmq
 
 from lightdist import _messages as messages
+from lightdist._host_output import OutputForwarder
 from lightdist._messages import AGENT_PREFIX, Assignment, HostEvent, RankBoot
 from lightdist._procs import RankExit, TemplateProcess
 from lightdist.protocol import Kind, Session
@@ -55,7 +60,6 @@ __all__ = [
     "Agent",
     "main",
     "route_interface",
-    "worker_main",
 ]
 
 log = logging.getLogger("lightdist")
@@ -141,8 +145,10 @@ class Agent:
         host: str | None = None,
         connect_timeout: float = CONNECT_TIMEOUT_S,
         extra_facts: dict[str, Any] | None = None,
+        prog: str = "lightdist agent",
     ) -> None:
         self.connect = connect
+        self.prog = prog  # how messages name this command (`lightdist worker` runs an Agent too)
         self.extra_facts = dict(extra_facts or {})
         self.nproc = nproc
         self.curve = curve
@@ -160,6 +166,11 @@ class Agent:
         self._context = zmq.Context()
         self._monitor: zmq.Socket[bytes] | None = None
         self._hangups_since: float | None = None
+        self._attached = False
+        # Why this agent leaves on its own (told to the driver, which then need not wait for the
+        # heartbeat to miss it); None once the driver ended it (EXIT, FENCED, REFUSED) or is gone.
+        self.leaving: str | None = "the agent stopped"
+        self._output = OutputForwarder(self._send_output)
         self.channel = Channel.connect_dealer(
             self._context, connect, self.sender.encode(), self.session, curve=curve, before_connect=self._attach_monitor
         )
@@ -208,11 +219,8 @@ class Agent:
         while True:
             now = time.monotonic()
             if now - last_heard > self.lease:
-                print(
-                    f"lightdist agent: no word from the driver for {self.lease:.1f} s; stopping this host's ranks",
-                    file=sys.stderr,
-                    flush=True,
-                )
+                self.leaving = None
+                self._say(f"no word from the driver for {self.lease:.1f} s; stopping this host's ranks")
                 return EXIT_RETRY
             if self.generation == 0 and now - last_hello > 2.0:
                 self._hello()  # the driver may have restarted its pool
@@ -222,10 +230,13 @@ class Agent:
             if self.generation == 0:
                 refused = self._handshake_failure()  # only a definite refusal: see _handshake_failure
                 if refused is not None:
-                    print(f"lightdist agent: cannot attach to {self.connect}: {refused}", file=sys.stderr, flush=True)
+                    self._say(f"cannot attach to {self.connect}: {refused}")
                     return EXIT_REFUSED
             for _, msg in self.channel.drain():
                 last_heard = time.monotonic()
+                if not self._attached:  # the driver heard our HELLO: it pings or assigns
+                    self._attached = True
+                    self._say(f"attached to {self.connect} as host {self.host!r} ({self.nproc} ranks)")
                 status = self._handle(msg.kind, msg.header.call, msg.payload)
                 if status is not None:
                     return status
@@ -258,18 +269,27 @@ class Agent:
             order = messages.decode_kill(payload[0])
             if self.template is not None:
                 self.template.signal_ranks(order.signal, order.ranks)
+        elif kind is Kind.CREDIT:
+            self._output.credit(*messages.decode_credit(payload[0]))
         elif kind is Kind.EXIT:
+            self.leaving = None
             failure = messages.decode_farewell(payload[0]) if payload else None
             if failure is None:
                 return EXIT_STOPPED
-            print(f"lightdist agent: the pool failed: {failure}", file=sys.stderr, flush=True)
+            self._say(f"the pool failed: {failure}")
             return EXIT_RETRY
         elif kind is Kind.FENCED:
-            print(
-                "lightdist agent: the driver declared this host lost; stopping its ranks", file=sys.stderr, flush=True
-            )
+            self.leaving = None
+            self._say("the driver declared this host lost; stopping its ranks")
             return EXIT_RETRY
+        elif kind is Kind.REFUSED:
+            self.leaving = None
+            self._say(f"cannot attach to {self.connect}: {messages.decode_refused(payload)}")
+            return 2  # as for bad arguments: this agent needs its own --host-name
         return None
+
+    def _say(self, line: str) -> None:
+        print(f"{self.prog}: {line}", file=sys.stderr, flush=True)
 
     def _assign(self, generation: int, settings: Assignment) -> None:
         self.generation = generation
@@ -280,11 +300,20 @@ class Agent:
             os.environ.setdefault("NCCL_SOCKET_IFNAME", self.ifname)
         if self.template is None:
             self.template = TemplateProcess(
-                settings.imports, settings.cwd, self._rank_exited, self._template_lost, on_spawned=self._rank_spawned
+                settings.imports,
+                settings.cwd,
+                self._rank_exited,
+                self._template_lost,
+                on_spawned=self._rank_spawned,
+                host=self.host,
+                output=self._output.forward,  # to the driver, prefixed [host rank N]
             )
             self._spawner = threading.Thread(target=self._spawn_loop, name="lightdist-agent-spawn", daemon=True)
             self._spawner.start()
-        log.info("agent %s: ranks %s (generation %d)", self.host, settings.ranks, generation)
+        if settings.ranks:
+            self._say(f"host {self.host!r} runs ranks {_span(settings.ranks)} (node {settings.node_rank})")
+        else:
+            self._say(f"host {self.host!r} is a spare: it takes over the ranks of a host that is lost")
 
     def _spawn_loop(self) -> None:
         while (boot := self._spawns.get()) is not None:
@@ -308,42 +337,43 @@ class Agent:
     def _template_lost(self, detail: str) -> None:
         self._event(HostEvent("lost", detail=detail))
 
+    def _send_output(self, stream: str, text: str) -> None:  # the template's output thread
+        try:
+            self.channel.send(Kind.OUTPUT, self.generation, messages.encode_output(stream, text))
+        except zmq.ZMQError:
+            pass  # the channel closed under a late write: output is best effort
+
     def _shutdown(self) -> None:
+        linger = 0
+        if self.leaving is not None and self._attached:
+            # Before the ranks go: their exits must not read as failures of a host still in the pool.
+            self._event(HostEvent("left", detail=self.leaving))
+            linger = 1000
         if self._spawner is not None:
             self._spawns.put(None)
             self._spawner.join(timeout=5)
         if self.template is not None:
             self.template.signal_ranks(signal.SIGKILL)
             self.template.close(grace=2.0)
+        self._output.close()
         if self._monitor is not None:
             self.channel.socket.disable_monitor()
             self._monitor.close(linger=0)
-        self.channel.close()
+        self.channel.close(linger_ms=linger)
         self._context.term()
+
+
+def _span(ranks: list[int]) -> str:
+    """``0-3`` for a contiguous range, else the list."""
+    if len(ranks) > 1 and ranks == list(range(ranks[0], ranks[-1] + 1)):
+        return f"{ranks[0]}-{ranks[-1]}"
+    return ", ".join(map(str, ranks))
 
 
 def _scrub_launcher_environment() -> None:
     for name in list(os.environ):
         if name.startswith(LAUNCHER_VARIABLES):
             del os.environ[name]
-
-
-def worker_main(argv: list[str]) -> int:
-    """``lightdist worker``: one rank per process, for launchers that insist on starting every rank
-    (torchrun). It attaches as a one-rank host named ``<hostname>/<LOCAL_RANK>``, placed by torchrun's
-    ``RANK``, on the GPU of its ``LOCAL_RANK``. Recovery is weaker than with agents: a rank that dies
-    is not respawned in place (torchrun restarts all local ranks instead), see docs/multinode.md."""
-    parser = argparse.ArgumentParser(prog="lightdist worker", description="Attach this process as one rank.")
-    parser.add_argument("--connect", required=True, metavar="tcp://DRIVER:PORT", help="the driver's address")
-    parser.add_argument("--key-file", required=True, help="the pool's client key file")
-    parser.add_argument("--connect-timeout", type=float, default=CONNECT_TIMEOUT_S)
-    args = parser.parse_args(argv)
-    env = dict(os.environ)
-    local_rank = int(env.get("LOCAL_RANK", "0"))
-    facts = {"local_rank": local_rank, "local_world_size": int(env.get("LOCAL_WORLD_SIZE", "1"))}
-    if env.get("RANK", "").isdigit():
-        facts["node_hint"] = int(env["RANK"])  # torchrun's global rank orders the one-rank "hosts"
-    return _run(args.connect, args.key_file, 1, f"{socket.gethostname()}/{local_rank}", args.connect_timeout, facts)
 
 
 def main(argv: list[str]) -> int:
@@ -361,24 +391,42 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.nproc_per_node < 1:
         parser.error("--nproc-per-node must be at least 1")
-    return _run(args.connect, args.key_file, args.nproc_per_node, args.host_name, args.connect_timeout, {})
+    return _run(args.connect, args.key_file, args.nproc_per_node, args.host_name, args.connect_timeout)
 
 
 def _run(
-    connect: str, key_file: str, nproc: int, host: str | None, connect_timeout: float, facts: dict[str, Any]
+    connect: str,
+    key_file: str,
+    nproc: int,
+    host: str | None,
+    connect_timeout: float,
+    facts: dict[str, Any] | None = None,
+    prog: str = "lightdist agent",
 ) -> int:
     if not connect.startswith("tcp://") or ":" not in connect[6:]:
-        print(f"lightdist agent: error: --connect {connect!r}: expected tcp://HOST:PORT", file=sys.stderr)
+        print(f"{prog}: error: --connect {connect!r}: expected tcp://HOST:PORT", file=sys.stderr)
         return 2
     from lightdist.keys import load_client_keys
 
     try:
         keys = load_client_keys(key_file)
     except (OSError, ValueError) as error:
-        print(f"lightdist agent: error: {error}", file=sys.stderr)
+        print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # srun / kubelet stop: clean up the ranks
     agent = Agent(
-        connect, keys.hmac_key, nproc, curve=keys, host=host, connect_timeout=connect_timeout, extra_facts=facts
+        connect,
+        keys.hmac_key,
+        nproc,
+        curve=keys,
+        host=host,
+        connect_timeout=connect_timeout,
+        extra_facts=facts,
+        prog=prog,
     )
+
+    def stop(*_: Any) -> None:  # srun / kubelet / torchrun stop: clean up the ranks, tell the driver
+        agent.leaving = "its agent was stopped by SIGTERM"
+        sys.exit(143)
+
+    signal.signal(signal.SIGTERM, stop)
     return agent.run()

@@ -62,8 +62,8 @@ _DIGEST = hashlib.sha256().digest_size
 
 class Kind(enum.IntEnum):
     """Message kinds. Driver → worker: CALL, CANCEL, PING, EXIT, REBUILD, CREDIT. Worker → driver:
-    READY to REBUILT, and TAKEN. HELLO to FENCED are between the driver and the agent of a host (a multi-host pool); the
-    header's call field carries the agent's generation there."""
+    READY to REBUILT, and TAKEN. HELLO to FENCED, OUTPUT and REFUSED are between the driver and the agent of a host
+    (a multi-host pool); the header's call field carries the agent's generation there."""
 
     READY = 1  # setup finished on this rank; payload: what this rank can reach out of band (pickled)
     FAILED = 2  # setup raised on this rank; payload: error report
@@ -85,6 +85,9 @@ class Kind(enum.IntEnum):
     FENCED = 18  # driver: your generation is over (you were declared lost); kill your ranks and exit
     TAKEN = 19  # worker: this call's out-of-band storages are mapped or copied (the driver may free them)
     CREDIT = 20  # driver → rank 0: the caller consumed this many stream items and bytes; payload: 16 bytes
+    # (driver → agent: the driver wrote this many of its ranks' OUTPUT messages and bytes)
+    OUTPUT = 21  # agent → driver: its ranks' output, prefixed "[host rank N] "; payload: stream name, UTF-8 text
+    REFUSED = 22  # driver → agent: not attached (its host name is taken by a live agent); payload: why, UTF-8
 
 
 _KINDS = {int(k): k for k in Kind}

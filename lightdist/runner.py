@@ -369,8 +369,16 @@ class DistributedRunner:
 
     @property
     def address(self) -> str | None:
-        """The address ranks (and agents) connect to, once started: ``tcp://...`` or ``ipc://...``."""
-        return self._pool.address if self._pool is not None else None
+        """The address ranks (and agents) connect to: ``tcp://...`` or ``ipc://...``.
+
+        Known from construction when ``listen`` (or ``worker_port``) names a port, so the command
+        for the other hosts can be printed before ``start()`` blocks; with port 0, or a private
+        ``ipc://`` socket, it is None until ``start()`` has bound the socket (``start()`` of a pool
+        across hosts then says the address while it waits for the agents)."""
+        if self._pool is not None:
+            return self._pool.address
+        address = self._worker_address()
+        return None if address is None or address.rsplit(":", 1)[-1] in ("0", "*") else address
 
     def _abort_launched(self, launch: asyncio.Future[Pool]) -> None:
         if not launch.cancelled() and launch.exception() is None:

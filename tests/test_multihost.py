@@ -78,8 +78,15 @@ class Hosts:
         self.agents: dict[str, subprocess.Popen[str]] = {}
 
     def start(
-        self, name: str, address: str, nproc: int = 2, env: dict[str, str] | None = None, key: Path | None = None
+        self,
+        name: str,
+        address: str,
+        nproc: int = 2,
+        env: dict[str, str] | None = None,
+        key: Path | None = None,
+        host_name: str | None = None,
     ) -> subprocess.Popen[str]:
+        """Start an agent; ``name`` keys it here and is its ``--host-name`` unless ``host_name`` is given."""
         argv = [
             sys.executable,
             "-m",
@@ -92,7 +99,7 @@ class Hosts:
             "--nproc-per-node",
             str(nproc),
             "--host-name",
-            name,
+            host_name or name,
             "--connect-timeout",
             "30",
         ]
@@ -244,14 +251,23 @@ def _catch(errors: list[BaseException], run: Any) -> None:
         errors.append(error)
 
 
-def test_start_names_the_attached_hosts_and_what_is_missing(keys: tuple[Path, Path], hosts: Hosts) -> None:
+def test_start_names_the_attached_hosts_and_what_is_missing(
+    keys: tuple[Path, Path], hosts: Hosts, capfd: pytest.CaptureFixture[str]
+) -> None:
     pool, address = runner(keys)
+    assert pool.address == address  # known before start: the command for the other hosts can be printed
     hosts.start("only", address)
-    with pytest.raises(TimeoutError, match=r"1 of 2 hosts attached \(only\)"):
+    command = f"start 'lightdist agent --connect {address} --key-file {keys[1]} --nproc-per-node 2'"
+    with pytest.raises(TimeoutError, match=r"1 of 2 hosts attached \(only\); " + re.escape(command)):
         pool.start_sync(timeout=4)
     # told to exit, nothing left running; 75: restart it for the next start()
     assert hosts.agents["only"].wait(timeout=LEASE_S + 5) == EXIT_RETRY
     assert "the pool failed: the pool's start did not complete" in hosts.output("only")
+    # while it waited, the start said what for (once), with the command to run on the other hosts
+    err = capfd.readouterr().err
+    assert err.count("lightdist: waiting for ") == 1 and command in err, err
+    port0 = DistributedRunner(Gather, world_size=2, nodes=1, listen="tcp://127.0.0.1:0", key_file=keys[0])
+    assert port0.address is None  # port 0 is chosen when start() binds
 
 
 def test_named_hosts_set_the_order_and_a_timeout_names_the_missing_one(keys: tuple[Path, Path], hosts: Hosts) -> None:
@@ -505,48 +521,14 @@ def test_a_killed_driver_takes_every_host_down_within_the_lease(keys: tuple[Path
         driver.communicate(timeout=10)
 
 
-def test_torchrun_started_workers_attach_one_rank_each(keys: tuple[Path, Path]) -> None:
-    address = f"tcp://127.0.0.1:{free_port()}"
-    pool = DistributedRunner(Gather, world_size=2, nodes=2, listen=address, key_file=keys[0], accelerator="cpu")
-    # torchrun starts every rank itself (and its own rendezvous); each `lightdist worker` attaches
-    # as a one-rank host, placed by torchrun's RANK and keeping its LOCAL_RANK
-    torchrun = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node",
-            "2",
-            "-m",
-            "lightdist.cli",
-            "worker",
-            "--connect",
-            address,
-            "--key-file",
-            str(keys[1]),
-            "--connect-timeout",
-            "30",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        pool.start_sync(timeout=60)
-        out = pool.invoke_sync({}, timeout=30)
-        assert out["sum"] == 3
-        assert [(r["rank"], r["local_rank"]) for r in out["ranks"]] == [(0, 0), (1, 1)]
-        assert all(r["env"]["MASTER_ADDR"] is None for r in out["ranks"]), "torchrun's variables are scrubbed"
-        pool.stop_sync()
-        output, _ = torchrun.communicate(timeout=20)
-        assert torchrun.returncode == 0, output
-    finally:
-        pool.stop_sync()
-        if torchrun.poll() is None:
-            os.killpg(torchrun.pid, signal.SIGKILL)
-            torchrun.communicate(timeout=10)
+def test_worker_errors_name_the_worker_command(keys: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    from lightdist.cli import main
+
+    assert main(["worker", "--connect", "driver:29400", "--key-file", str(keys[1])]) == 2
+    assert capsys.readouterr().err.startswith("lightdist worker: error: --connect 'driver:29400': expected tcp://")
+    assert main(["worker", "--connect", "tcp://driver:29400", "--key-file", str(keys[0])]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lightdist worker: error: ") and "is a 'driver' key file" in err, err
 
 
 class Big(DistributedWorker):

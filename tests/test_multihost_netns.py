@@ -49,7 +49,8 @@ class Driver:
     def _read(self) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
-            self.lines.put(line)
+            if line.startswith("{"):  # the ranks' output reaches the driver's stdout too ("[h2 rank 1] ...")
+                self.lines.put(line)
 
     def reply(self, timeout: float) -> dict[str, Any]:
         deadline = time.monotonic() + timeout

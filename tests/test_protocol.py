@@ -277,11 +277,11 @@ def _raw_header(version: int = 2, kind: int = int(Kind.READY), sender: bytes = b
         (_raw_header(version=3), "version 3"),
         (_raw_header(version=0), "version 0"),
         (_raw_header(kind=0), "unknown message kind 0"),
-        (_raw_header(kind=21), "unknown message kind 21"),  # one past the last kind (CREDIT = 20)
+        (_raw_header(kind=23), "unknown message kind 23"),  # one past the last kind (REFUSED = 22)
         (_raw_header(kind=255), "unknown message kind 255"),
         (_raw_header(sender=b"\xff\xfe"), "not UTF-8"),
     ],
-    ids=["empty", "truncated", "version 3", "version 0", "kind 0", "kind 21", "kind 255", "bad utf-8"],
+    ids=["empty", "truncated", "version 3", "version 0", "kind 0", "kind 23", "kind 255", "bad utf-8"],
 )
 def test_signed_but_malformed_header_is_refused(header: bytes, reason: str) -> None:
     """A header that passes the signature check but does not parse raises ``ProtocolError``."""
@@ -290,10 +290,10 @@ def test_signed_but_malformed_header_is_refused(header: bytes, reason: str) -> N
 
 
 def test_every_kind_round_trips() -> None:
-    """All message kinds (1..20) pack and parse; values are dense (the wire format relies on them)."""
+    """All message kinds (1..22) pack and parse; values are dense (the wire format relies on them)."""
     tx, rx = _pair()
     assert [rx.unpack(tx.pack(k)).kind for k in Kind] == list(Kind)
-    assert [int(k) for k in Kind] == list(range(1, 21))
+    assert [int(k) for k in Kind] == list(range(1, 23))
 
 
 # --- (de)serialisation -----------------------------------------------------------------------------

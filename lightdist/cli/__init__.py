@@ -102,7 +102,7 @@ def _main(args: list[str]) -> int:
 
         return agent_main(rest)
     if command == "worker":
-        from lightdist.agent import worker_main
+        from lightdist._torchrun import worker_main
 
         return worker_main(rest)
     if command == "keys":

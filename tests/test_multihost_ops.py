@@ -24,6 +24,7 @@ import pytest
 
 from lightdist import DistributedRunner, DistributedWorker, WorkerDiedError, WorkerError
 from lightdist._identity import successors
+from lightdist._recovery import MAX_RECOVERY_RESTARTS, Recovery
 from tests import test_multihost
 from tests.conftest import descendants, free_port, wait_until
 from tests.test_multihost import Hosts
@@ -291,6 +292,22 @@ def _workers(torchrun: subprocess.Popen[str]) -> list[int]:
         if b"lightdist.cli" in argv and b"worker" in argv:
             out.append(pid)
     return sorted(out)
+
+
+def test_hosts_lost_during_recovery_never_use_up_its_restarts() -> None:
+    # A torchrun restart of 2 nodes x 4 workers loses 8 one-rank hosts one after the other, each
+    # while the pool recovers: that broke the pool ("ranks kept dying while it restarted them").
+    recovery = Recovery(world_size=8, timeout=60.0)
+    recovery.lost({0})
+    assert recovery.begin() is not None
+    for rank in range(1, 8):
+        recovery.lost({rank})
+        assert recovery.begin(again=True, counted=False) is not None
+    for _ in range(MAX_RECOVERY_RESTARTS):  # ranks that die in setup still give up after the cap
+        recovery.lost({0})
+        assert recovery.begin(again=True) is not None
+    recovery.lost({0})
+    assert recovery.begin(again=True) is None
 
 
 @pytest.mark.timeout(300)

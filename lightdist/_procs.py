@@ -48,7 +48,7 @@ class RankExit:
 
 class RankHost(Protocol):
     """Where ranks run: this machine's template process, or a remote host's agent
-    (:class:`lightdist._attach.AgentHost`). The pool only ever talks to ranks' processes through this."""
+    (:class:`lightdist._agent_host.AgentHost`). The pool only ever talks to ranks' processes through this."""
 
     name: str
     pids: dict[int, int]  # rank -> pid of its live process on this host

@@ -47,6 +47,7 @@ import zmq
 
 from lightdist import _messages as messages
 from lightdist._host_output import OutputForwarder
+from lightdist._launcher_env import LAUNCHER_VARIABLES, node_hint, route_interface, scrub_launcher_environment
 from lightdist._messages import AGENT_PREFIX, Assignment, HostEvent, RankBoot
 from lightdist._procs import RankExit, TemplateProcess
 from lightdist.protocol import Kind, Session
@@ -70,67 +71,6 @@ EXIT_REFUSED = 77  # EX_NOPERM: the driver refused this agent's keys: fix the ke
 AGENT_RANK = -2
 CONNECT_TIMEOUT_S = 300.0  # waiting for the driver to come up (srun may start agents first)
 HANGUP_GIVE_UP_S = 4.0  # handshakes that keep failing without a reason: give up (see _handshake_failure)
-# Prefixes and names of variables that launchers set for their own rank model.
-LAUNCHER_VARIABLES = (
-    "SLURM_",
-    "PMI_",
-    "PMIX_",
-    "OMPI_",
-    "TORCHELASTIC_",
-    "RANK",
-    "LOCAL_RANK",
-    "WORLD_SIZE",
-    "LOCAL_WORLD_SIZE",
-    "GROUP_RANK",
-    "GROUP_WORLD_SIZE",
-    "ROLE_RANK",
-    "ROLE_WORLD_SIZE",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-    "NODE_RANK",
-    "JOB_COMPLETION_INDEX",
-)
-
-
-def node_hint(env: dict[str, str]) -> int | None:
-    """This host's index in the launcher's own numbering, if it says: a placement hint only."""
-    for name in ("LIGHTDIST_NODE_INDEX", "SLURM_NODEID", "JOB_COMPLETION_INDEX", "GROUP_RANK", "NODE_RANK"):
-        if env.get(name, "").isdigit():
-            return int(env[name])
-    return None
-
-
-def route_interface(address: str) -> tuple[str, str | None]:
-    """(local IP, interface name) this host uses to reach ``tcp://host:port``.
-
-    gloo and NCCL advertise an address to their peers; without ``GLOO_SOCKET_IFNAME`` they may pick
-    one the other hosts cannot reach (in a network namespace gloo advertised 127.0.0.1)."""
-    host, port = address.removeprefix("tcp://").rsplit(":", 1)
-    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        probe.connect((host.strip("[]"), int(port)))  # UDP: picks the route, sends nothing
-        local_ip = str(probe.getsockname()[0])
-    finally:
-        probe.close()
-    return local_ip, _interface_of(local_ip)
-
-
-def _interface_of(ip: str) -> str | None:
-    import fcntl
-    import struct
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        for _, name in socket.if_nameindex():
-            try:
-                packed = fcntl.ioctl(sock.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))  # SIOCGIFADDR
-            except OSError:
-                continue
-            if socket.inet_ntoa(packed[20:24]) == ip:
-                return name
-    finally:
-        sock.close()
-    return None
 
 
 class Agent:
@@ -294,7 +234,7 @@ class Agent:
     def _assign(self, generation: int, settings: Assignment) -> None:
         self.generation = generation
         self.lease = settings.lease_s
-        _scrub_launcher_environment()
+        scrub_launcher_environment()
         if self.ifname:  # unless the user chose already
             os.environ.setdefault("GLOO_SOCKET_IFNAME", self.ifname)
             os.environ.setdefault("NCCL_SOCKET_IFNAME", self.ifname)
@@ -368,12 +308,6 @@ def _span(ranks: list[int]) -> str:
     if len(ranks) > 1 and ranks == list(range(ranks[0], ranks[-1] + 1)):
         return f"{ranks[0]}-{ranks[-1]}"
     return ", ".join(map(str, ranks))
-
-
-def _scrub_launcher_environment() -> None:
-    for name in list(os.environ):
-        if name.startswith(LAUNCHER_VARIABLES):
-            del os.environ[name]
 
 
 def main(argv: list[str]) -> int:

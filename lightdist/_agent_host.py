@@ -106,14 +106,8 @@ class AgentHost:
         return gone
 
     def wait_ranks_gone(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
         with self._changed:
-            while self.pids and not self.lost:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._changed.wait(left)
-        return True
+            return self._changed.wait_for(lambda: not self.pids or self.lost, max(0.0, timeout))
 
     def close(self, grace: float = 2.0) -> None:
         """The pool is stopping: the agent stops its template (killing what is left) and exits,

@@ -18,7 +18,6 @@ import struct
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -145,14 +144,8 @@ class TemplateProcess:
                 pass
 
     def wait_ranks_gone(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
         with self._spawned:
-            while self.pids:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._spawned.wait(left)
-        return True
+            return self._spawned.wait_for(lambda: not self.pids, max(0.0, timeout))
 
     def close(self, grace: float = 2.0) -> None:
         """Close the death pipe (the template kills what is left) and reap the template."""

@@ -133,7 +133,13 @@ class AgentPlacement:
             waiting = sorted(rank for rank in ranks if self._rank_hosts.get(rank) is None)
             if waiting and not self._said_waiting:  # once per wait, not per recovery attempt
                 self._said_waiting = True
-                log.warning("ranks %s wait for a host: restart the lost host's agent, or %s", waiting, self.command())
+                log.warning(
+                    "ranks %s wait for a host (calls fail after %.0f s, rehost_timeout): restart the lost host's "
+                    "agent, or %s",
+                    waiting,
+                    self._homeless.timeout,
+                    self.command(),
+                )
 
     def probe(self) -> float:
         self._probe = {host.sender: host.ping() for host in self._agents.values() if host.ranks}

@@ -21,10 +21,9 @@ placement only and removed before the ranks start: the pool's layout is the only
 
 The exit status tells a launcher whether to start the agent again (``EXIT_*``, docs/multinode.md):
 0 the pool was stopped; 2 bad arguments or key file, or a host name a live agent holds (REFUSED:
-pass --host-name); 75 (``EX_TEMPFAIL``) the pool failed or went
-away (its start failed, it broke, this host was declared lost, the driver fell silent): start it
-again to attach to the pool's next start or as a spare; 77 (``EX_NOPERM``) the driver refused its
-keys; 143 SIGTERM.
+pass --host-name); 75 (``EX_TEMPFAIL``) the pool failed or went away (its start failed, it broke,
+this host was declared lost, the driver fell silent): start it again to attach to the pool's next
+start or as a spare; 77 (``EX_NOPERM``) the driver refused its keys; 143 SIGTERM.
 """
 
 from __future__ import annotations

@@ -120,6 +120,8 @@ def test_explicit_runner_is_used() -> None:
         assert t.strategy.pool() is runner and t.global_step == 2 * STEPS_PER_EPOCH
     finally:
         runner.stop_sync()
+    with pytest.raises(RuntimeError, match="no longer on the pool .its pool was stopped"):
+        _ = t.optimizers
 
 
 @pytest.fixture()
@@ -187,6 +189,82 @@ def test_second_fit_on_the_same_trainer_continues() -> None:
     t.fit_loop.max_epochs = 3
     t.fit(model, loader())
     assert t.current_epoch == 3 and t.global_step == 3 * STEPS_PER_EPOCH
+
+
+class AdamStepLR(Regressor):
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.Adam(self.parameters(), lr=0.05)
+        return {"optimizer": optimizer, "lr_scheduler": torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=0.5)}
+
+
+def test_a_checkpoint_saved_in_the_driver_resumes_like_an_uninterrupted_in_process_fit(tmp_path: Path) -> None:
+    """Adam's moments and the LR schedule reach trainer.save_checkpoint() in the driver: 2 epochs on
+    the pool, saved there, resumed for 2 more, equal 4 uninterrupted epochs of an in-process Trainer."""
+    torch.manual_seed(0)
+    reference = AdamStepLR()
+    pool_model = AdamStepLR()
+    pool_model.load_state_dict(reference.state_dict())
+    single = trainer(strategy="auto", devices=1, max_epochs=4)
+    single.fit(reference, loader())
+    # Every rank sees every batch (no distributed sampler): DDP's mean gradient is the single process's.
+    first = trainer(max_epochs=2, use_distributed_sampler=False)
+    first.fit(pool_model, loader())
+    first.save_checkpoint(tmp_path / "driver.ckpt")
+    saved = torch.load(tmp_path / "driver.ckpt", weights_only=False)
+    assert len(saved["optimizer_states"]) == 1 and saved["lr_schedulers"][0]["last_epoch"] == 2
+    resumed_model = AdamStepLR()
+    resumed = trainer(max_epochs=4, use_distributed_sampler=False)
+    resumed.fit(resumed_model, loader(), ckpt_path=tmp_path / "driver.ckpt")
+    assert torch.allclose(fingerprint(resumed_model), fingerprint(reference), atol=1e-6)
+    got, expected = resumed.optimizers[0], single.optimizers[0]
+    assert got.param_groups[0]["lr"] == expected.param_groups[0]["lr"] == 0.05 * 0.5**4
+    for p_got, p_expected in zip(resumed_model.parameters(), reference.parameters()):
+        assert torch.allclose(got.state[p_got]["exp_avg"], expected.state[p_expected]["exp_avg"], atol=1e-6)
+        assert torch.allclose(got.state[p_got]["exp_avg_sq"], expected.state[p_expected]["exp_avg_sq"], atol=1e-6)
+        assert got.state[p_got]["step"] == expected.state[p_expected]["step"]
+    scheduler = resumed.lr_scheduler_configs[0].scheduler
+    assert (
+        scheduler.optimizer is got and scheduler.state_dict() == single.lr_scheduler_configs[0].scheduler.state_dict()
+    )
+    assert resumed_model.optimizers().optimizer is got and resumed_model.lr_schedulers() is scheduler
+
+
+def test_the_optimizer_state_crosses_only_when_read_and_is_never_stale(tmp_path: Path) -> None:
+    """A fit does not bring Adam's state back; reading trainer.optimizers does, once. A Trainer whose
+    state a later fit on the pool replaced raises instead of returning another fit's or none."""
+
+    class Wide(AdamStepLR):
+        def __init__(self) -> None:
+            super().__init__()
+            # 1 MiB of weights; Adam's state is twice that
+            self.layer = torch.nn.Sequential(
+                torch.nn.Linear(4, 512), torch.nn.Linear(512, 512), torch.nn.Linear(512, 1)
+            )
+
+    stats = strategy_module._pools[(2, "cpu")].transfer_stats
+    model, t = Wide(), trainer(max_epochs=1)
+    before = stats()["tensor_bytes_received"]
+    t.fit(model, loader())
+    weights = sum(p.numel() * 4 for p in model.parameters())
+    after_fit = stats()["tensor_bytes_received"]
+    assert after_fit - before < weights + 4096, "the fit's reply: the weights it changed and metrics, no more"
+    assert set(t.optimizers[0].state) == set(model.parameters())
+    assert stats()["tensor_bytes_received"] - after_fit >= 2 * weights  # exp_avg + exp_avg_sq, read once
+    _ = t.optimizers
+    assert stats()["tensor_bytes_received"] - after_fit < 3 * weights
+    freed = trainer(max_epochs=1, strategy=PoolStrategy(keep_optimizer_state=False))
+    freed.fit(Wide(), loader())
+    with pytest.raises(RuntimeError, match=r"keep_optimizer_state=False\) freed the fit's optimizer"):
+        freed.save_checkpoint(tmp_path / "never-written.ckpt")
+    freed.save_checkpoint(tmp_path / "weights.ckpt", weights_only=True)  # needs no optimizer state
+    later, other = trainer(max_epochs=1), trainer(max_epochs=1)
+    later.fit(Wide(), loader())
+    other.fit(Wide(), loader())
+    with pytest.raises(RuntimeError, match="no longer on the pool .a later fit on the same pool replaced it"):
+        later.save_checkpoint(tmp_path / "never-written.ckpt")
+    with pytest.raises(RuntimeError, match="no longer on the pool"):
+        _ = later.lr_scheduler_configs  # every read says so, not only the first
+    assert other.optimizers and t.optimizers, "fetched state stays; the latest fit's is still there"
 
 
 def test_seed_env_and_torch_flags_follow_each_call(restore_env: None) -> None:

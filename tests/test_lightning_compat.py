@@ -18,7 +18,7 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.trainer import call
 from lightning.pytorch.trainer.states import TrainerStatus
 from torch.utils.data import DataLoader, TensorDataset
@@ -256,6 +256,25 @@ def test_clear_fit_restarting_after_loading_a_fit_loop_state() -> None:
     # FitLoop's own setter keeps its flag True for step-based training (max_steps): Lightning's rule.
     inner = loops[1:]
     assert not any(loop.restarting for loop in inner), "a fit loop's restarting flag is not where lightdist clears it"
+
+
+def test_lightning_optimizers_read_hook_and_a_strategy_pickled_without_optimizers() -> None:
+    class Hooked(SingleDeviceStrategy):
+        pass
+
+    reads: list[Any] = []
+    _compat.hook_lightning_optimizers(Hooked, reads.append)
+    trainer, model = make_trainer(strategy=Hooked(device=torch.device("cpu"))), Tiny()
+    trainer.fit(model, loader())
+    reads.clear()
+    with pinned("LightningModule.optimizers() reading Strategy._lightning_optimizers"):
+        wrapped = model.optimizers()
+    assert reads == [trainer.strategy], "LightningModule.optimizers() no longer reads Strategy._lightning_optimizers"
+    assert wrapped.optimizer is trainer.optimizers[0]
+    state = _compat.without_optimizers(vars(trainer.strategy))
+    assert set(state) == set(vars(trainer.strategy)), "Strategy's optimizer attributes were renamed"
+    assert state["_optimizers"] == state["_lightning_optimizers"] == state["lr_scheduler_configs"] == []
+    assert trainer.strategy.optimizers, "without_optimizers changed the strategy itself"
 
 
 def test_attach_datamodule_and_module_trainer() -> None:

@@ -6,6 +6,7 @@
 ``python -m lightdist.bench sweep [--repeats 2] [--epochs 3] [--json out.json]``
 ``python -m lightdist.bench multihost [--repeats 3] [--calls 500] [--json out.json]``
 ``python -m lightdist.bench models [--sizes 50M,200M] [--fits 3] [--variants full,frozen] [--json out.json]``
+``python -m lightdist.bench optimizer-state [--size 50M] [--fits 3] [--json out.json]``
 ``python -m lightdist.bench gpu [--budget 480] [--out gpu-results.md]`` (the GPU proof kit, docs/gpu.md)
 
 ``pool`` measures a real pool on this machine and prints one table, each number next to a baseline or

@@ -81,6 +81,12 @@ def _run_models(args: argparse.Namespace) -> dict[str, Any]:
     return run_models(args)
 
 
+def _run_optimizer_state(args: argparse.Namespace) -> dict[str, Any]:
+    from lightdist.bench.optimizer_state import run_optimizer_state  # imports Lightning: only for this subcommand
+
+    return run_optimizer_state(args)
+
+
 def _run_server(args: argparse.Namespace) -> dict[str, Any]:
     # Each starts its own lightdist serve: imported only for this subcommand.
     if args.clients:
@@ -168,6 +174,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --lora: tiny (the recipe's) or WIDTHxLAYERS of a larger random Llama, e.g. 2048x16",
     )
     models.set_defaults(func=_run_models)
+    optstate = commands.add_parser(
+        "optimizer-state",
+        parents=[common],
+        help="Adam fits on the pool: the optimizer state kept on rank 0 vs freed, and a driver save_checkpoint",
+    )
+    optstate.add_argument("--size", default="50M", help="parameter count, e.g. 50M")
+    optstate.add_argument("--fits", type=_positive, default=3, help="timed fits per contender (after one warm-up)")
+    optstate.add_argument("--steps", type=_positive, default=2, help="max_steps of each fit")
+    optstate.add_argument("--contenders", default="pool-kept,pool-freed,pool-save,single", help="a subset to run")
+    optstate.add_argument("--timeout", type=_seconds, default=900.0, help="seconds per contender")
+    optstate.set_defaults(func=_run_optimizer_state)
     payload = commands.add_parser(
         "payload", parents=[common], help="a runner call with a large tensor there and back: shm, frames, in-band"
     )

@@ -124,9 +124,9 @@ def _choice(option: str, text: str, allowed: tuple[str, ...]) -> list[str]:
 # --- the child: one contender's fits --------------------------------------------------------------
 
 
-def _fit(strategy: str, model: LinearStack, data: RandomRows, steps: int) -> float:
-    t0 = time.perf_counter()
-    trainer = L.Trainer(
+def bench_trainer(strategy: Any, steps: int) -> L.Trainer:
+    """A fit's Trainer: ``steps`` steps, no logger, checkpointing, progress bar or model summary."""
+    return L.Trainer(
         strategy=strategy,
         accelerator="cpu",
         devices=1 if strategy == "auto" else WORLD_SIZE,
@@ -136,7 +136,11 @@ def _fit(strategy: str, model: LinearStack, data: RandomRows, steps: int) -> flo
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    trainer.fit(model, datamodule=data)
+
+
+def _fit(strategy: str, model: LinearStack, data: RandomRows, steps: int) -> float:
+    t0 = time.perf_counter()
+    bench_trainer(strategy, steps).fit(model, datamodule=data)
     return time.perf_counter() - t0
 
 

@@ -66,6 +66,11 @@ function                               Lightning private, and why
 :func:`fabric_launch_parts`            what ``Fabric._wrap_and_launch`` hands a launcher:
                                        ``partial(fabric._wrap_with_setup, fn)``, or ``fn`` =
                                        ``fabric._do_nothing`` for ``launch()`` without a function.
+:func:`hook_lightning_optimizers`      ``Strategy._lightning_optimizers``, which
+                                       ``LightningModule.optimizers()`` reads: the driver fetches a
+                                       fit's optimizers from rank 0 when they are first read.
+:func:`without_optimizers`             ``Strategy._optimizers`` / ``_lightning_optimizers``: a
+                                       pickled strategy leaves the driver's copies behind.
 =====================================  =========================================================
 
 :data:`OVERRIDDEN_HOOKS` lists the private methods lightdist *overrides* (a subclass must define
@@ -111,6 +116,7 @@ __all__ = [
     "entry_point_model",
     "fabric_launch_parts",
     "handle_interrupt",
+    "hook_lightning_optimizers",
     "is_supported",
     "module_trainer",
     "predict_loaders",
@@ -122,6 +128,7 @@ __all__ = [
     "set_module_trainer",
     "set_process_group_backend",
     "teardown",
+    "without_optimizers",
 ]
 
 # Read with getattr: the package sets it at import without listing it as an export.
@@ -285,6 +292,31 @@ def ddp_kwargs(strategy: DDPStrategy) -> dict[str, Any]:
 def set_process_group_backend(strategy: DDPStrategy, backend: str) -> None:
     """Record the backend of a process group Lightning did not create (``DDPStrategy._process_group_backend``)."""
     strategy._process_group_backend = backend
+
+
+def hook_lightning_optimizers(cls: type[Strategy], before_read: Callable[[Any], None]) -> None:
+    """Make ``cls``'s ``_lightning_optimizers`` call ``before_read(strategy)`` before it is read.
+
+    ``LightningModule.optimizers()`` reads ``Strategy._lightning_optimizers`` (the
+    ``LightningOptimizer`` wrappers), not the public ``optimizers``. The value stays in the
+    instance's ``__dict__`` under the same name, so ``Strategy.__getstate__``/``__setstate__``
+    and Lightning's own assignments work unchanged."""
+    name = "_lightning_optimizers"
+
+    def read(self: Strategy) -> Any:
+        before_read(self)
+        return self.__dict__.get(name, [])
+
+    def write(self: Strategy, value: Any) -> None:
+        self.__dict__[name] = value
+
+    setattr(cls, name, property(read, write))
+
+
+def without_optimizers(state: dict[str, Any]) -> dict[str, Any]:
+    """A strategy's ``__dict__`` (a copy, to pickle) without its optimizers and LR schedulers
+    (``Strategy._optimizers``, ``_lightning_optimizers``, ``lr_scheduler_configs``)."""
+    return {**state, "_optimizers": [], "_lightning_optimizers": [], "lr_scheduler_configs": []}
 
 
 def default_checkpoint_io(strategy: Strategy, make: Callable[[], CheckpointIO]) -> CheckpointIO:

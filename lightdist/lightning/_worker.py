@@ -18,6 +18,7 @@ from lightning.pytorch.callbacks import Callback, ProgressBar
 from lightning.pytorch.trainer.states import TrainerFn
 
 from lightdist.lightning import _compat
+from lightdist.lightning._optimizer_state import KeptOptimizers
 from lightdist.lightning.events import EventStreamer
 from lightdist.worker import DistributedWorker
 
@@ -25,7 +26,14 @@ __all__ = ["CancelledByCaller", "TrainerWorker"]
 
 
 class TrainerWorker(DistributedWorker):
-    """Pool worker for :class:`~lightdist.lightning.PoolStrategy` (one Trainer call per ``invoke``)."""
+    """Pool worker for :class:`~lightdist.lightning.PoolStrategy` (one Trainer call per ``invoke``).
+
+    A fit sent with ``keep_state=TOKEN`` leaves its optimizers on rank 0 under that token until the
+    next fit (``keep_state=""``: keep none); a call with ``fetch_state=TOKEN`` hands them to the
+    driver (see :mod:`lightdist.lightning._optimizer_state`).
+    """
+
+    _kept: KeptOptimizers | None = None
 
     def __call__(
         self,
@@ -34,7 +42,13 @@ class TrainerWorker(DistributedWorker):
         env: dict[str, str | None] | None = None,
         flags: dict[str, Any] | None = None,
         run: Callable[[DistributedWorker], Any] | None = None,
+        keep_state: str | None = None,
+        fetch_state: str | None = None,
     ) -> Any:
+        if fetch_state is not None:
+            return self._hand_over(fetch_state)
+        if keep_state is not None:
+            self._kept = None  # before this fit builds its own: a fit's peak holds one optimizer state
         _apply_env(env or {})
         _apply_flags(flags or {})
         if run is not None:  # another front end on the same ranks, e.g. Fabric(strategy="lightdist")
@@ -62,7 +76,19 @@ class TrainerWorker(DistributedWorker):
             _compat.handle_interrupt(trainer, exc)
             _compat.teardown(trainer)
             raise
-        return _collect(trainer, results, self.rank, tracker)
+        out = _collect(trainer, results, self.rank, tracker)
+        if keep_state and self.rank == 0:
+            self._kept = KeptOptimizers(keep_state, trainer)
+        return out
+
+    def _hand_over(self, token: str) -> dict[str, Any] | None:
+        """Rank 0: the kept state of fit ``token`` for the driver (None when not held), then let it go:
+        the reply keeps its tensors alive until the driver has read them."""
+        kept = self._kept
+        if self.rank != 0 or kept is None or kept.token != token:
+            return None
+        self._kept = None
+        return kept.export()
 
 
 class CancelledByCaller(Exception):

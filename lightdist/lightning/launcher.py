@@ -10,6 +10,7 @@ callback state (ModelCheckpoint paths and scores), and the model/datamodule atta
 from __future__ import annotations
 
 import os
+import secrets
 import warnings
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +23,9 @@ from lightdist import protocol
 from lightdist.errors import PayloadError, WorkerDiedError
 from lightdist.lightning import _compat
 from lightdist.lightning._bar import BarMirror
+from lightdist.lightning._optimizer_state import OptimizersOnRanks, Unavailable
 from lightdist.lightning.checkpoint_io import remove_stale_temp_files
+from lightdist.runner import DistributedRunner
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -66,6 +69,9 @@ class _PoolLauncher(_compat.Launcher):
             hub.publish(event)
 
         fn = trainer.state.fn.value if trainer is not None and trainer.state.fn is not None else None
+        keep = self._keep_token(fn, runner)
+        if fn == "fit":
+            self._strategy._optimizers_from(None)  # this fit's replace the last fit's, here and on rank 0
         outcome: dict[str, Any] = {"event": "end", "fn": fn, "interrupted": False, "error": None}
         restarts = 0
         failure: BaseException | None = None
@@ -77,10 +83,11 @@ class _PoolLauncher(_compat.Launcher):
                 # too). Resident: the model's tensors stay on the ranks for the next call, and what
                 # training changed is written back into this model's own tensors.
                 job = (trainer, function, arguments)
+                payload = {"job": job, "env": _seed_env(), "flags": _torch_flags()}
+                if keep is not None:
+                    payload["keep_state"] = keep
                 try:
-                    out, interrupted = runner.invoke_interruptible(
-                        {"job": job, "env": _seed_env(), "flags": _torch_flags()}, on_item=on_event, resident=True
-                    )
+                    out, interrupted = runner.invoke_interruptible(payload, on_item=on_event, resident=True)
                     break
                 except PayloadError as exc:
                     raise TypeError(_unpicklable(exc, trainer, arguments)) from exc
@@ -106,7 +113,32 @@ class _PoolLauncher(_compat.Launcher):
             rank_zero_info("Ctrl-C: every rank stopped at the same batch; the pool stays warm")
         if trainer is not None and out is not None:
             _apply(out, trainer, arguments)
+            if fn == "fit":
+                self._strategy._optimizers_from(self._optimizer_source(runner, keep, trainer))
         return None if out is None else out["results"]
+
+    def _keep_token(self, fn: str | None, runner: Any) -> str | None:
+        """The token a fit leaves its optimizers under on rank 0, for the driver to fetch them when
+        they are read (see _optimizer_state); "": rank 0 drops the last fit's and keeps none; None:
+        not a fit on this process's own pool."""
+        if fn != "fit" or not isinstance(runner, DistributedRunner):
+            return None
+        return secrets.token_hex(8) if self._strategy.keep_optimizer_state else ""
+
+    def _optimizer_source(self, runner: Any, keep: str | None, trainer: pl.Trainer) -> OptimizersOnRanks | Unavailable:
+        """Where the driver finds the optimizers of the fit that just ended (see _optimizer_state)."""
+        if keep:
+            return OptimizersOnRanks(runner, keep, trainer, trainer.lightning_module)
+        where = (
+            "PoolStrategy(keep_optimizer_state=False) freed the fit's optimizer and LR scheduler state on the ranks"
+            if not self._strategy.keep_optimizer_state
+            else "a fit on a server's pool (PoolStrategy(server=...)) leaves its optimizer and LR scheduler state "
+            "on the server's ranks, where the driver cannot read it"
+        )
+        return Unavailable(
+            f"{where}; save checkpoints with ModelCheckpoint (it runs on the ranks), or "
+            "trainer.save_checkpoint(path, weights_only=True)"
+        )
 
     @override
     def kill(self, signum: Any) -> None:

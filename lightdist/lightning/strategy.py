@@ -20,6 +20,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from typing_extensions import override
 
 from lightdist.lightning import _compat, _shared
+from lightdist.lightning._optimizer_state import OptimizersOnRanks, Unavailable
 from lightdist.lightning._worker import TrainerWorker
 from lightdist.lightning.checkpoint_io import AtomicCheckpointIO
 from lightdist.lightning.environment import PoolEnvironment
@@ -28,6 +29,9 @@ from lightdist.lightning.launcher import _PoolLauncher
 from lightdist.runner import DistributedRunner
 
 if TYPE_CHECKING:
+    from lightning.pytorch.utilities.types import LRSchedulerConfig
+    from torch.optim import Optimizer
+
     from lightdist.lightning._remote import RemoteRunner
 
 __all__ = ["PoolStrategy", "device_type", "rank_device", "shared_pool"]
@@ -100,6 +104,11 @@ class PoolStrategy(DDPStrategy):
         max_restarts: when a rank dies during ``fit``, resume the fit from its last checkpoint
             (``ckpt_path="last"``: checkpoint with ``ModelCheckpoint(save_last=True)``) on the
             recovered pool, up to this many times; 0 raises ``WorkerDiedError`` at once.
+        keep_optimizer_state: after a fit, rank 0 keeps its optimizers and LR schedulers until the
+            next fit on the pool, and the driver fetches them when ``trainer.optimizers``,
+            ``trainer.lr_scheduler_configs`` or ``trainer.save_checkpoint`` first needs them (see
+            ``docs/lightning.md``). False frees them on the ranks when the fit ends (Adam: twice
+            the model's size on rank 0 between fits); reading them in the driver then raises.
         **kwargs: as for ``DDPStrategy`` (e.g. ``find_unused_parameters``). ``timeout`` and
             ``process_group_backend`` do not apply: the pool owns the process group.
     """
@@ -114,6 +123,7 @@ class PoolStrategy(DDPStrategy):
         server: str | None = None,
         token: str | None = None,
         idle_timeout: float | None = None,
+        keep_optimizer_state: bool = True,
         **kwargs: Any,
     ) -> None:
         if idle_timeout is not None and (
@@ -127,7 +137,10 @@ class PoolStrategy(DDPStrategy):
         self.idle_timeout = idle_timeout
         if isinstance(max_restarts, bool) or not isinstance(max_restarts, int) or max_restarts < 0:
             raise ValueError(f"max_restarts must be an int >= 0, got {max_restarts!r}")
+        if not isinstance(keep_optimizer_state, bool):
+            raise ValueError(f"keep_optimizer_state must be True or False, got {keep_optimizer_state!r}")
         self.max_restarts = max_restarts
+        self.keep_optimizer_state = keep_optimizer_state
         for name in ("timeout", "process_group_backend", "start_method"):
             if name in kwargs:
                 kwargs.pop(name)
@@ -237,11 +250,68 @@ class PoolStrategy(DDPStrategy):
         return device_type(self.parallel_devices)
 
     def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
+        # The driver's copies of a fit's optimizers stay here too: the next fit builds its own on
+        # the ranks, and they would travel with every call (twice the model's size for Adam).
+        state = _compat.without_optimizers(self.__dict__)
         state["_runner"] = None  # the pool's handle stays in the driver
         state["hub"] = None  # so do the event listeners
-        state.pop("_sent_unchanged", None)  # a rank's view of one call
+        for name in ("_sent_unchanged", "_optimizers_source", "_fetching"):
+            state.pop(name, None)  # a rank's view of one call; the driver's handle on rank 0's optimizers
         return state
+
+    # --- a fit's optimizers in the driver (see lightdist.lightning._optimizer_state) -------------
+    # They stay on rank 0 after a fit; the first read of any of these fetches them.
+    @property
+    @override
+    def optimizers(self) -> list[Optimizer]:
+        self._fetch_optimizers()
+        return DDPStrategy.optimizers.fget(self)  # type: ignore[attr-defined,no-any-return]
+
+    @optimizers.setter
+    def optimizers(self, optimizers: list[Optimizer]) -> None:
+        self.__dict__["_optimizers_source"] = None  # set here: what rank 0 keeps no longer applies
+        DDPStrategy.optimizers.fset(self, optimizers)  # type: ignore[attr-defined]
+
+    @property
+    def lr_scheduler_configs(self) -> list[LRSchedulerConfig]:
+        self._fetch_optimizers()
+        configs: list[LRSchedulerConfig] = self.__dict__.get("lr_scheduler_configs", [])
+        return configs
+
+    @lr_scheduler_configs.setter
+    def lr_scheduler_configs(self, configs: list[LRSchedulerConfig]) -> None:
+        self.__dict__["lr_scheduler_configs"] = configs
+
+    def _optimizers_from(self, source: OptimizersOnRanks | Unavailable | None) -> None:
+        """Driver: the optimizers of the fit being launched (None: none yet) or just finished (where they are)."""
+        self.optimizers = []
+        self.lr_scheduler_configs = []
+        self.__dict__["_optimizers_source"] = source
+
+    def _fetch_optimizers(self) -> None:
+        source = self.__dict__.get("_optimizers_source")
+        if source is None or self.__dict__.get("_fetching"):
+            return
+        self.__dict__["_fetching"] = True  # reads while it runs (Lightning's own) see the lists as they are
+        try:
+            optimizers, configs, precision = source.fetch()
+        finally:
+            self.__dict__["_fetching"] = False
+        self.optimizers = optimizers  # also drops the source: fetched once
+        self.lr_scheduler_configs = configs
+        self.precision_plugin.load_state_dict(precision)
+
+    @override
+    def teardown(self) -> None:
+        # In the driver Lightning tears the strategy down after a call raised: a fit's optimizers
+        # left on rank 0 stay there (fetching them now would move a model-sized state, or fail on
+        # a broken pool, in the middle of the error).
+        fetching = self.__dict__.get("_fetching", False)
+        self.__dict__["_fetching"] = True
+        try:
+            super().teardown()
+        finally:
+            self.__dict__["_fetching"] = fetching
 
     # --- rank side -------------------------------------------------------------------------------
     @property
@@ -280,3 +350,7 @@ class PoolStrategy(DDPStrategy):
     @override
     def register_strategies(cls, strategy_registry: _compat.StrategyRegistryType) -> None:
         strategy_registry.register("lightdist", cls, description="DDP on a warm lightdist pool")
+
+
+# model.optimizers() reads Lightning's private list of LightningOptimizer wrappers, not `optimizers`.
+_compat.hook_lightning_optimizers(PoolStrategy, PoolStrategy._fetch_optimizers)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.multiprocessing.spawn import ProcessExitedException
 from torch.utils.data import DataLoader, TensorDataset
@@ -265,6 +266,43 @@ def test_the_optimizer_state_crosses_only_when_read_and_is_never_stale(tmp_path:
     with pytest.raises(RuntimeError, match="no longer on the pool"):
         _ = later.lr_scheduler_configs  # every read says so, not only the first
     assert other.optimizers and t.optimizers, "fetched state stays; the latest fit's is still there"
+
+
+class CountsEpochs(Callback):
+    """No state_dict: only its attributes say what it saw."""
+
+    def __init__(self) -> None:
+        self.epochs = 0
+        self.seen: list[int] = []
+        self.trainer_seen: L.Trainer | None = None
+        self.partner: Callback | None = None
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.epochs += 1
+        self.seen.append(trainer.current_epoch)
+        self.trainer_seen = trainer  # the rank's Trainer: the driver's callback keeps its own value
+        self.partner = trainer.early_stopping_callback  # comes back as the driver's EarlyStopping
+        self.big = torch.zeros(300_000)  # over 1 MiB pickled: not brought back, a warning says so
+
+
+def test_early_stopping_flags_and_callback_attributes_come_back_as_in_process() -> None:
+    def fit(**kwargs: Any) -> tuple[L.Trainer, CountsEpochs, EarlyStopping]:
+        counter, early = CountsEpochs(), EarlyStopping("train_loss", patience=0, min_delta=100.0)
+        t = trainer(max_epochs=5, callbacks=[counter, early], **kwargs)
+        t.fit(Regressor(), loader())
+        return t, counter, early
+
+    single, single_counter, _ = fit(strategy="auto", devices=1)
+    with pytest.warns(UserWarning, match=r"CountsEpochs.big changed on the ranks but stays .* larger than 1 MiB"):
+        pool, counter, early = fit()
+    assert pool.should_stop is single.should_stop is True, "EarlyStopping stopped the fit"
+    assert pool.fit_loop.is_resuming is single.fit_loop.is_resuming is False
+    assert counter.epochs == single_counter.epochs == 2 and counter.seen == single_counter.seen == [0, 1]
+    assert counter.partner is early and counter.trainer_seen is None and not hasattr(counter, "big")
+    assert early._check_on_train_epoch_end is True, "an attribute outside EarlyStopping's state_dict"
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="CountsEpochs")  # once per callback class and attribute
+        fit()
 
 
 def test_seed_env_and_torch_flags_follow_each_call(restore_env: None) -> None:

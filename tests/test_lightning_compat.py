@@ -256,6 +256,10 @@ def test_clear_fit_restarting_after_loading_a_fit_loop_state() -> None:
     # FitLoop's own setter keeps its flag True for step-based training (max_steps): Lightning's rule.
     inner = loops[1:]
     assert not any(loop.restarting for loop in inner), "a fit loop's restarting flag is not where lightdist clears it"
+    assert not any(loop.is_resuming for loop in loops), (
+        "_Loop._resuming_from_checkpoint is not where lightdist clears it"
+    )
+    assert not any(loop._loaded_from_state_dict for loop in loops), "_Loop._loaded_from_state_dict moved"
 
 
 def test_lightning_optimizers_read_hook_and_a_strategy_pickled_without_optimizers() -> None:

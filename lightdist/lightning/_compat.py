@@ -36,8 +36,9 @@ function                               Lightning private, and why
 :func:`restore_metrics`                ``trainer._logger_connector._callback_metrics`` (and
                                        ``_logged_metrics``, ``_progress_bar_metrics``): the public
                                        properties are read-only; the ranks' metrics are put there.
-:func:`clear_fit_restarting`           the fit loops' ``restarting`` flags, which
-                                       ``load_state_dict`` sets: cleared, a second ``fit``
+:func:`clear_fit_restarting`           the fit loops' ``restarting`` flags (and ``_Loop``'s
+                                       ``_loaded_from_state_dict``/``_resuming_from_checkpoint``),
+                                       which ``load_state_dict`` sets: cleared, a second ``fit``
                                        continues like a single-process one instead of resuming.
 :func:`attach_datamodule`              ``trainer._data_connector.attach_datamodule``: the driver's
                                        Trainer and datamodule point at each other as in-process.
@@ -89,6 +90,7 @@ import lightning.pytorch
 from lightning.fabric import fabric as _fabric_module
 from lightning.fabric.strategies.launchers.launcher import _Launcher as _FabricLauncher
 from lightning.fabric.strategies.registry import _StrategyRegistry
+from lightning.pytorch.loops.loop import _Loop
 from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
 from lightning.pytorch.strategies.launchers.launcher import _Launcher
 from lightning.pytorch.trainer import call
@@ -232,6 +234,14 @@ def clear_fit_restarting(trainer: pl.Trainer) -> None:
     trainer.fit_loop.restarting = False
     trainer.fit_loop.epoch_loop.restarting = False
     trainer.fit_loop.epoch_loop.val_loop.restarting = False
+    # load_state_dict also marks every loop as resumed from a checkpoint (fit_loop.is_resuming),
+    # which an in-process Trainer's loops are not after a fit.
+    loops: list[_Loop] = [trainer.fit_loop]
+    while loops:
+        loop = loops.pop()
+        loop._loaded_from_state_dict = False
+        loop._resuming_from_checkpoint = False
+        loops.extend(child for child in vars(loop).values() if isinstance(child, _Loop))
 
 
 def attach_datamodule(trainer: pl.Trainer, model: pl.LightningModule, datamodule: pl.LightningDataModule) -> None:

@@ -18,6 +18,7 @@ from lightning.pytorch.callbacks import Callback, ProgressBar
 from lightning.pytorch.trainer.states import TrainerFn
 
 from lightdist.lightning import _compat
+from lightdist.lightning._callback_state import CallbackWatch
 from lightdist.lightning._optimizer_state import KeptOptimizers
 from lightdist.lightning.events import EventStreamer
 from lightdist.worker import DistributedWorker
@@ -54,6 +55,7 @@ class TrainerWorker(DistributedWorker):
         if run is not None:  # another front end on the same ranks, e.g. Fabric(strategy="lightdist")
             return run(self)
         trainer, function, arguments = job
+        watch = CallbackWatch(trainer, arguments) if self.rank == 0 else None
         tracker = _ModelTracker(self._resident, _model_arg(trainer, arguments), self.rank)
         trainer.strategy._sent_unchanged = tracker.unchanged  # lets DDP skip its start-up broadcast
         # This rank's copy of the Trainer: the driver draws the one progress bar from rank 0's events.
@@ -76,7 +78,7 @@ class TrainerWorker(DistributedWorker):
             _compat.handle_interrupt(trainer, exc)
             _compat.teardown(trainer)
             raise
-        out = _collect(trainer, results, self.rank, tracker)
+        out = _collect(trainer, results, self.rank, tracker, watch)
         if keep_state and self.rank == 0:
             self._kept = KeptOptimizers(keep_state, trainer)
         return out
@@ -175,7 +177,9 @@ def _apply_flags(flags: dict[str, Any]) -> None:
         torch.set_default_dtype(flags["default_dtype"])
 
 
-def _collect(trainer: Any, results: Any, rank: int, tracker: _ModelTracker) -> dict[str, Any] | None:
+def _collect(
+    trainer: Any, results: Any, rank: int, tracker: _ModelTracker, watch: CallbackWatch | None
+) -> dict[str, Any] | None:
     module = trainer.lightning_module
     created = tracker.finish(module)  # on every rank: metrics inside the module may sync
     if trainer.state.fn == TrainerFn.PREDICTING and _all_finished(trainer, results is not None):
@@ -191,12 +195,14 @@ def _collect(trainer: Any, results: Any, rank: int, tracker: _ModelTracker) -> d
         "logged_metrics": _to_cpu(dict(trainer.logged_metrics)),
         "progress_bar_metrics": _to_cpu(dict(trainer.progress_bar_metrics)),
         "callbacks": {cb.state_key: cb.state_dict() for cb in trainer.callbacks},
+        "callback_attributes": watch.changes(trainer) if watch is not None else {},
         "weights": None,
         "fit_loop": None,
     }
     if trainer.state.fn == TrainerFn.FITTING:
         out["weights"] = created
         out["fit_loop"] = trainer.fit_loop.state_dict()
+        out["should_stop"] = trainer.should_stop
     return out
 
 

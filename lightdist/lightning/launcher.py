@@ -21,7 +21,7 @@ from typing_extensions import override
 
 from lightdist import protocol
 from lightdist.errors import PayloadError, WorkerDiedError
-from lightdist.lightning import _compat
+from lightdist.lightning import _callback_state, _compat
 from lightdist.lightning._bar import BarMirror
 from lightdist.lightning._optimizer_state import OptimizersOnRanks, Unavailable
 from lightdist.lightning.checkpoint_io import remove_stale_temp_files
@@ -198,6 +198,9 @@ def _apply(out: dict[str, Any], trainer: pl.Trainer, arguments: dict[str, Any]) 
     if out["fit_loop"] is not None:
         trainer.fit_loop.load_state_dict(out["fit_loop"])
         _compat.clear_fit_restarting(trainer)  # a second fit continues like a single-process Trainer
+        trainer.should_stop = out["should_stop"]  # EarlyStopping's verdict, as in-process
+    # Attributes first, then each callback's own state_dict (which knows best what it holds).
+    _callback_state.apply(trainer, out["callback_attributes"])
     states = out["callbacks"]
     for callback in trainer.callbacks:  # type: ignore[attr-defined]
         state = states.get(callback.state_key)

@@ -140,6 +140,7 @@ ROWS: list[tuple[str, str, str, str | None, str, str, float | None]] = [
     ),
     ("pool-save", "save_s", "save_checkpoint incl. the fetch, median (s)", "single", "save_s", "in-process save", None),
     ("pool-save", "peak_gb", "peak PSS (GB)", "pool-kept", "peak_gb", "no save", None),
+    ("pool-save", "idle_gb", "PSS of the idle pool after the fits (GB)", "pool-kept", "idle_gb", "no save", None),
 ]
 
 
@@ -150,9 +151,10 @@ def _figure(result: dict[str, Any], key: str) -> float | str:
     return float(statistics.median(value) if isinstance(value, list) else value)
 
 
-def rows(label: str, results: dict[str, dict[str, Any]]) -> list[Row]:
+def rows(label: str, fits: int, results: dict[str, dict[str, Any]]) -> list[Row]:
     out = []
     for name, key, what, base_name, base_key, base_label, limit in ROWS:
+        what = what.replace("median", f"median of {fits}")
         if name not in results:
             continue
         base = results.get(base_name) if base_name else None
@@ -192,7 +194,7 @@ def run_optimizer_state(args: argparse.Namespace) -> dict[str, Any]:
     for name in _contenders(args.contenders):
         results[name] = run_child(name, width, layers, args)
         print(f"  {name}: {results[name]}", flush=True)
-    print(format_table(rows(f"{args.size} Adam, {args.fits} fits", results)))
+    print(format_table(rows(f"{args.size} Adam", args.fits, results)))
     return {"machine": info, "args": {k: v for k, v in vars(args).items() if k != "func"}, "results": results}
 
 

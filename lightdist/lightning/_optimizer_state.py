@@ -15,7 +15,8 @@ are:
   ``trainer.save_checkpoint``) fetches them in one call: the state tensors come out of band (read
   from rank 0's memory, one copy), the optimizers are rebuilt over *your* model's parameters
   (matched by name) with ``load_state_dict``, the schedulers are unpickled pointing at them. Rank 0
-  lets go of its copy then: the state exists once, on rank 0 or in the driver.
+  lets go of its copy then (a second, empty call gives its pages back): the state exists once, on
+  rank 0 or in the driver.
 
 Never stale: the token names one fit. When rank 0 no longer holds it (a later fit on the pool
 replaced it, the pool was stopped or rank 0 replaced), the read raises ``RuntimeError`` saying so,
@@ -138,6 +139,9 @@ class OptimizersOnRanks:
         if not self.runner.is_alive():
             raise RuntimeError(self._gone("its pool was stopped"))
         reply = self.runner.invoke_sync({"fetch_state": self.token})
+        if reply is not None:
+            # Read: rank 0 frees its copy as the next call arrives; this one gives the pages back.
+            self.runner.invoke_sync({"release_state": True})
         if reply is None:
             raise RuntimeError(self._gone("a later fit on the same pool replaced it, or rank 0 was restarted"))
         if "unsupported" in reply:

@@ -9,6 +9,7 @@ itself (rank 0 only; every rank takes part in the collectives that gathering nee
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Callable
 from typing import Any
@@ -17,6 +18,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ProgressBar
 from lightning.pytorch.trainer.states import TrainerFn
 
+from lightdist._shm import trim_heap
 from lightdist.lightning import _compat
 from lightdist.lightning._callback_state import CallbackWatch
 from lightdist.lightning._optimizer_state import KeptOptimizers
@@ -31,7 +33,8 @@ class TrainerWorker(DistributedWorker):
 
     A fit sent with ``keep_state=TOKEN`` leaves its optimizers on rank 0 under that token until the
     next fit (``keep_state=""``: keep none); a call with ``fetch_state=TOKEN`` hands them to the
-    driver (see :mod:`lightdist.lightning._optimizer_state`).
+    driver, and the next one, ``release_state=True``, returns their memory (see
+    :mod:`lightdist.lightning._optimizer_state`).
     """
 
     _kept: KeptOptimizers | None = None
@@ -45,9 +48,16 @@ class TrainerWorker(DistributedWorker):
         run: Callable[[DistributedWorker], Any] | None = None,
         keep_state: str | None = None,
         fetch_state: str | None = None,
+        release_state: bool = False,
     ) -> Any:
         if fetch_state is not None:
             return self._hand_over(fetch_state)
+        if release_state:
+            # The state handed over by the last call was freed as this call arrived (a reply's tensors
+            # live until the rank's next command): give its pages back, or glibc keeps them resident.
+            gc.collect()
+            trim_heap()
+            return None
         if keep_state is not None:
             self._kept = None  # before this fit builds its own: a fit's peak holds one optimizer state
         _apply_env(env or {})

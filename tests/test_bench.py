@@ -166,6 +166,20 @@ def test_models_benchmark_prints_its_table(tmp_path: Path) -> None:
     assert result["peak_gb"] > 0.1, result
 
 
+def test_optimizer_state_benchmark_prints_its_table(tmp_path: Path) -> None:
+    # The contender that fetches and saves in the driver only: one child, one pool.
+    out_json = tmp_path / "optstate.json"
+    command = ["optimizer-state", "--size", "1M", "--fits", "1", "--contenders", "pool-save", "--json", str(out_json)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "lightdist.bench", *command], capture_output=True, text=True, timeout=240
+    )
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    for row in ("save_checkpoint incl. the fetch, median of 1 (s)", "the fetch), median of 1 (s)"):
+        assert row in proc.stdout, proc.stdout
+    result = json.loads(out_json.read_text())["results"]["pool-save"]
+    assert len(result["fit_s"]) == len(result["save_s"]) == 1 and result["idle_gb"] > 0.1, result
+
+
 def test_models_benchmark_refuses_a_bad_lora_base_before_running_anything(capsys: pytest.CaptureFixture[str]) -> None:
     # The script's own main, in-process (a subprocess costs ~9 s of imports for one refusal): the
     # refusal is a SystemExit with the message, raised before any contender's child is started.

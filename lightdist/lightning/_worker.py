@@ -53,10 +53,11 @@ class TrainerWorker(DistributedWorker):
         if fetch_state is not None:
             return self._hand_over(fetch_state)
         if release_state:
-            # The state handed over by the last call was freed as this call arrived (a reply's tensors
-            # live until the rank's next command): give its pages back, or glibc keeps them resident.
-            gc.collect()
-            trim_heap()
+            # The state rank 0 handed over was freed as this call arrived (a reply's tensors live
+            # until the rank's next command): give its pages back, or glibc keeps them resident.
+            if self.rank == 0:
+                gc.collect()
+                trim_heap()
             return None
         if keep_state is not None:
             self._kept = None  # before this fit builds its own: a fit's peak holds one optimizer state

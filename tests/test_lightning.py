@@ -268,6 +268,23 @@ def test_the_optimizer_state_crosses_only_when_read_and_is_never_stale(tmp_path:
     assert other.optimizers and t.optimizers, "fetched state stays; the latest fit's is still there"
 
 
+class ZeroAdam(Regressor):
+    def configure_optimizers(self) -> Any:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        return ZeroRedundancyOptimizer(self.parameters(), optimizer_class=torch.optim.Adam, lr=0.01)
+
+
+def test_a_sharded_optimizer_is_refused_saying_so(tmp_path: Path) -> None:
+    """ZeroRedundancyOptimizer shards Adam's state over the ranks: the driver cannot hold it, and says
+    so instead of writing a checkpoint without it."""
+    t = trainer(max_epochs=1)
+    t.fit(ZeroAdam(), loader())
+    with pytest.raises(RuntimeError, match="ZeroRedundancyOptimizer shards its state over the ranks"):
+        t.save_checkpoint(tmp_path / "never-written.ckpt")
+    assert not (tmp_path / "never-written.ckpt").exists()
+
+
 class CountsEpochs(Callback):
     """No state_dict: only its attributes say what it saw."""
 

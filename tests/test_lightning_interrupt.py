@@ -41,6 +41,7 @@ t.fit(Slow(), data)                          # interrupted by the test's SIGINT
 returned = time.monotonic()
 print("INTERRUPTED", t.interrupted, "STEP", t.global_step, flush=True)
 print("HANDLER", signal.getsignal(signal.SIGINT) is handler, flush=True)
+print("OPTIMIZERS", len(t.optimizers), flush=True)  # the interrupted fit's, fetched from rank 0
 again = trainer(1)
 again.fit(Slow(), data)
 print("NEXT", again.global_step, "SAME PIDS", again.strategy.pool().pids == pids,
@@ -76,4 +77,5 @@ def test_sigint_during_fit(tmp_path: Path) -> None:
     assert 0 < int(interrupted.split()[-1]) < 1000 * 32
     assert stopped_after < 2.0, f"fit returned {stopped_after:.2f} s after SIGINT"
     assert "HANDLER True" in out, repr(interrupted) + repr(out)
+    assert "OPTIMIZERS 1" in out, out + err
     assert "NEXT 32 SAME PIDS True RECOVERIES 0" in out, out + err

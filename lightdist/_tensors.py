@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 import cloudpickle
 
+from lightdist import protocol
 from lightdist._shm import MemFile, align, map_private, open_remote_fd, trim_heap
 
 if TYPE_CHECKING:
@@ -117,7 +118,7 @@ class _Slot:
         self.index = index
 
 
-class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
+class _Pickler(protocol.Pickler):
     def __init__(self, file: io.BytesIO, to_cpu: bool) -> None:
         super().__init__(file, protocol=5)
         self.slots: dict[int, _Slot] = {}

@@ -24,10 +24,13 @@ import hashlib
 import hmac
 import io
 import json
+import marshal
 import math
 import os
 import struct
 import sys
+import types
+from collections import ChainMap
 from collections.abc import Sequence
 from typing import Any
 
@@ -245,9 +248,24 @@ class Session:
         return Message(header, tuple(body[1:]), tuple(frames[end:]))
 
 
+def _code_reduce(code: types.CodeType) -> tuple[Any, tuple[bytes]]:
+    return marshal.loads, (marshal.dumps(code),)
+
+
+class Pickler(cloudpickle.Pickler):  # type: ignore[misc]
+    """cloudpickle's Pickler, except that code sent by value keeps its file name (marshal keeps it;
+    cloudpickle writes "<dynamic-code>"): a warning or traceback raised on a rank by a function of
+    the driver's script names that script and line, with the source line, as in-process. Both
+    sides run the same Python (the pool starts ranks with the driver's interpreter)."""
+
+    dispatch_table = ChainMap({types.CodeType: _code_reduce}, cloudpickle.Pickler.dispatch_table)
+
+
 def dumps(obj: Any) -> bytes:
     """Serialise by value where needed (classes from ``__main__``, notebooks and closures)."""
-    return bytes(cloudpickle.dumps(obj, protocol=5))
+    with io.BytesIO() as buf:
+        Pickler(buf, protocol=5).dump(obj)
+        return buf.getvalue()
 
 
 def loads(data: bytes) -> Any:

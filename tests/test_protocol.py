@@ -15,6 +15,7 @@ import pickle
 import struct
 import subprocess
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -304,6 +305,22 @@ def test_dumps_carries_closures_by_value() -> None:
     base = 3
     fn = protocol.loads(protocol.dumps(lambda x: x + base))
     assert fn(4) == 7
+
+
+def test_code_sent_by_value_keeps_its_file_and_line() -> None:
+    """A warning or traceback from a function of the driver's script names the script and line in
+    a rank, as in-process (cloudpickle alone writes "<dynamic-code>", and no source line shows)."""
+
+    def warns() -> None:
+        warnings.warn("from the script", UserWarning, stacklevel=1)
+
+    sent = protocol.loads(protocol.dumps(warns))
+    assert sent is not warns  # a closure: by value
+    assert sent.__code__.co_filename == __file__
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sent()
+    assert (caught[0].filename, caught[0].lineno) == (__file__, warns.__code__.co_firstlineno + 1)
 
 
 # --- server-sent events ----------------------------------------------------------------------------

@@ -11,8 +11,10 @@ Channels with the driver (all private pipes, so they carry trusted data):
   rank is killed and this process exits. This is the death pipe.
 * control fd (passed by the driver): JSON lines of events (``spawned``, ``exit``, ``error``).
 * stdout/stderr: each rank's output, line by line, prefixed with ``[rank N]`` (``[host rank N]`` in
-  an agent's template). Written without blocking (:class:`_Output`): this loop also reaps and
-  respawns ranks, which a driver that stopped reading its stdout must not hold up.
+  an agent's template), except the records a rank marks as library output or warnings
+  (:mod:`lightdist._output`): their text goes unprefixed, and a warning only once however many
+  ranks raise it. Written without blocking (:class:`_Output`): this loop also reaps and respawns
+  ranks, which a driver that stopped reading its stdout must not hold up.
 
 One ``select`` loop serves all of it; a one-second tick checks that the driver is still our parent.
 """
@@ -29,6 +31,8 @@ import sys
 import time
 import traceback
 from typing import TYPE_CHECKING, Any
+
+from lightdist._output import WARNING, WarningCopies, split_record
 
 if TYPE_CHECKING:
     from collections.abc import Container
@@ -123,6 +127,7 @@ class Template:
         self.stdin_buf = b""
         self.outputs = {1: _Output(1, "stdout"), 2: _Output(2, "stderr")}
         self.host = ""  # an agent's host name, in the ranks' output prefix
+        self.warnings = WarningCopies()  # identical warnings of several ranks show once
 
     # --- driver channels -------------------------------------------------------------------------
     def emit(self, **event: Any) -> None:
@@ -188,7 +193,7 @@ class Template:
         buf = rank.partial[fd] + data
         if not data:  # the rank closed it (exited): flush what is left
             if buf:
-                self._write(rank.target[fd], rank.prefix + buf + b"\n")
+                self._write(rank.target[fd], self._line(rank, buf))
             rank.partial[fd] = b""
             return False
         *lines, rest = buf.split(b"\n")
@@ -196,7 +201,7 @@ class Template:
             cut = _whole_chars(rest)
             lines.append(rest[:cut])
             rest = rest[cut:]
-        out = b"".join(rank.prefix + _prefix_redraws(line.rstrip(b"\r"), rank.prefix) + b"\n" for line in lines)
+        out = b"".join(self._line(rank, line) for line in lines)
         if b"\r" in rest:
             # A progress bar redraws its line with "\r" and no newline: pass each redraw on now,
             # prefixed and still ending in "\r", so a terminal or notebook redraws it in place.
@@ -206,6 +211,19 @@ class Template:
             self._write(rank.target[fd], out)
         rank.partial[fd] = rest
         return True
+
+    def _line(self, rank: _Rank, line: bytes) -> bytes:
+        """One whole line of a rank's output as we pass it on: prefixed, or a record's text as is
+        (library output and warnings, see lightdist._output), or nothing (a warning another rank
+        showed already)."""
+        plain, record = split_record(line)
+        if record is None:
+            return rank.prefix + _prefix_redraws(plain.rstrip(b"\r"), rank.prefix) + b"\n"
+        out = rank.prefix + plain + b"\n" if plain else b""  # an unfinished print before the record
+        kind, text = record
+        if kind != WARNING or self.warnings.admit(rank.pid, text):
+            out += text.encode("utf-8", "surrogateescape")
+        return out
 
     def _write(self, fd: int, data: bytes) -> None:
         self.outputs[fd].write(data)
@@ -227,7 +245,7 @@ class Template:
             while select.select([fd], [], [], 0)[0] and self.forward(rank, fd):
                 pass
             if rank.partial[fd]:
-                self._write(rank.target[fd], rank.prefix + rank.partial[fd] + b"\n")
+                self._write(rank.target[fd], self._line(rank, rank.partial[fd]))
             _close(fd)
         _, status = os.waitpid(rank.pid, 0)
         _close(rank.pidfd)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -258,6 +259,12 @@ def test_jupyter_kernel_fits_a_module_defined_in_a_cell(tmp_path: Path) -> None:
     check_spawn_refused(results(text, "SPAWN"))
     assert results(text, "STOPPED") == [[False]]
     assert_gone(fits[0]["pids"], "the stopped pool")
+    # The pool's start is said in the cell that starts it (not in later ones), as Lightning's own
+    # info lines are: the ranks' imports take seconds that would otherwise pass in silence.
+    first_fit, second_fit = cell_text(nb.cells[2]), cell_text(nb.cells[3])
+    assert "lightdist: starting 2 ranks (cpu, gloo)...\n" in first_fit, first_fit
+    assert re.search(r"lightdist: 2 ranks ready in \d+\.\d s\n", first_fit), first_fit
+    assert "lightdist: starting" not in second_fit, second_fit
 
 
 # --- an interactive interpreter ----------------------------------------------------------------------

@@ -10,6 +10,7 @@ itself (rank 0 only; every rank takes part in the collectives that gathering nee
 from __future__ import annotations
 
 import gc
+import logging
 import os
 from collections.abc import Callable
 from typing import Any
@@ -17,7 +18,9 @@ from typing import Any
 import torch
 from lightning.pytorch.callbacks import Callback, ProgressBar
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
+from lightdist._output_state import OutputState, applied
 from lightdist._shm import trim_heap
 from lightdist.lightning import _compat
 from lightdist.lightning._callback_state import CallbackWatch
@@ -25,7 +28,7 @@ from lightdist.lightning._optimizer_state import KeptOptimizers
 from lightdist.lightning.events import EventStreamer
 from lightdist.worker import DistributedWorker
 
-__all__ = ["CancelledByCaller", "TrainerWorker"]
+__all__ = ["CancelledByCaller", "TrainerWorker", "announce_group"]
 
 
 class TrainerWorker(DistributedWorker):
@@ -49,6 +52,7 @@ class TrainerWorker(DistributedWorker):
         keep_state: str | None = None,
         fetch_state: str | None = None,
         release_state: bool = False,
+        output: OutputState | None = None,
     ) -> Any:
         if fetch_state is not None:
             return self._hand_over(fetch_state)
@@ -61,10 +65,18 @@ class TrainerWorker(DistributedWorker):
             return None
         if keep_state is not None:
             self._kept = None  # before this fit builds its own: a fit's peak holds one optimizer state
-        _apply_env(env or {})
-        _apply_flags(flags or {})
-        if run is not None:  # another front end on the same ranks, e.g. Fabric(strategy="lightdist")
-            return run(self)
+        # Lightning's rank-zero output asks rank_zero_only.rank, which every rank inherited as 0 from
+        # the template's import and which the strategy sets only mid-call: the checks that run
+        # before (e.g. "no validation_step") would warn from every rank.
+        rank_zero_only.rank = self.rank  # type: ignore[attr-defined]
+        with applied(output):  # the driver's warning filters, loggers and terminal (see _output_state)
+            _apply_env(env or {})
+            _apply_flags(flags or {})
+            if run is not None:  # another front end on the same ranks, e.g. Fabric(strategy="lightdist")
+                return run(self)
+            return self._run(streaming, job, keep_state)
+
+    def _run(self, streaming: bool, job: tuple[Any, ...], keep_state: str | None) -> dict[str, Any] | None:
         trainer, function, arguments = job
         watch = CallbackWatch(trainer, arguments) if self.rank == 0 else None
         tracker = _ModelTracker(self._resident, _model_arg(trainer, arguments), self.rank)
@@ -102,6 +114,34 @@ class TrainerWorker(DistributedWorker):
             return None
         self._kept = None
         return kept.export()
+
+    def on_process_group_rebuilt(self) -> None:
+        global _group_announced
+        _group_announced = False  # a new group: Lightning's lines of it at the next call
+
+
+# In a rank: whether Lightning's lines of the current process group were printed (announce_group).
+_group_announced = False
+
+
+def announce_group(global_rank: int, world_size: int, backend: str) -> None:
+    """Lightning's lines of a new process group, at the first Trainer call on it.
+
+    A DDP script prints them when its first fit initialises the group; a pool's group was made at
+    its start, so Lightning never prints them on a rank. Same text and loggers as Lightning's, so
+    the same logging settings show or silence them; once per group, as a later fit of a DDP script
+    does not print them again (a group rebuilt after a failure is a new group: printed again)."""
+    global _group_announced
+    if _group_announced:
+        return
+    _group_announced = True
+    logging.getLogger("lightning.fabric.utilities.distributed").info(
+        f"Initializing distributed: GLOBAL_RANK: {global_rank}, MEMBER: {global_rank + 1}/{world_size}"
+    )
+    rank_zero_info(
+        f"{'-' * 100}\ndistributed_backend={backend}\n"
+        f"All distributed processes registered. Starting with {world_size} processes\n{'-' * 100}\n"
+    )
 
 
 class CancelledByCaller(Exception):

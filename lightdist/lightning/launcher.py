@@ -20,6 +20,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightdist import protocol
+from lightdist._output_state import capture as output_state
 from lightdist.errors import PayloadError, WorkerDiedError
 from lightdist.lightning import _callback_state, _compat
 from lightdist.lightning._bar import BarMirror
@@ -83,7 +84,7 @@ class _PoolLauncher(_compat.Launcher):
                 # too). Resident: the model's tensors stay on the ranks for the next call, and what
                 # training changed is written back into this model's own tensors.
                 job = (trainer, function, arguments)
-                payload = {"job": job, "env": _seed_env(), "flags": _torch_flags()}
+                payload = {"job": job, "env": _seed_env(), "flags": _torch_flags(), "output": output_state()}
                 if keep is not None:
                     payload["keep_state"] = keep
                 try:

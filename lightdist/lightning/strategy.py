@@ -8,6 +8,7 @@ and whose cluster environment answers from the pool's layout. Registered as
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
@@ -17,11 +18,12 @@ import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from lightdist.lightning import _compat, _shared
 from lightdist.lightning._optimizer_state import OptimizersOnRanks, Unavailable
-from lightdist.lightning._worker import TrainerWorker
+from lightdist.lightning._worker import TrainerWorker, announce_group
 from lightdist.lightning.checkpoint_io import AtomicCheckpointIO
 from lightdist.lightning.environment import PoolEnvironment
 from lightdist.lightning.events import EventHub
@@ -57,7 +59,7 @@ def shared_pool(world_size: int, accelerator: str, idle_timeout: float | None = 
     # Leased on every call, never kept: lightdist.shutdown() or an idle stop may replace the
     # shared pool between two calls of a strategy.
     if not runner.is_alive():
-        runner.start_sync()
+        _start(runner)
     return runner
 
 
@@ -243,7 +245,7 @@ class PoolStrategy(DDPStrategy):
             accelerator = "cuda" if self._device_type() == "cuda" else "cpu"
             return shared_pool(self.num_processes, accelerator, self.idle_timeout)
         if not self._runner.is_alive():
-            self._runner.start_sync()
+            _start(self._runner)
         return self._runner
 
     def _device_type(self) -> str:
@@ -345,6 +347,7 @@ class PoolStrategy(DDPStrategy):
                 f"the pool's process group has {dist.get_world_size()} ranks but the Trainer expects {self.world_size}"
             )
         _compat.set_process_group_backend(self, dist.get_backend())
+        announce_group(self.global_rank, self.world_size, dist.get_backend())
 
     @classmethod
     @override
@@ -354,3 +357,24 @@ class PoolStrategy(DDPStrategy):
 
 # model.optimizers() reads Lightning's private list of LightningOptimizer wrappers, not `optimizers`.
 _compat.hook_lightning_optimizers(PoolStrategy, PoolStrategy._fetch_optimizers)
+
+
+def _start(runner: DistributedRunner) -> None:
+    """Start ``runner``, saying so: a pool's start takes seconds (every rank imports torch and
+    Lightning), which would otherwise pass in silence before the first line of the fit.
+
+    Said through Lightning's info logger, like its own "GPU available" lines: shown wherever those
+    are (a terminal, a notebook, a log file of a batch job, where the seconds matter as much), and
+    silenced by the same switch (``logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)``).
+    """
+    rank_zero_info(f"lightdist: starting {_layout(runner)}...")
+    started = time.perf_counter()
+    runner.start_sync()
+    rank_zero_info(f"lightdist: {runner.world_size} ranks ready in {time.perf_counter() - started:.1f} s")
+
+
+def _layout(runner: DistributedRunner) -> str:
+    backend = runner.backend or {"cpu": "gloo", "cuda": "nccl"}.get(runner.accelerator)
+    where = f" ({runner.accelerator}, {backend})" if backend else ""
+    hosts = f" on {runner.nodes} hosts" if runner.nodes else ""
+    return f"{runner.world_size} ranks{where}{hosts}"

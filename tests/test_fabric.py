@@ -7,6 +7,7 @@ import os
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -192,3 +193,28 @@ def test_ctrl_c_stops_every_rank_and_keeps_the_pool_warm(tmp_path: Path) -> None
     stopped_after = interrupted_launch(f, never_calls_backward, tmp_path / "sleeping", "were replaced")
     assert stopped_after < 2.0 + 2.0
     assert set(f.launch(rank_pids)).isdisjoint(pids.values())
+
+
+def talk(fabric: Fabric) -> None:
+    warnings.warn("fabric test: filtered by the driver", UserWarning, stacklevel=1)
+    fabric.print("fabric test: fabric.print")
+    print(f"fabric test: print of rank {fabric.global_rank}", flush=True)
+
+
+def test_output_as_for_the_trainer(capsys: pytest.CaptureFixture[str]) -> None:
+    """The driver's warning filters apply in fn; fabric.print shows once, unprefixed, as in-process;
+    plain prints keep their rank (docs/lightning.md, Output)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="fabric test: filtered")
+        fabric().launch(talk)
+    seen = {"out": "", "err": ""}
+
+    def arrived() -> bool:
+        cap = capsys.readouterr()
+        seen["out"] += cap.out
+        seen["err"] += cap.err
+        return all(f"[rank {r}] fabric test: print of rank {r}\n" in seen["out"] for r in (0, 1))
+
+    assert wait_until(arrived, 30), seen
+    assert seen["out"].splitlines().count("fabric test: fabric.print") == 1, seen
+    assert "filtered by the driver" not in seen["err"], seen

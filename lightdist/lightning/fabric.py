@@ -29,6 +29,7 @@ from lightning.fabric.strategies.ddp import DDPStrategy
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from typing_extensions import override
 
+from lightdist._output_state import capture as output_state
 from lightdist.errors import PayloadError
 from lightdist.lightning import _compat
 from lightdist.lightning._worker import CancelledByCaller, _StopWhenCancelled
@@ -160,7 +161,8 @@ class _FabricPoolLauncher(_compat.FabricLauncher):
         # receives as its first argument on the ranks too.
         run = functools.partial(_run_on_rank, (function, args, kwargs), _rng_states())
         try:
-            out, interrupted = runner.invoke_interruptible({"run": run, "env": _seed_env(), "flags": _torch_flags()})
+            payload = {"run": run, "env": _seed_env(), "flags": _torch_flags(), "output": output_state()}
+            out, interrupted = runner.invoke_interruptible(payload)
         except PayloadError as exc:
             user_args = args if fabric is None else args[1:]  # args[0] is the Fabric
             raise TypeError(_unpicklable(exc, user_function or function, user_args, kwargs)) from exc

@@ -61,6 +61,10 @@ FilterEntry = tuple[str, str, type[Warning], str, int]
 _pickled: weakref.WeakKeyDictionary[Any, bytes | None] = weakref.WeakKeyDictionary()
 
 
+# Each filter entry's pickle, made once (the same filters go with every call).
+_entry_pickles: dict[FilterEntry, bytes] = {}
+
+
 @dataclass(frozen=True)
 class ConsoleHandler:
     """A ``logging.StreamHandler`` writing to stdout or stderr."""
@@ -162,10 +166,17 @@ def _filter_entries(filters: Sequence[Any]) -> tuple[FilterEntry, ...]:
 
 def _sent_filters() -> tuple[bytes, ...]:
     pickles = []
-    for action, message, category, module, lineno in _filter_entries(warnings.filters):
-        category_ok = category.__module__ == "builtins" or _pickle(category) is not None
-        if category_ok:  # the entry itself is plain data around the category
-            pickles.append(protocol.dumps((action, message, category, module, lineno)))
+    for entry in _filter_entries(warnings.filters):
+        data = _entry_pickles.get(entry)
+        if data is None:
+            category = entry[2]
+            if category.__module__ != "builtins" and _pickle(category) is None:
+                continue  # the entry is plain data around its category: that decides
+            data = protocol.dumps(entry)
+            if len(_entry_pickles) >= 1024:  # bounded: a script adding filters in a loop
+                _entry_pickles.clear()
+            _entry_pickles[entry] = data
+        pickles.append(data)
     return tuple(pickles)
 
 

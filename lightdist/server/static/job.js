@@ -8,6 +8,10 @@ const EVENT_TYPES = [
   "queued", "started", "run_start", "epoch_start", "train_batch", "validation", "epoch_end",
   "checkpoint", "run_end", "log", "interrupted", "finished",
 ];
+// Sent for the client's progress bar (lightdist/lightning/events.py): counted with the job's events,
+// not listed one row each (a validation run would fill the log with one row per batch).
+const BAR_EVENTS = ["sanity_check", "train", "validation", "test", "predict"].flatMap((stage) =>
+  [`${stage}_start`, `${stage}_end`, ...(stage === "train" || stage === "sanity_check" ? [] : [`${stage}_batch_start`, `${stage}_batch`])]);
 const MAX_LOG_ROWS = 400; // the newest rows stay in the page; the count of the others is shown
 const FILE_ARTIFACTS = new Set(["last_checkpoint", "best_checkpoint", "predictions_file"]);
 const jobId = Number(window.location.pathname.split("/").filter(Boolean).pop());
@@ -124,6 +128,10 @@ function summary(kind, data) {
 
 function logEvent(id, kind, data) {
   const log = byId("event-log");
+  if (BAR_EVENTS.includes(kind)) {
+    countEvent(log);
+    return;
+  }
   log.append(el("li", { dataset: { id, type: kind } },
     el("span", { class: "muted" }, fmtTime(data.time)), " ", el("span", { class: `kind kind-${kind}` }, kind), " ",
     summary(kind, data)));
@@ -133,6 +141,10 @@ function logEvent(id, kind, data) {
     byId("events-hidden").hidden = false;
     byId("events-hidden").textContent = `${hiddenRows} earlier events not shown`;
   }
+  countEvent(log);
+}
+
+function countEvent(log) {
   events += 1;
   log.dataset.events = String(events);
   byId("events-count").textContent = `(${events})`;
@@ -166,7 +178,7 @@ function follow() {
       loadJob();
     }
   };
-  for (const kind of EVENT_TYPES) source.addEventListener(kind, handle(kind));
+  for (const kind of [...EVENT_TYPES, ...BAR_EVENTS]) source.addEventListener(kind, handle(kind));
   source.onopen = () => { status.textContent = ACTIVE.has(state) ? "live" : ""; };
   // A dropped stream reconnects by itself, with Last-Event-ID: nothing is lost or repeated.
   source.onerror = () => {

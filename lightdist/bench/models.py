@@ -422,8 +422,22 @@ def run_models(args: argparse.Namespace) -> dict[str, Any]:
     contenders = _choice("--contenders", args.contenders, tuple(CONTENDERS))
     variants = _choice("--variants", args.variants, ("full", "frozen"))
     lora_base = parse_lora_base(args.lora_base)  # bad input fails before anything runs
-    # SIGTERM as an exception, so that the finally blocks kill the child trees (their own sessions)
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    # SIGTERM as an exception, so that the finally blocks kill the child trees (their own sessions);
+    # the caller's handler comes back afterwards (main() may run in a process that outlives it).
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        return _measure_models(args, sizes, contenders, variants, lora_base)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _measure_models(
+    args: argparse.Namespace,
+    sizes: list[tuple[str, int]],
+    contenders: list[str],
+    variants: list[str],
+    lora_base: tuple[int, int] | None,
+) -> dict[str, Any]:
     info = machine()
     print(
         f"lightdist.bench models: {info['date']}, Python {info['python']}, torch {info['torch']}, "

@@ -36,7 +36,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightdist.bench.common import Row, format_table, free_port, machine, process_tree, verdict
+from lightdist.bench.common import Row, format_table, free_port, machine, process_tree, sigterm_exits, verdict
 from lightdist.bench.recipes import _pss_kib, measure
 
 WORLD_SIZE = 2
@@ -422,13 +422,8 @@ def run_models(args: argparse.Namespace) -> dict[str, Any]:
     contenders = _choice("--contenders", args.contenders, tuple(CONTENDERS))
     variants = _choice("--variants", args.variants, ("full", "frozen"))
     lora_base = parse_lora_base(args.lora_base)  # bad input fails before anything runs
-    # SIGTERM as an exception, so that the finally blocks kill the child trees (their own sessions);
-    # the caller's handler comes back afterwards (main() may run in a process that outlives it).
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    try:
+    with sigterm_exits():
         return _measure_models(args, sizes, contenders, variants, lora_base)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _measure_models(

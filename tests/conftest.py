@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -174,23 +175,85 @@ def shared_lightning_pool(strategy_module: Any, worker_cls: type[DistributedWork
         strategy_module._pools.clear()
 
 
-@pytest.fixture(scope="module")
-def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """One real ``lightdist serve`` (2 CPU ranks) per server test module (a start costs 10-15 s).
-    Not per session: a server alive after its modules would be a child of this process during every
-    later test, and tests that compare this process's descendants would count it. Its state dir
-    is STATE/lightdist, so a client with XDG_STATE_HOME=STATE finds it with a bare ``--server``.
-    Tests must not assume an empty server or rank pids from before they ran (read them at the start)."""
-    from tests.server_helpers import start_server, stop_server
+class SharedServer:
+    """One real ``lightdist serve`` (2 CPU ranks) for every test that asks for it (a start costs
+    10-15 s, the pool's and the server's Lightning imports). Started by the first of those tests;
+    stopped with SIGINT (asserting exit 0 and that nothing it started is left) right after the last
+    of them, by ``pytest_runtest_teardown``: a server alive after its tests would be a child of this
+    process during every later test, and tests that compare this process's descendants would count
+    it. The modules that use it run back to back (``pytest_collection_modifyitems``). A test may
+    kill it and then ``stop`` it (which reaps it); the next test to ask gets a new server on the same
+    state dir (its history kept). One that dies with nobody stopping it fails the next test to ask.
 
-    running = start_server(tmp_path_factory.mktemp("shared-server") / "state" / "lightdist")
-    owned = running.owned
-    OWNED_ELSEWHERE.append(owned)
-    try:
-        yield running
-    finally:
-        OWNED_ELSEWHERE.remove(owned)
-        assert stop_server(running) == 0, running.output()
+    Its state dir is STATE/lightdist, so a client with XDG_STATE_HOME=STATE finds it with a bare
+    ``--server``. Tests must not assume an empty server or rank pids from before they ran (read them
+    at the start)."""
+
+    def __init__(self) -> None:
+        self._running: Any = None
+        self.state_dir: Path | None = None
+        self.last_user: str | None = None  # the nodeid after whose teardown it stops
+        self._start_failed: str | None = None
+
+    @property
+    def running(self) -> Any:
+        """The server, started if there is none (a test that kills it calls ``stop`` afterwards)."""
+        from tests.server_helpers import start_server
+
+        if self._running is not None and self._running.proc.poll() is not None:
+            output = self._running.output()
+            status = self.stop()
+            raise AssertionError(f"the shared server exited ({status}) with nobody stopping it:\n{output[-5000:]}")
+        if self._start_failed is not None:  # each try costs a start: one failure fails the rest
+            raise AssertionError(f"the shared server did not start earlier: {self._start_failed}")
+        if self._running is None:
+            assert self.state_dir is not None, "the server_holder fixture sets the state dir"
+            try:
+                self._running = start_server(self.state_dir)
+            except BaseException as exc:
+                self._start_failed = str(exc)[-5000:]
+                raise
+        return self._running
+
+    def restart(self, sig: int = signal.SIGTERM) -> int:
+        """Stop it with ``sig`` and start a new one on the same state dir; the old one's exit status."""
+        status = self.stop(sig)
+        self.running  # noqa: B018 - starts it
+        return status
+
+    def owned(self) -> set[int]:
+        return set() if self._running is None else set(self._running.owned())
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        """Stop it (if it runs) and assert nothing it started is left; its exit status."""
+        from tests.server_helpers import stop_server
+
+        running, self._running = self._running, None
+        return 0 if running is None else stop_server(running, sig)
+
+    def close(self) -> None:
+        """After its last test: SIGINT stops it cleanly (exit 0)."""
+        if self._running is not None:
+            output = self._running.output()
+            assert self.stop(signal.SIGINT) == 0, output
+
+
+_shared_server = SharedServer()
+OWNED_ELSEWHERE.append(_shared_server.owned)
+
+
+@pytest.fixture(scope="session")
+def server_holder(tmp_path_factory: pytest.TempPathFactory) -> SharedServer:
+    """The shared server's holder: for a test that restarts it, or a module-scoped fixture."""
+    if _shared_server.state_dir is None:
+        _shared_server.state_dir = tmp_path_factory.mktemp("shared-server") / "state" / "lightdist"
+    return _shared_server
+
+
+@pytest.fixture
+def shared_server(server_holder: SharedServer) -> Any:
+    """The shared ``lightdist serve`` (a ``tests.server_helpers.RunningServer``), see ``SharedServer``."""
+    return server_holder.running
 
 
 @pytest.fixture(scope="module")
@@ -252,8 +315,23 @@ def mypy_result(timeout: float) -> tuple[int, str]:
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
+    users = [item.nodeid for item in session.items if "server_holder" in getattr(item, "fixturenames", ())]
+    _shared_server.last_user = users[-1] if users else None
     if not session.config.option.collectonly and any(item.nodeid == MYPY_TEST for item in session.items):
         _start_mypy(background=True)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    yield
+    if item.nodeid == _shared_server.last_user:
+        _shared_server.close()  # an AssertionError here is reported as this test's teardown error
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    # a session cut short (-x, Ctrl-C) before the last user ran: stop it all the same
+    with contextlib.suppress(Exception):
+        _shared_server.close()
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -261,7 +339,21 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         _stop_mypy()
 
 
+def _server_modules_back_to_back(items: list[pytest.Item]) -> None:
+    """Moves every module that uses the shared server next to the last of them (order kept within),
+    so that the server lives through those modules only."""
+    paths = {item.path for item in items if "server_holder" in getattr(item, "fixturenames", ())}
+    block = [item for item in items if item.path in paths]
+    if len(paths) < 2:
+        return
+    after = items[items.index(block[-1]) + 1 :]
+    rest = [item for item in items if item.path not in paths]
+    at = rest.index(after[0]) if after else len(rest)
+    items[:] = [*rest[:at], *block, *rest[at:]]
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    _server_modules_back_to_back(items)
     if config.getoption("--run-heavy"):
         return
     skip = pytest.mark.skip(reason="heavy: run with --run-heavy")

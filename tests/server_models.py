@@ -13,7 +13,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 class Tiny(pl.LightningModule):
     """A linear regression; ``step_sleep`` seconds per training step (from step ``sleep_from_step``
-    on) make a job last long enough to cancel or kill it mid-run; ``die_at_step`` makes rank 1 exit
+    on; with ``sleep_until_resumed`` only in a fit that did not resume from a checkpoint) make a job
+    last long enough to cancel or kill it mid-run; ``die_at_step`` makes rank 1 exit
     (as an OOM kill would); ``fail_at_step`` makes rank 1 raise a RuntimeError (a bug in the model)."""
 
     def __init__(
@@ -23,13 +24,15 @@ class Tiny(pl.LightningModule):
         sleep_from_step: int = 0,
         die_at_step: int = -1,
         fail_at_step: int = -1,
+        sleep_until_resumed: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.layer = torch.nn.Linear(4, 1)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        if self.hparams.step_sleep and self.global_step >= self.hparams.sleep_from_step:
+        resumed = self.hparams.sleep_until_resumed and self.trainer.ckpt_path is not None
+        if self.hparams.step_sleep and self.global_step >= self.hparams.sleep_from_step and not resumed:
             time.sleep(self.hparams.step_sleep)
         if self.global_step == self.hparams.die_at_step and self.global_rank == 1:
             os._exit(3)

@@ -1,10 +1,11 @@
 """The dashboard of ``lightdist serve`` in a real browser (headless Chromium driven by Playwright),
 and the event streams under several clients (issue 14).
 
-One server for the module (a start costs ~10 s; the last test restarts it on the same state
-directory) and one browser; each test opens its own browser context (its own cookies). The browser
-is Debian's ``chromium`` (``.ci/run`` installs it); Playwright only drives it and never downloads a
-browser. Screenshots go to ``<pytest basetemp>/dashboard-screenshots`` (printed at the start).
+The server is the one shared with the other server modules (tests/conftest.py's ``SharedServer``:
+a start costs ~10 s; the last test restarts it on the same state directory), and there is one
+browser; each test opens its own browser context (its own cookies). The browser is Debian's
+``chromium`` (``.ci/run`` installs it); Playwright only drives it and never downloads a browser.
+Screenshots go to ``<pytest basetemp>/dashboard-screenshots`` (printed at the start).
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ import pytest
 
 from lightdist.bench.server_load import follow, ticker_args
 from lightdist.server._client import Client
-from tests.conftest import OWNED_ELSEWHERE, descendants
+from tests.conftest import OWNED_ELSEWHERE, SharedServer, descendants
 from tests.dashboard_models import HOSTILE
-from tests.server_helpers import RunningServer, start_server, stop_server, wait_for_state
+from tests.server_helpers import RunningServer, wait_for_state
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -58,10 +59,14 @@ def _steady(*more: str) -> list[str]:
 
 @dataclass
 class Dash:
-    running: RunningServer
+    holder: SharedServer
     shots: Path
     contexts: list[Any] = field(default_factory=list)
     page_errors: list[str] = field(default_factory=list)
+
+    @property
+    def running(self) -> RunningServer:
+        return self.holder.running
 
     @property
     def url(self) -> str:
@@ -71,26 +76,16 @@ class Dash:
         return self.running.client()
 
     def restart(self) -> None:
-        stop_server(self.running)
-        self.running = start_server(self.running.state_dir)
+        assert self.holder.restart() == 0, "SIGTERM stops the server cleanly"
 
 
 @pytest.fixture(scope="module")
-def dash(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dash]:
+def dash(server_holder: SharedServer, tmp_path_factory: pytest.TempPathFactory) -> Dash:
+    """The shared server (tests/conftest.py), seen through the browser."""
     shots = tmp_path_factory.getbasetemp() / "dashboard-screenshots"
     shots.mkdir(exist_ok=True)
     print(f"\ndashboard screenshots: {shots}")
-    holder = Dash(start_server(tmp_path_factory.mktemp("dashboard-state")), shots)
-
-    def owned() -> set[int]:
-        return holder.running.owned()
-
-    OWNED_ELSEWHERE.append(owned)
-    try:
-        yield holder
-    finally:
-        OWNED_ELSEWHERE.remove(owned)
-        assert stop_server(holder.running) == 0, holder.running.output()
+    return Dash(server_holder, shots)
 
 
 @pytest.fixture(scope="module")
@@ -293,7 +288,7 @@ def test_ten_event_stream_clients_each_get_every_event_exactly_once(dash: Dash, 
         assert follower.ids == reference
 
 
-# --- restart (last: it replaces the module's server) ----------------------------------------------------
+# --- restart (last: it replaces the shared server) ------------------------------------------------------
 def test_a_finished_job_shows_whole_after_a_server_restart(dash: Dash, browser: Any, tmp_path: Path) -> None:
     client = dash.client()
     job = client.submit("fit", _steady("--trainer.max_epochs=3"), cwd=str(tmp_path), name="before the restart")

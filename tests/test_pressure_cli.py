@@ -273,23 +273,21 @@ def test_a_model_that_cannot_use_the_data_stops_in_the_driver(
     assert not list(tmp_path.glob("runs/**/version_*"))
 
 
-def test_a_run_that_fails_before_its_first_step_leaves_no_log_folder(tmp_path: Path) -> None:
-    """The failure is on the ranks (exit 1); the version_N folder rank 0 had written is removed."""
-    proc = run_cli(
+def test_a_run_that_fails_before_its_first_step_leaves_no_log_folder(
+    tmp_path: Path, lightning_pool: None, in_process: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The failure is on the ranks (exit 1); the version_N folder rank 0 had written is removed. The
+    console script's main, in this process, on the module's warm pool: the ranks' part is the same,
+    and neither a Lightning import nor a pool start is paid again."""
+    args = [
         "fit",
         "--config",
-        CONFIGS / "digits/pretrain-cpu.yaml",
+        str(CONFIGS / "digits/pretrain-cpu.yaml"),
         "--model",
         "tests.cli_models.FailsOnFirstStep",
-        "--model.num_classes=5",
-        "--trainer.enable_progress_bar=false",
-        cwd=tmp_path,
-        env=ENV,
-        timeout=110,
-        check=False,
-    )
-    assert proc.returncode == 1, proc.stderr
-    assert "fails on its first step" in proc.stderr
+    ]
+    assert cli_main([*args, "--model.num_classes=5", "--trainer.enable_progress_bar=false"]) == 1
+    assert "fails on its first step" in capsys.readouterr().err
     assert (tmp_path / "runs/digits/pretrain").is_dir(), "the run did get as far as the ranks"
     assert not list(tmp_path.glob("runs/**/version_*"))
 

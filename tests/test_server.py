@@ -1,7 +1,8 @@
 """``lightdist serve`` and its job API, on a real server with a real pool (issue 13).
 
-One server is shared by the module's API and job tests (a start costs ~10 s); lifecycle tests
-(signals, SIGKILL, restart, background) start their own.
+One server is shared with the other server modules (tests/conftest.py's ``SharedServer``: a start
+costs ~10 s); the SIGKILL-and-restart test kills it and leaves its restarted successor to the later
+tests (which SIGINT then stops, exit 0, after the last of them); ``--background`` starts its own.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -25,15 +25,15 @@ import pytest
 from lightdist.server._client import BadInput, Client, ServerGone
 from lightdist.server._jobs import ATTACH_GRACE_S
 from tests.cli_helpers import MARK, ROOT, assert_nothing_left
-from tests.conftest import pid_alive, wait_until
-from tests.server_helpers import TINY, ClientProcess, RunningServer, start_server, stop_server, wait_for_state
+from tests.conftest import SharedServer, pid_alive, wait_until
+from tests.server_helpers import TINY, ClientProcess, RunningServer, wait_for_state
 
 pytestmark = pytest.mark.timeout(240)
 
 
 @pytest.fixture
 def server(shared_server: RunningServer) -> RunningServer:
-    """The session's server (tests/conftest.py)."""
+    """The shared server (tests/conftest.py's ``SharedServer``)."""
     return shared_server
 
 
@@ -321,9 +321,11 @@ def test_two_clients_submitting_at_once_both_run_in_order(server: RunningServer,
 
 
 # --- lifecycle -------------------------------------------------------------------------------------
-def test_a_killed_server_takes_its_ranks_and_a_restart_keeps_the_history(tmp_path: Path) -> None:
-    state = tmp_path / "state"
-    running = start_server(state)
+def test_a_killed_server_takes_its_ranks_and_a_restart_keeps_the_history(
+    server_holder: SharedServer, tmp_path: Path
+) -> None:
+    running = server_holder.running
+    state = running.state_dir
     client = running.client()
     ranks = [int(pid) for pid in running.info()["rank_pids"].values()]
     done = _tiny(client, tmp_path)
@@ -333,6 +335,7 @@ def test_a_killed_server_takes_its_ranks_and_a_restart_keeps_the_history(tmp_pat
         client,
         tmp_path,
         "--model.step_sleep=0.1",
+        "--model.sleep_until_resumed=true",  # long enough to kill it; no waiting once it resumes
         "--trainer.max_epochs=30",
         "--trainer.enable_checkpointing=true",
         "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
@@ -374,21 +377,17 @@ def test_a_killed_server_takes_its_ranks_and_a_restart_keeps_the_history(tmp_pat
     assert len(said) == 1 and out.rstrip().endswith(said[0]), out  # one line, the last
     assert said[0].startswith(f"lightdist jobs {resumable['id']}: error: ") and url in said[0], out
     assert wait_until(lambda: not any(pid_alive(pid) for pid in ranks), 5.0), "ranks outlived the server by 5 s"
-    stop_server(running)
+    server_holder.stop()  # reaps it; asserts that nothing it started is left
 
-    again = start_server(state)
-    try:
-        client = again.client()
-        jobs = {job["id"]: job for job in client.jobs()}
-        assert jobs[done["id"]]["state"] == "succeeded"
-        resumed = wait_for_state(client, resumable["id"], {"succeeded", "failed"}, timeout=120)
-        assert resumed["state"] == "succeeded" and resumed["attempt"] == 2, resumed
-        assert resumed["args"][-1] == "--ckpt_path=last"
-        kinds = [kind for _, kind, _ in client.events(resumable["id"])]
-        assert "interrupted" in kinds and kinds.count("started") == 2
-        assert wait_for_state(client, queued["id"], {"succeeded", "failed"})["state"] == "succeeded"
-    finally:
-        assert stop_server(again, signal.SIGINT) == 0
+    again = server_holder.running  # a new server on the same state dir, kept for the later tests
+    client = again.client()
+    assert client.job(done["id"])["state"] == "succeeded"
+    resumed = wait_for_state(client, resumable["id"], {"succeeded", "failed"}, timeout=120)
+    assert resumed["state"] == "succeeded" and resumed["attempt"] == 2, resumed
+    assert resumed["args"][-1] == "--ckpt_path=last"
+    kinds = [kind for _, kind, _ in client.events(resumable["id"])]
+    assert "interrupted" in kinds and kinds.count("started") == 2
+    assert wait_for_state(client, queued["id"], {"succeeded", "failed"})["state"] == "succeeded"
 
 
 def test_background_serve_stops_on_request_and_refuses_a_second_server(tmp_path: Path) -> None:

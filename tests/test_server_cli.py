@@ -1,8 +1,8 @@
 """The thin client (``lightdist fit ... --server``) and ``lightdist jobs`` (issue 13).
 
 Pure functions (the flag grammar, the progress bar a command line asks for, the job views) are
-tested as such. Everything else runs against one real ``lightdist serve`` for the module (the
-``served`` fixture; a start costs ~10-15 s) with tiny jobs (``tests.server_models.Tiny``, about a
+tested as such. Everything else runs against the real ``lightdist serve`` the server modules share
+(the ``served`` fixture; a start costs ~10-15 s) with tiny jobs (``tests.server_models.Tiny``, about a
 second each on its warm pool) and a digits fit where a shipped recipe matters: the lines and exit
 statuses of a local run, bad input refused before anything is queued, a failed rank's traceback,
 Ctrl-C (once: the job is cancelled; twice: the client stops waiting at once), ``--detach`` and
@@ -186,7 +186,7 @@ def test_no_server_is_one_line_and_exit_1(tmp_path: Path) -> None:
 
 @pytest.fixture
 def served(shared_server: RunningServer) -> RunningServer:
-    """The session's server (tests/conftest.py), whose state dir a bare ``--server`` finds through
+    """The shared server (tests/conftest.py's ``SharedServer``), whose state dir a bare ``--server`` finds through
     ``XDG_STATE_HOME``."""
     return shared_server
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
+import signal
 import socket
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,3 +93,15 @@ def process_tree(root: int) -> list[int]:
             out.append(child)
             stack.append(child)
     return out
+
+
+@contextlib.contextmanager
+def sigterm_exits() -> Iterator[None]:
+    """SIGTERM raises SystemExit while the block runs, so that its finally blocks kill the child trees
+    it started (in sessions of their own); the caller's handler comes back afterwards (``main()`` may
+    run in a process that outlives the benchmark, as in the tests)."""
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

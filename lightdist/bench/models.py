@@ -36,7 +36,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightdist.bench.common import Row, format_table, free_port, machine, process_tree, verdict
+from lightdist.bench.common import Row, format_table, free_port, machine, process_tree, sigterm_exits, verdict
 from lightdist.bench.recipes import _pss_kib, measure
 
 WORLD_SIZE = 2
@@ -422,8 +422,17 @@ def run_models(args: argparse.Namespace) -> dict[str, Any]:
     contenders = _choice("--contenders", args.contenders, tuple(CONTENDERS))
     variants = _choice("--variants", args.variants, ("full", "frozen"))
     lora_base = parse_lora_base(args.lora_base)  # bad input fails before anything runs
-    # SIGTERM as an exception, so that the finally blocks kill the child trees (their own sessions)
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    with sigterm_exits():
+        return _measure_models(args, sizes, contenders, variants, lora_base)
+
+
+def _measure_models(
+    args: argparse.Namespace,
+    sizes: list[tuple[str, int]],
+    contenders: list[str],
+    variants: list[str],
+    lora_base: tuple[int, int] | None,
+) -> dict[str, Any]:
     info = machine()
     print(
         f"lightdist.bench models: {info['date']}, Python {info['python']}, torch {info['torch']}, "

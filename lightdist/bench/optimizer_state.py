@@ -25,7 +25,6 @@ import argparse
 import gc
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -37,7 +36,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from lightdist.bench.common import Row, format_table, machine, process_tree
+from lightdist.bench.common import Row, format_table, machine, process_tree, sigterm_exits
 from lightdist.bench.models import LinearStack, RandomRows, TreeSampler, bench_trainer, compare, parse_size, shape
 from lightdist.bench.recipes import _pss_kib
 
@@ -182,20 +181,20 @@ def run_optimizer_state(args: argparse.Namespace) -> dict[str, Any]:
     params = parse_size(args.size)
     _contenders(args.contenders)  # bad input fails before anything runs
     width, layers = shape(params)
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # finally blocks kill the trees
-    info = machine()
-    print(
-        f"lightdist.bench optimizer-state: {info['date']}, torch {info['torch']}, lightning {L.__version__}, "
-        f"{info['cpus']} CPUs, load {info['loadavg']}; {layers} x Linear({width}, {width}) = "
-        f"{layers * width * width / 1e6:.1f}M parameters, Adam",
-        flush=True,
-    )
-    results = {}
-    for name in _contenders(args.contenders):
-        results[name] = run_child(name, width, layers, args)
-        print(f"  {name}: {results[name]}", flush=True)
-    print(format_table(rows(f"{args.size} Adam", args.fits, results)))
-    return {"machine": info, "args": {k: v for k, v in vars(args).items() if k != "func"}, "results": results}
+    with sigterm_exits():  # the finally blocks kill the child trees
+        info = machine()
+        print(
+            f"lightdist.bench optimizer-state: {info['date']}, torch {info['torch']}, lightning {L.__version__}, "
+            f"{info['cpus']} CPUs, load {info['loadavg']}; {layers} x Linear({width}, {width}) = "
+            f"{layers * width * width / 1e6:.1f}M parameters, Adam",
+            flush=True,
+        )
+        results = {}
+        for name in _contenders(args.contenders):
+            results[name] = run_child(name, width, layers, args)
+            print(f"  {name}: {results[name]}", flush=True)
+        print(format_table(rows(f"{args.size} Adam", args.fits, results)))
+        return {"machine": info, "args": {k: v for k, v in vars(args).items() if k != "func"}, "results": results}
 
 
 if __name__ == "__main__":

@@ -32,7 +32,11 @@ def write_around_bars(stream: Any, text: str) -> None:
     terminal: the bar is cleared first and redrawn under the text. Safe from any thread."""
     tqdm = sys.modules.get("tqdm")  # no tqdm bar can be open if tqdm was never imported
     try:
-        if tqdm is None or not _open_tqdm_bars(tqdm):
+        try:
+            around = tqdm is not None and _open_tqdm_bars(tqdm)
+        except Exception:  # tqdm's bookkeeping changed under us: the text matters more than the bar
+            around = False
+        if not around or tqdm is None:
             stream.write(text)
             stream.flush()
             return
@@ -44,7 +48,9 @@ def write_around_bars(stream: Any, text: str) -> None:
 
 
 def _open_tqdm_bars(tqdm: Any) -> bool:
-    return any(not bar.disable for bar in list(getattr(tqdm.tqdm, "_instances", ())))
+    # A bar enters tqdm's _instances in __new__, before __init__ sets `disable`: one being built on
+    # the main thread while this (output) thread looks has no `disable` yet and is not drawn yet.
+    return any(not getattr(bar, "disable", True) for bar in list(getattr(tqdm.tqdm, "_instances", ())))
 
 
 _TQDM_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_noinv_fmt}{postfix}]"

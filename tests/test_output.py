@@ -175,3 +175,21 @@ def test_the_rank_writes_for_the_driver_terminal(rank_state: None) -> None:
         assert sys.stdout.isatty() is True and sys.stderr.isatty() is False
         assert os.environ["COLUMNS"] == "132"
     assert "COLUMNS" not in os.environ
+
+
+def test_rank_output_is_written_while_a_tqdm_bar_is_being_built() -> None:
+    # tqdm registers a bar in __new__, before __init__ sets `disable`; the output thread met one
+    # there in the README's quick start and died (AttributeError), losing every later rank line.
+    import io
+
+    import tqdm
+
+    from lightdist._progress import write_around_bars
+
+    half_built = tqdm.tqdm.__new__(tqdm.tqdm)
+    try:
+        stream = io.StringIO()
+        write_around_bars(stream, "[rank 0] hello\n")
+        assert stream.getvalue() == "[rank 0] hello\n"
+    finally:
+        tqdm.tqdm._instances.discard(half_built)
